@@ -1,0 +1,80 @@
+//! Connecting to NATS with any of the auth forms of DESIGN §8, retrying forever.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::{Client, ConnectOptions};
+
+use crate::config::NatsConfig;
+
+/// Builds the connect options shared by the agent and `ebb ctl`.
+pub async fn options(cfg: &NatsConfig, name: &str) -> anyhow::Result<ConnectOptions> {
+    let mut opts = ConnectOptions::new().name(name);
+    if let Some(path) = &cfg.creds {
+        opts = opts.credentials_file(path).await.with_context(|| {
+            format!(
+                "cannot read nats.creds {}; check the path and its permissions",
+                path.display()
+            )
+        })?;
+    }
+    if let Some(path) = &cfg.nkey_seed {
+        let seed = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read nats.nkey_seed {}; check the path and its permissions",
+                path.display()
+            )
+        })?;
+        opts = opts.nkey(seed.trim().to_string());
+    }
+    if let Some(token) = &cfg.token {
+        opts = opts.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(ca) = &cfg.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if cfg.tls_required || cfg.tls_ca.is_some() || cfg.url.contains("tls://") {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts.connection_timeout(Duration::from_secs(5)))
+}
+
+/// Connects the agent: it retries the first connection in the background and reconnects forever,
+/// logging each change of connection state once.
+pub async fn connect_agent(cfg: &NatsConfig, node: &str) -> anyhow::Result<Client> {
+    let url = cfg.url.clone();
+    let opts = options(cfg, &format!("ebb-agent {node}"))
+        .await?
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let url = url.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats: connected to {url}"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("nats: disconnected from {url}; reconnecting, events wait in the outbox")
+                    }
+                    other => tracing::warn!("nats: {other}"),
+                }
+            }
+        });
+    opts.connect(servers(&cfg.url))
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", cfg.url))
+}
+
+/// `nats.url` may list several servers, comma-separated.
+pub fn servers(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}

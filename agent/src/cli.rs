@@ -1,0 +1,51 @@
+//! The `ebb` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ebb",
+    version,
+    about = "Node agent for HAProxy fleets: seamless reloads and safe drains, commanded over NATS",
+    long_about = "ebb runs beside HAProxy on every proxy node. It owns the node's HAProxy processes, \
+reloads them without losing a connection, tracks old workers until they exit, and takes \
+status/reload/drain/undrain/stop commands over NATS."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the agent: adopt or start HAProxy and serve commands until stopped.
+    ///
+    /// Signals: SIGHUP reloads; SIGTERM/SIGINT stop HAProxy gracefully, then exit; SIGUSR2 exits
+    /// and leaves HAProxy running for the next agent to adopt (use it for restarts and upgrades).
+    Agent {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
+        config: PathBuf,
+    },
+    /// Command nodes over NATS: status, reload, stop.
+    ///
+    /// Exit codes: 0 every node ok; 1 some node failed; 2 usage error; 3 timeout or unreachable.
+    Ctl(Box<crate::ctl::CtlArgs>),
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration (with EBB_<SECTION>__<KEY> overrides applied) and print the
+    /// effective result. Exits 0 when valid, 1 with one line per problem otherwise.
+    Check {
+        #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
+        config: PathBuf,
+    },
+}

@@ -1,0 +1,651 @@
+//! The agent's configuration (DESIGN §8): a TOML file plus `EBB_<SECTION>__<KEY>` environment overrides,
+//! deserialized strictly and validated once at load, so that a running agent never meets a bad setting.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::haproxy::config_file;
+
+/// A human-written duration such as `"250ms"` or `"30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn ms(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(Dur)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "bad duration {text:?} ({e}); write it like \"250ms\", \"30s\" or \"5m\""
+                ))
+            })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub nats: NatsConfig,
+    pub haproxy: HaproxyConfig,
+    pub drain: DrainConfig,
+    pub reload: ReloadConfig,
+    pub plugins: Vec<PluginConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Defaults to the hostname up to its first dot.
+    pub id: String,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    pub prefix: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redact")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redact")]
+    pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    pub tls_required: bool,
+    pub events_stream: String,
+    pub state_bucket: String,
+    pub heartbeat: Dur,
+    /// Most events the on-disk outbox holds while NATS is away; the oldest non-`drained` events go first.
+    pub outbox_limit: usize,
+}
+
+fn redact<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: ebb_sdk::subject::DEFAULT_PREFIX.into(),
+            creds: None,
+            nkey_seed: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            events_stream: ebb_sdk::subject::STREAM_NAME.into(),
+            state_bucket: ebb_sdk::subject::KV_BUCKET.into(),
+            heartbeat: Dur::secs(10),
+            outbox_limit: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Direct,
+    MasterWorker,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaproxyConfig {
+    /// Defaults to `haproxy` found on PATH.
+    pub binary: PathBuf,
+    pub config: PathBuf,
+    /// Defaults to the config's `stats socket … level admin expose-fd listeners`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
+    pub mode: Mode,
+    pub startup_timeout: Dur,
+    pub stop_timeout: Dur,
+    pub state_dir: PathBuf,
+}
+
+impl Default for HaproxyConfig {
+    fn default() -> Self {
+        HaproxyConfig {
+            binary: PathBuf::from("haproxy"),
+            config: PathBuf::from("/etc/haproxy/haproxy.cfg"),
+            admin_socket: None,
+            mode: Mode::Direct,
+            startup_timeout: Dur::secs(30),
+            stop_timeout: Dur::secs(120),
+            state_dir: PathBuf::from("/var/lib/ebb"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleRule {
+    Connections,
+    Sessions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadline {
+    Report,
+    Force,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    pub min_period: Dur,
+    pub idle: IdleRule,
+    pub ignore_frontends: Vec<String>,
+    pub quiet_period: Dur,
+    pub poll_interval: Dur,
+    pub deadline: Dur,
+    pub on_deadline: OnDeadline,
+    pub stop_when_drained: bool,
+    pub start_commands: Vec<String>,
+    pub stop_commands: Vec<String>,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            min_period: Dur::secs(30),
+            idle: IdleRule::Connections,
+            ignore_frontends: Vec::new(),
+            quiet_period: Dur::ms(0),
+            poll_interval: Dur::ms(10),
+            deadline: Dur::ms(0),
+            on_deadline: OnDeadline::Report,
+            stop_when_drained: false,
+            start_commands: vec!["experimental-mode on; set var proc.ebb_draining int(1)".into()],
+            stop_commands: vec!["experimental-mode on; set var proc.ebb_draining int(0)".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Optional debounce between back-to-back reloads; a lone reload always starts at once.
+    pub coalesce: Dur,
+    pub allow_config_push: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    Busy,
+    Idle,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default = "default_plugin_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_on_error")]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+fn default_plugin_timeout() -> Dur {
+    Dur::secs(2)
+}
+fn default_on_error() -> OnError {
+    OnError::Busy
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Everything wrong with a configuration, one line per problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(msg: String) -> Self {
+        ConfigError {
+            problems: vec![msg],
+        }
+    }
+}
+
+/// The validated configuration, with every default resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    /// Absolute path of the haproxy binary.
+    pub haproxy_binary: PathBuf,
+    /// The admin socket ebb talks to (and passes to `-x`).
+    pub admin_socket: PathBuf,
+}
+
+impl Settings {
+    pub fn node_id(&self) -> &str {
+        &self.config.node.id
+    }
+}
+
+/// Reads `path` with environment overrides taken from `env` (normally `std::env::vars()`).
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::one(format!(
+            "config file {}: not found; pass --config PATH or set EBB_CONFIG",
+            path.display()
+        )));
+    }
+    // Only `EBB_<SECTION>__<KEY>` names are overrides: other EBB_ variables (EBB_CONFIG, EBB_DRAINING in
+    // HAProxy's environment, test knobs) must not turn into unknown keys.
+    let overrides: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("EBB_") && k.contains("__"))
+        .collect();
+    let raw = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("EBB")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build()
+        .map_err(|e| ConfigError::one(format!("config file {}: {e}", path.display())))?;
+    let config: Config = raw.try_deserialize().map_err(|e| {
+        ConfigError::one(format!(
+            "config file {}: {}",
+            path.display(),
+            explain_serde(&e.to_string())
+        ))
+    })?;
+    validate(config, path)
+}
+
+/// Adds a fix to serde's terse messages.
+fn explain_serde(msg: &str) -> String {
+    if msg.starts_with("unknown field") {
+        format!("{msg}; remove it or fix its spelling (the keys are listed in README.md, Configuration)")
+    } else {
+        msg.to_string()
+    }
+}
+
+fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
+    let mut problems = Vec::new();
+    let file = path.display();
+
+    if config.node.id.is_empty() {
+        let host = hostname();
+        config.node.id = host.split('.').next().unwrap_or_default().to_string();
+        if !ebb_sdk::subject::is_valid_token(&config.node.id) {
+            problems.push(format!(
+                "{file}: node.id defaults to the hostname {host:?}, which is not a valid NATS subject token; set node.id to match ^[A-Za-z0-9_-]{{1,64}}$"
+            ));
+        }
+    } else if !ebb_sdk::subject::is_valid_token(&config.node.id) {
+        problems.push(format!(
+            "{file}: node.id {:?} is not a valid NATS subject token; use 1 to 64 of A-Z a-z 0-9 _ -",
+            config.node.id
+        ));
+    }
+    for group in &config.node.groups {
+        if !ebb_sdk::subject::is_valid_token(group) {
+            problems.push(format!(
+                "{file}: node.groups entry {group:?} is not a valid NATS subject token; use 1 to 64 of A-Z a-z 0-9 _ -"
+            ));
+        }
+    }
+    if !ebb_sdk::subject::is_valid_prefix(&config.nats.prefix) {
+        problems.push(format!(
+            "{file}: nats.prefix {:?} is not a valid subject prefix; use tokens of A-Z a-z 0-9 _ - joined by dots",
+            config.nats.prefix
+        ));
+    }
+    if config.nats.heartbeat.is_zero() {
+        problems.push(format!(
+            "{file}: nats.heartbeat must be more than 0s; the default is \"10s\""
+        ));
+    }
+    if config.haproxy.mode == Mode::MasterWorker {
+        problems.push(format!(
+            "{file}: haproxy.mode = \"master-worker\" is not supported by this version of ebb; use \"direct\""
+        ));
+    }
+    if config.drain.poll_interval.is_zero() {
+        problems.push(format!(
+            "{file}: drain.poll_interval must be more than 0s; the default is \"10ms\""
+        ));
+    }
+    if config.haproxy.startup_timeout.is_zero() {
+        problems.push(format!(
+            "{file}: haproxy.startup_timeout must be more than 0s; the default is \"30s\""
+        ));
+    }
+    if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
+        problems.push(format!(
+            "{file}: log.level {:?} is not a level or filter; use error, warn, info, debug or trace",
+            config.log.level
+        ));
+    }
+
+    let haproxy_binary = match find_binary(&config.haproxy.binary) {
+        Some(found) => found,
+        None => {
+            problems.push(format!(
+                "{file}: haproxy.binary {}: not found or not executable; install haproxy (apt-get install haproxy) or set haproxy.binary",
+                config.haproxy.binary.display()
+            ));
+            PathBuf::new()
+        }
+    };
+
+    let mut admin_socket = PathBuf::new();
+    let cfg_path = &config.haproxy.config;
+    match std::fs::read_to_string(cfg_path) {
+        Err(e) => problems.push(format!(
+            "{file}: haproxy.config {}: {e}; point haproxy.config at your haproxy.cfg",
+            cfg_path.display()
+        )),
+        Ok(text) => {
+            match config_file::find_admin_socket(&text, config.haproxy.admin_socket.as_deref()) {
+                Ok(sock) => admin_socket = sock,
+                Err(e) => problems.push(format!("{}: {e}", cfg_path.display())),
+            }
+        }
+    }
+
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        if plugin.name.is_empty() || !ebb_sdk::subject::is_valid_token(&plugin.name) {
+            problems.push(format!(
+                "{file}: plugins[{i}].name {:?} must match ^[A-Za-z0-9_-]{{1,64}}$",
+                plugin.name
+            ));
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Settings {
+            config,
+            haproxy_binary,
+            admin_socket,
+        })
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Resolves a binary like a shell would: a path with a slash as is, a bare name through PATH.
+fn find_binary(binary: &Path) -> Option<PathBuf> {
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if binary.components().count() > 1 {
+        return executable(binary).then(|| binary.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|p| executable(p))
+}
+
+/// The effective configuration as TOML, secrets redacted, for `ebb config check`.
+pub fn render(settings: &Settings) -> String {
+    let mut config = settings.config.clone();
+    config.haproxy.binary = settings.haproxy_binary.clone();
+    config.haproxy.admin_socket = Some(settings.admin_socket.clone());
+    let mut value = match toml::Value::try_from(&config) {
+        Ok(v) => v,
+        Err(e) => return format!("# cannot render the configuration: {e}\n"),
+    };
+    // Plugin configs are free-form JSON; TOML cannot hold JSON nulls, so drop them from the display.
+    if let Some(toml::Value::Array(plugins)) = value.get_mut("plugins") {
+        for p in plugins {
+            if let Some(t) = p.as_table_mut() {
+                t.retain(|_, v| !matches!(v, toml::Value::Table(m) if m.is_empty()));
+            }
+        }
+    }
+    toml::to_string_pretty(&value)
+        .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const HAPROXY_CFG: &str = "global\n    stats socket /tmp/ebb-test-admin.sock mode 600 level admin expose-fd listeners\n";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new(haproxy_cfg: &str) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("haproxy.cfg"), haproxy_cfg).expect("write");
+            // Any executable works as the "haproxy binary" for validation.
+            Fixture { dir }
+        }
+        fn agent(&self, body: &str) -> PathBuf {
+            let path = self.dir.path().join("agent.toml");
+            let mut f = std::fs::File::create(&path).expect("create");
+            write!(
+                f,
+                "[haproxy]\nbinary = \"/bin/sh\"\nconfig = \"{}\"\nstate_dir = \"{}\"\n{body}",
+                self.dir.path().join("haproxy.cfg").display(),
+                self.dir.path().display()
+            )
+            .expect("write");
+            path
+        }
+    }
+
+    fn load_with(path: &Path, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        load(
+            path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_and_admin_socket_from_haproxy_config() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(&fx.agent("[node]\nid = \"web-1\"\n"), &[]).expect("valid");
+        assert_eq!(s.admin_socket, PathBuf::from("/tmp/ebb-test-admin.sock"));
+        assert_eq!(s.config.drain.poll_interval, Dur::ms(10));
+        assert_eq!(s.config.drain.min_period, Dur::secs(30));
+        assert_eq!(s.config.nats.prefix, "ebb");
+    }
+
+    #[test]
+    fn environment_overrides_scalars_and_ignores_other_ebb_vars() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(
+            &fx.agent("[node]\nid = \"web-1\"\n"),
+            &[
+                ("EBB_NATS__URL", "nats://10.0.0.1:4222"),
+                ("EBB_DRAIN__MIN_PERIOD", "5s"),
+                ("EBB_DRAIN__STOP_WHEN_DRAINED", "true"),
+                ("EBB_NODE__ID", "web-2"),
+                ("EBB_CONFIG", "/elsewhere.toml"),
+                ("EBB_DRAINING", "1"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.config.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(s.config.drain.min_period, Dur::secs(5));
+        assert!(s.config.drain.stop_when_drained);
+        assert_eq!(s.node_id(), "web-2");
+    }
+
+    fn problems(body: &str, cfg: &str, env: &[(&str, &str)]) -> String {
+        let fx = Fixture::new(cfg);
+        match load_with(&fx.agent(body), env) {
+            Ok(_) => panic!("expected an error for {body:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let msg = problems("[drain]\nmin_perod = \"1s\"\n", HAPROXY_CFG, &[]);
+        assert!(msg.contains("min_perod"), "{msg}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        let msg = problems("", HAPROXY_CFG, &[("EBB_DRAIN__NOPE", "1")]);
+        assert!(msg.contains("nope"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_named_with_a_fix() {
+        let msg = problems("[drain]\nmin_period = \"3 parsecs\"\n", HAPROXY_CFG, &[]);
+        assert!(msg.contains("min_period") && msg.contains("30s"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_tokens_are_refused() {
+        let msg = problems(
+            "[node]\nid = \"web.1\"\ngroups = [\"ok\", \"a b\"]\n",
+            HAPROXY_CFG,
+            &[],
+        );
+        assert!(msg.contains("node.id \"web.1\""), "{msg}");
+        assert!(msg.contains("\"a b\""), "{msg}");
+        assert_eq!(msg.lines().count(), 2);
+    }
+
+    #[test]
+    fn missing_binary_and_config_are_named() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let path = fx.dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[node]\nid=\"a\"\n[haproxy]\nbinary = \"/nonexistent/haproxy\"\nconfig = \"/nonexistent/haproxy.cfg\"\n",
+        )
+        .expect("write");
+        let msg = load_with(&path, &[]).expect_err("invalid").to_string();
+        assert!(msg.contains("haproxy.binary /nonexistent/haproxy"), "{msg}");
+        assert!(
+            msg.contains("haproxy.config /nonexistent/haproxy.cfg"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn admin_socket_without_expose_fd_is_refused() {
+        let msg = problems(
+            "[node]\nid=\"a\"\n",
+            "global\n    stats socket /tmp/x.sock level admin\n",
+            &[],
+        );
+        assert!(msg.contains("expose-fd listeners"), "{msg}");
+    }
+
+    #[test]
+    fn missing_agent_config_file_says_how_to_fix() {
+        let msg = load_with(Path::new("/nonexistent/agent.toml"), &[])
+            .expect_err("missing")
+            .to_string();
+        assert!(msg.contains("--config"), "{msg}");
+    }
+
+    #[test]
+    fn render_round_trips() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(
+            &fx.agent("[node]\nid = \"web-1\"\n[nats]\ntoken = \"s3cret\"\n"),
+            &[],
+        )
+        .expect("valid");
+        let text = render(&s);
+        assert!(text.contains("web-1"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("min_period = \"30s\""), "{text}");
+    }
+}

@@ -1,0 +1,256 @@
+//! The HAProxy admin socket (the CLI over a unix socket).
+//!
+//! In direct mode the listening admin socket is shared by every worker that took it over with `-x`,
+//! so any connection may land on an old worker. Commands that must reach one worker are therefore
+//! sent as `show info;<command>` on one line: HAProxy runs the whole line in the process that
+//! accepted it, and the `Pid:` in the answer says which process that was.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: no answer within {timeout:?}")]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("admin socket {path}: the answer has no `Pid:` line")]
+    NoPid { path: PathBuf },
+    #[error("admin socket {path}: answered by pid {got}, not by worker {want}")]
+    WrongWorker { path: PathBuf, want: u32, got: u32 },
+    #[error("admin socket {path}: HAProxy refused {command:?}: {answer}")]
+    Refused {
+        path: PathBuf,
+        command: String,
+        answer: String,
+    },
+}
+
+/// Answers longer than this are cut: a stats dump of a large config fits well within it.
+const MAX_ANSWER: u64 = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct AdminSocket {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl AdminSocket {
+    pub fn new(path: impl Into<PathBuf>, timeout: Duration) -> Self {
+        AdminSocket {
+            path: path.into(),
+            timeout,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends one command line and reads the answer to EOF (a non-interactive CLI connection answers
+    /// one line, then closes).
+    pub async fn command(&self, line: &str) -> Result<String, AdminError> {
+        let io = |source| AdminError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let exchange = async {
+            let mut stream = UnixStream::connect(&self.path).await.map_err(io)?;
+            let mut request = String::with_capacity(line.len() + 1);
+            request.push_str(line.trim_end());
+            request.push('\n');
+            stream.write_all(request.as_bytes()).await.map_err(io)?;
+            let mut answer = Vec::with_capacity(4096);
+            (&mut stream)
+                .take(MAX_ANSWER)
+                .read_to_end(&mut answer)
+                .await
+                .map_err(io)?;
+            Ok(String::from_utf8_lossy(&answer).into_owned())
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| AdminError::Timeout {
+                path: self.path.clone(),
+                timeout: self.timeout,
+            })?
+    }
+
+    /// The pid of the worker that answered.
+    pub async fn pid(&self) -> Result<u32, AdminError> {
+        let answer = self.command("show info").await?;
+        parse_pid(&answer).ok_or_else(|| AdminError::NoPid {
+            path: self.path.clone(),
+        })
+    }
+
+    /// Runs `line` in worker `pid` only. Returns the command's own answer, or `WrongWorker` when
+    /// another worker accepted the connection (the caller retries).
+    pub async fn command_on(&self, pid: u32, line: &str) -> Result<String, AdminError> {
+        let answer = self.command(&format!("show info;{line}")).await?;
+        let got = parse_pid(&answer).ok_or_else(|| AdminError::NoPid {
+            path: self.path.clone(),
+        })?;
+        if got != pid {
+            return Err(AdminError::WrongWorker {
+                path: self.path.clone(),
+                want: pid,
+                got,
+            });
+        }
+        // `show info` ends with a blank line; what follows is the command's answer.
+        let own = answer
+            .split_once("\n\n")
+            .map(|(_, rest)| rest)
+            .unwrap_or("");
+        let own = own.trim();
+        if looks_refused(own) {
+            return Err(AdminError::Refused {
+                path: self.path.clone(),
+                command: line.to_string(),
+                answer: own.to_string(),
+            });
+        }
+        Ok(own.to_string())
+    }
+}
+
+/// HAProxy answers a failed CLI command with text instead of an error code.
+fn looks_refused(answer: &str) -> bool {
+    const MARKERS: [&str; 5] = [
+        "Unknown command",
+        "restricted to experimental mode",
+        "Permission denied",
+        "Missing",
+        "failed",
+    ];
+    MARKERS.iter().any(|m| answer.contains(m))
+}
+
+pub fn parse_pid(answer: &str) -> Option<u32> {
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// One row of `show stat` that ebb cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatRow {
+    pub proxy: String,
+    pub kind: RowKind,
+    pub qcur: u64,
+    pub scur: u64,
+    pub stot: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    Frontend,
+    Backend,
+    Server,
+    Listener,
+}
+
+/// Parses the CSV of `show stat`, locating columns by the header so that versions may add columns.
+pub fn parse_stat(csv: &str) -> Vec<StatRow> {
+    let mut lines = csv.lines();
+    let Some(header) = lines.find_map(|l| l.strip_prefix("# ")) else {
+        return Vec::new();
+    };
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name);
+    let (Some(px), Some(qcur), Some(scur), Some(stot), Some(ty)) = (
+        col("pxname"),
+        col("qcur"),
+        col("scur"),
+        col("stot"),
+        col("type"),
+    ) else {
+        return Vec::new();
+    };
+    let num = |f: &[&str], i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+    lines
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let kind = match *f.get(ty)? {
+                "0" => RowKind::Frontend,
+                "1" => RowKind::Backend,
+                "2" => RowKind::Server,
+                "3" => RowKind::Listener,
+                _ => return None,
+            };
+            Some(StatRow {
+                proxy: f.get(px)?.to_string(),
+                kind,
+                qcur: num(&f, qcur),
+                scur: num(&f, scur),
+                stot: num(&f, stot),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pid() {
+        assert_eq!(
+            parse_pid("Name: HAProxy\nVersion: 2.6\nPid: 4242\nUptime: 0\n"),
+            Some(4242)
+        );
+        assert_eq!(parse_pid("Unknown command\n"), None);
+    }
+
+    #[test]
+    fn parses_stat_rows_by_header() {
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,type,x\nfe,FRONTEND,,,3,5,100,17,0,\nbe,s1,2,,1,,,9,2,\nbe,BACKEND,4,,1,,,9,1,\nweird,row\n\n";
+        let rows = parse_stat(csv);
+        assert_eq!(
+            rows,
+            vec![
+                StatRow {
+                    proxy: "fe".into(),
+                    kind: RowKind::Frontend,
+                    qcur: 0,
+                    scur: 3,
+                    stot: 17
+                },
+                StatRow {
+                    proxy: "be".into(),
+                    kind: RowKind::Server,
+                    qcur: 2,
+                    scur: 1,
+                    stot: 9
+                },
+                StatRow {
+                    proxy: "be".into(),
+                    kind: RowKind::Backend,
+                    qcur: 4,
+                    scur: 1,
+                    stot: 9
+                },
+            ]
+        );
+        assert!(parse_stat("garbage").is_empty());
+    }
+
+    #[test]
+    fn refusals_are_recognised() {
+        assert!(looks_refused(
+            "This command is restricted to experimental mode only."
+        ));
+        assert!(!looks_refused(""));
+        assert!(!looks_refused("proc.x: type=sint value=<1>"));
+    }
+}

@@ -1,0 +1,219 @@
+//! Starting a worker: spawn `haproxy -db -f CFG [-x ADMIN_SOCK]` (never `-sf`) and wait until the
+//! admin socket answers with the new worker's own pid.
+//!
+//! Nothing here signals the running worker. A bad config or a taken port makes the new process exit
+//! on its own before it is ready, so a failed launch leaves the running worker exactly as it was.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use tokio::process::{Child, Command};
+
+use super::admin::AdminSocket;
+use super::config_file::sha256_hex;
+use super::worker::{self, Exit, Worker};
+
+/// Everything needed to start a worker.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub binary: PathBuf,
+    pub config: PathBuf,
+    pub admin_socket: PathBuf,
+    /// Where each worker's stdout and stderr go: files never block HAProxy, and they outlive the
+    /// agent, so an adopted old worker's `hard-stopped` line can still be read.
+    pub log_dir: PathBuf,
+    pub startup_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Launched {
+    pub worker: Worker,
+    pub child: Child,
+    /// From spawn to the admin socket answering with the new pid.
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot read haproxy config {path}: {source}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("haproxy exited during startup ({exit}): {stderr}")]
+    Exited { exit: Exit, stderr: String },
+    #[error(
+        "haproxy did not answer on its admin socket within {after:?}, so it was killed: {stderr}"
+    )]
+    Timeout { after: Duration, stderr: String },
+}
+
+/// How often readiness is polled: fast at first (HAProxy starts in tens of ms), backing off so a
+/// slow start does not spin.
+const FIRST_POLL: Duration = Duration::from_micros(500);
+const MAX_POLL: Duration = Duration::from_millis(10);
+
+/// Starts a worker. With `takeover`, it takes the listening sockets from the running worker via
+/// `-x`. `draining` is exported as `EBB_DRAINING` so the config can answer 503 from the first
+/// request.
+pub async fn launch(
+    spec: &LaunchSpec,
+    takeover: bool,
+    draining: bool,
+) -> Result<Launched, LaunchError> {
+    let started = Instant::now();
+    let config_bytes =
+        tokio::fs::read(&spec.config)
+            .await
+            .map_err(|source| LaunchError::Config {
+                path: spec.config.clone(),
+                source,
+            })?;
+    let config_sha256 = sha256_hex(&config_bytes);
+
+    let spawn_err = |source| LaunchError::Spawn {
+        binary: spec.binary.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&spec.log_dir).map_err(spawn_err)?;
+    let staging = spec.log_dir.join(format!(
+        "starting-{}-{}.log",
+        std::process::id(),
+        started.elapsed().as_nanos() ^ u128::from(rand_u64())
+    ));
+    let log = std::fs::File::create(&staging).map_err(spawn_err)?;
+    let log_err = log.try_clone().map_err(spawn_err)?;
+
+    let mut cmd = Command::new(&spec.binary);
+    cmd.arg("-db").arg("-f").arg(&spec.config);
+    if takeover && spec.admin_socket.exists() {
+        cmd.arg("-x").arg(&spec.admin_socket);
+    }
+    cmd.env("EBB_DRAINING", if draining { "1" } else { "0" })
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: a Ctrl-C or a `systemctl kill` aimed at the agent must not reach
+        // HAProxy, which the agent stops gracefully or leaves running for the next agent.
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+
+    let worker = match Worker::from_child(&child, staging.clone(), config_sha256) {
+        Ok(w) => w,
+        Err(_) => {
+            let exit = child
+                .wait()
+                .await
+                .map(Exit::from_status)
+                .unwrap_or(Exit::Unknown);
+            return Err(LaunchError::Exited {
+                exit,
+                stderr: worker::startup_error(&worker::log_tail(&staging, 8192)),
+            });
+        }
+    };
+    let mut worker = worker;
+    let named = spec.log_dir.join(format!(
+        "worker-{}-{}.log",
+        worker.id.pid, worker.id.start_time
+    ));
+    if std::fs::rename(&staging, &named).is_ok() {
+        worker.log = named;
+    }
+
+    match wait_ready(spec, &worker, &mut child).await {
+        Ok(()) => Ok(Launched {
+            worker,
+            child,
+            duration: started.elapsed(),
+        }),
+        Err(ReadyError::Exited(exit)) => {
+            let stderr = worker::startup_error(&worker::log_tail(&worker.log, 8192));
+            let _ = std::fs::remove_file(&worker.log);
+            Err(LaunchError::Exited { exit, stderr })
+        }
+        Err(ReadyError::Timeout) => {
+            let _ = worker.signal(Signal::KILL);
+            let _ = child.wait().await;
+            let stderr = worker::startup_error(&worker::log_tail(&worker.log, 8192));
+            let _ = std::fs::remove_file(&worker.log);
+            Err(LaunchError::Timeout {
+                after: spec.startup_timeout,
+                stderr,
+            })
+        }
+    }
+}
+
+enum ReadyError {
+    Exited(Exit),
+    Timeout,
+}
+
+/// Ready means: the admin socket answers `show info` with the NEW pid. Until the displaced worker
+/// is told to stop, both share the listening admin socket, so an answer from the old pid proves
+/// nothing and polling goes on.
+async fn wait_ready(
+    spec: &LaunchSpec,
+    worker: &Worker,
+    child: &mut Child,
+) -> Result<(), ReadyError> {
+    let deadline = Instant::now() + spec.startup_timeout;
+    let admin = AdminSocket::new(&spec.admin_socket, Duration::from_secs(1));
+    let mut poll = FIRST_POLL;
+    loop {
+        let wait = match admin.pid().await {
+            Ok(pid) if pid == worker.pid() => return Ok(()),
+            // The displaced worker answered; the new one may be up already, so look again soon.
+            Ok(_) => FIRST_POLL,
+            Err(_) => {
+                let wait = poll;
+                poll = (poll * 2).min(MAX_POLL);
+                wait
+            }
+        };
+        if Instant::now() >= deadline {
+            return Err(ReadyError::Timeout);
+        }
+        tokio::select! {
+            status = child.wait() => {
+                return Err(ReadyError::Exited(status.map(Exit::from_status).unwrap_or(Exit::Unknown)));
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+/// Checks a config with `haproxy -c`, for pushed configs that are not on disk yet.
+pub async fn check_config(binary: &Path, config: &Path) -> Result<(), String> {
+    let out = Command::new(binary)
+        .arg("-c")
+        .arg("-q")
+        .arg("-f")
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {} -c: {e}", binary.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        Err(worker::startup_error(&text))
+    }
+}

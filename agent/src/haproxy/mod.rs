@@ -1,0 +1,8 @@
+//! Everything that touches HAProxy directly: its config file, its admin socket, its processes.
+
+pub mod admin;
+pub mod adopt;
+pub mod config_file;
+pub mod launch;
+pub mod procfs;
+pub mod worker;

@@ -1,0 +1,307 @@
+//! One HAProxy worker process: its identity, a pidfd to signal it safely, its log file, and the
+//! task that reports its exit the moment it happens.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use super::procfs::{self, Mismatch, ProcessId};
+
+/// How a worker ended, as far as ebb can know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exit code, or 128 + signal number for a death by signal.
+    Code(i32),
+    /// The process was adopted from an earlier agent: only its parent could read the status.
+    Unknown,
+}
+
+impl Exit {
+    pub fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(sig)) => Exit::Code(128 + sig),
+            (None, None) => Exit::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) if *c > 128 => write!(f, "killed by signal {}", c - 128),
+            Exit::Code(c) => write!(f, "exit status {c}"),
+            Exit::Unknown => f.write_str("unknown status (adopted process)"),
+        }
+    }
+}
+
+/// What the state file keeps of a worker, enough to find and verify it after an agent restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    #[serde(flatten)]
+    pub id: ProcessId,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    pub log: PathBuf,
+    pub config_sha256: String,
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub id: ProcessId,
+    pub started_at: SystemTime,
+    pub log: PathBuf,
+    pub config_sha256: String,
+    pidfd: Arc<OwnedFd>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("cannot open a pidfd for process {pid}: {source}")]
+    Pidfd {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
+}
+
+impl Worker {
+    /// Takes hold of a process first, then checks that it is the recorded one: a pidfd opened before
+    /// the check can only ever signal the process that passed it, never a later user of the pid.
+    pub fn adopt(record: &WorkerRecord) -> Result<Worker, AdoptError> {
+        let pid = record.id.pid;
+        let raw = Pid::from_raw(pid as i32).ok_or(Mismatch::Gone(pid))?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| {
+            if e == rustix::io::Errno::SRCH {
+                AdoptError::Mismatch(Mismatch::Gone(pid))
+            } else {
+                AdoptError::Pidfd {
+                    pid,
+                    source: e.into(),
+                }
+            }
+        })?;
+        procfs::check(record.id, procfs::observe(pid).as_ref())?;
+        Ok(Worker {
+            id: record.id,
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(record.started_at_ms),
+            log: record.log.clone(),
+            config_sha256: record.config_sha256.clone(),
+            pidfd: Arc::new(pidfd),
+        })
+    }
+
+    /// Wraps a child that ebb just spawned. The pidfd is opened while the child cannot have been
+    /// reaped yet (only its `Child` handle reaps it), so the pid is still the child's.
+    pub fn from_child(
+        child: &Child,
+        log: PathBuf,
+        config_sha256: String,
+    ) -> std::io::Result<Worker> {
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the new haproxy exited before it was tracked"))?;
+        let raw = Pid::from_raw(pid as i32).ok_or_else(|| std::io::Error::other("pid 0"))?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+        let start_time = procfs::start_time(pid)?;
+        Ok(Worker {
+            id: ProcessId { pid, start_time },
+            started_at: SystemTime::now(),
+            log,
+            config_sha256,
+            pidfd: Arc::new(pidfd),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.id.pid
+    }
+
+    pub fn age(&self) -> Duration {
+        self.started_at.elapsed().unwrap_or_default()
+    }
+
+    /// Signals through the pidfd: it fails with ESRCH once the process is gone, and never reaches
+    /// another process that reused the pid.
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        match pidfd_send_signal(&*self.pidfd, signal) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn record(&self) -> WorkerRecord {
+        WorkerRecord {
+            id: self.id,
+            started_at_ms: self
+                .started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            log: self.log.clone(),
+            config_sha256: self.config_sha256.clone(),
+        }
+    }
+
+    /// Starts the task that reports this worker's exit on `exits`. For our own child, the exit
+    /// status is read by waiting on it; an adopted process is watched through its pidfd, which turns
+    /// readable the moment the process exits (a zombie counts as exited).
+    pub fn watch_exit(
+        &self,
+        child: Option<Child>,
+        exits: mpsc::UnboundedSender<(ProcessId, Exit)>,
+    ) {
+        let id = self.id;
+        match child {
+            Some(mut child) => {
+                tokio::spawn(async move {
+                    let exit = match child.wait().await {
+                        Ok(status) => Exit::from_status(status),
+                        Err(_) => Exit::Unknown,
+                    };
+                    let _ = exits.send((id, exit));
+                });
+            }
+            None => {
+                let fd = self.pidfd.try_clone();
+                tokio::spawn(async move {
+                    if let Ok(fd) = fd {
+                        // SAFETY: the AsyncFd owns this OwnedFd, so the descriptor stays open and
+                        // is not reused for as long as it is registered.
+                        let registered = unsafe {
+                            AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+                        };
+                        if let Ok(async_fd) = registered {
+                            let _ = async_fd.readable().await;
+                        }
+                    }
+                    // Without a pollable pidfd, fall back to /proc; this path is not expected on
+                    // Linux ≥ 5.3.
+                    while procfs::is_alive(id) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let _ = exits.send((id, Exit::Unknown));
+                });
+            }
+        }
+    }
+}
+
+/// Reads up to the last `max` bytes of a worker's log.
+pub fn log_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    // Drop a partial first line.
+    match (len > max, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text.into_owned(),
+    }
+}
+
+/// The lines of a failed start worth showing to an operator: HAProxy's alerts, or else the tail.
+pub fn startup_error(log: &str) -> String {
+    let alerts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("[ALERT]"))
+        .map(str::trim)
+        .collect();
+    let lines: Vec<&str> = if alerts.is_empty() {
+        log.lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    } else {
+        alerts
+    };
+    let text = lines.join(" | ");
+    if text.is_empty() {
+        "HAProxy printed nothing".to_string()
+    } else {
+        text
+    }
+}
+
+/// Connections a worker cut because `hard-stop-after` expired, from lines such as
+/// `Proxy fe hard-stopped (2 remaining conns will be closed).` `None` if it was not hard-stopped.
+pub fn hard_stopped_connections(log: &str) -> Option<u64> {
+    let mut found = false;
+    let mut total = 0;
+    for line in log.lines() {
+        if line.contains("performing a hard-stop") {
+            found = true;
+        }
+        if let Some(rest) = line.split("hard-stopped (").nth(1) {
+            found = true;
+            total += rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    found.then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hard_stop_lines_are_summed() {
+        let log = "[WARNING]  (11049) : Proxy fe stopped (cumulated conns: FE: 2, BE: 0).\n[WARNING]  (11049) : soft-stop running for too long, performing a hard-stop.\n[WARNING]  (11049) : Proxy fe hard-stopped (2 remaining conns will be closed).\n[WARNING]  (11049) : Proxy be2 hard-stopped (3 remaining conns will be closed).\n";
+        assert_eq!(hard_stopped_connections(log), Some(5));
+        assert_eq!(
+            hard_stopped_connections(
+                "[WARNING] (1) : Proxy fe stopped (cumulated conns: FE: 2, BE: 0).\n"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn startup_error_prefers_alerts() {
+        let log = "[NOTICE] x\n[ALERT]    (1) : Starting frontend fe: cannot bind socket (Address already in use) [127.0.0.1:80]\n[ALERT]    (1) : [haproxy.main()] Some protocols failed to start their listeners! Exiting.\n";
+        let e = startup_error(log);
+        assert!(
+            e.contains("cannot bind socket") && e.contains("Exiting"),
+            "{e}"
+        );
+        assert_eq!(startup_error(""), "HAProxy printed nothing");
+        assert_eq!(startup_error("a\nb\n"), "a | b");
+    }
+
+    #[test]
+    fn exit_codes_and_signals() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            Exit::from_status(std::process::ExitStatus::from_raw(0)),
+            Exit::Code(0)
+        );
+        assert_eq!(
+            Exit::from_status(std::process::ExitStatus::from_raw(9)),
+            Exit::Code(137)
+        );
+        assert_eq!(Exit::Code(137).to_string(), "killed by signal 9");
+    }
+}

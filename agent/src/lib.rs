@@ -1,0 +1,23 @@
+//! ebb-agent: the node agent that runs beside HAProxy.
+//!
+//! It supervises HAProxy (seamless reloads without `-sf`, old workers tracked until they exit,
+//! adoption across agent restarts), and takes commands over NATS. See docs/ARCHITECTURE.md for
+//! the map of this crate; in short:
+//!
+//! - [`config`]: the agent's configuration, validated at load.
+//! - [`haproxy`]: everything that touches HAProxy: config file, admin socket, processes.
+//! - [`reload`], [`backoff`]: plain state machines that decide; no I/O.
+//! - [`node`]: the one task that owns the node's state and carries decisions out.
+//! - [`bus`]: NATS: commands in, replies and events out (through a durable outbox), KV node state.
+//! - [`events`], [`state_file`]: what the node publishes and what it persists.
+
+pub mod backoff;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod ctl;
+pub mod events;
+pub mod haproxy;
+pub mod node;
+pub mod reload;
+pub mod state_file;

@@ -1,0 +1,163 @@
+//! The `ebb` binary: see `ebb --help`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ebb_agent::bus::commands::CommandServer;
+use ebb_agent::bus::connect;
+use ebb_agent::bus::outbox::Outbox;
+use ebb_agent::bus::publisher::Publisher;
+use ebb_agent::cli::{Cli, Commands, ConfigCommand};
+use ebb_agent::config::{self, LogFormat, Settings};
+use ebb_agent::events::Emitter;
+use ebb_agent::node::{AgentSignal, Input, Node, Outcome};
+use ebb_sdk::status::NodeState;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Config {
+            command: ConfigCommand::Check { config },
+        } => match config::load(&config, std::env::vars()) {
+            Ok(settings) => {
+                print!("{}", config::render(&settings));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Commands::Ctl(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ebb ctl: cannot start the async runtime: {e}");
+                    return ExitCode::from(ebb_agent::ctl::exit::FAILED);
+                }
+            };
+            ExitCode::from(runtime.block_on(ebb_agent::ctl::run(*args)))
+        }
+        Commands::Agent { config } => {
+            let settings = match config::load(&config, std::env::vars()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&settings);
+            match run_agent(settings) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run_agent(settings: Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let settings = Arc::new(settings);
+        let cfg = &settings.config;
+        let boot_id = uuid::Uuid::new_v4().to_string();
+        std::fs::create_dir_all(&cfg.haproxy.state_dir).with_context(|| {
+            format!(
+                "cannot create haproxy.state_dir {}; create it or point state_dir elsewhere",
+                cfg.haproxy.state_dir.display()
+            )
+        })?;
+        let outbox = Outbox::open(&cfg.haproxy.state_dir, cfg.nats.outbox_limit)?;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let emitter = Emitter::new(settings.node_id(), &boot_id, events_tx);
+        let (inputs_tx, inputs_rx) = mpsc::channel(1024);
+        let (state_tx, state_rx) = watch::channel(NodeState::Starting);
+        spawn_signal_handler(inputs_tx.clone())?;
+
+        let client = connect::connect_agent(&cfg.nats, settings.node_id()).await?;
+        let publisher = Publisher {
+            client: client.clone(),
+            cfg: cfg.nats.clone(),
+            node: settings.node_id().to_string(),
+            groups: cfg.node.groups.clone(),
+            boot_id: boot_id.clone(),
+            outbox,
+            events: events_rx,
+            state: state_rx,
+        };
+        let publishing = tokio::spawn(publisher.run());
+
+        let node = Node::start(settings.clone(), emitter, state_tx).await?;
+        let commands = CommandServer {
+            client: client.clone(),
+            prefix: cfg.nats.prefix.clone(),
+            node: settings.node_id().to_string(),
+            groups: cfg.node.groups.clone(),
+            inputs: inputs_tx,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = commands.run().await {
+                tracing::error!("{e:#}");
+            }
+        });
+        let outcome = node.run(inputs_rx).await;
+        // The node dropped its event sender: give the publisher a moment to send what is left.
+        // Whatever it cannot send stays in the outbox for the next agent.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publishing).await;
+        match outcome {
+            Outcome::Stopped { connections_cut } => {
+                tracing::info!(connections_cut, "agent exiting after stopping haproxy")
+            }
+            Outcome::Detached => tracing::info!("agent exiting; haproxy left running"),
+        }
+        Ok(())
+    })
+}
+
+fn spawn_signal_handler(inputs: mpsc::Sender<Input>) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
+    tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = hup.recv() => AgentSignal::Reload,
+                _ = term.recv() => AgentSignal::Stop,
+                _ = int.recv() => AgentSignal::Stop,
+                _ = usr2.recv() => AgentSignal::Detach,
+            };
+            tracing::info!("signal received: {sig:?}");
+            if inputs.send(Input::Signal(sig)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,892 @@
+//! The node task: the one owner of this node's state (its workers, reloads, lifecycle).
+//!
+//! Every other task talks to it through channels: the bus and the signal handler send `Input`s,
+//! exit watchers report worker exits, launch tasks report their outcome. The node decides with the
+//! plain state machines (`ReloadQueue`, `Backoff`) and carries the decisions out.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ebb_sdk::command::Command;
+use ebb_sdk::event::{EventBody, WorkerRole};
+use ebb_sdk::reply::{ErrorCode, ReloadResult, Reply, StopResult};
+use ebb_sdk::status::{HaproxyStatus, LastReload, NodeState, OldWorker, StatusResult};
+use rustix::process::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backoff::Backoff;
+use crate::config::Settings;
+use crate::events::{rfc3339, Cause, Emitter};
+use crate::haproxy::admin::AdminSocket;
+use crate::haproxy::adopt;
+use crate::haproxy::config_file::sha256_hex;
+use crate::haproxy::launch::{self, LaunchError, LaunchSpec, Launched};
+use crate::haproxy::procfs::{self, ProcessId};
+use crate::haproxy::worker::{self, Exit, Worker};
+use crate::reload::{PushedConfig, ReloadQueue};
+use crate::state_file::{self, State};
+
+/// What other tasks ask of the node.
+#[derive(Debug)]
+pub enum Input {
+    Command {
+        command: Command,
+        reply: oneshot::Sender<Reply>,
+    },
+    Signal(AgentSignal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSignal {
+    /// SIGHUP.
+    Reload,
+    /// SIGTERM or SIGINT: stop HAProxy gracefully, then exit.
+    Stop,
+    /// SIGUSR2: exit and leave HAProxy running for the next agent to adopt.
+    Detach,
+}
+
+/// Why the node task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stopped { connections_cut: u64 },
+    Detached,
+}
+
+/// Who is waiting for a reload.
+#[derive(Debug)]
+enum Waiter {
+    Command {
+        request_id: Option<String>,
+        reply: oneshot::Sender<Reply>,
+        cause: Cause,
+    },
+    Signal,
+    /// The restart of a crashed worker.
+    Restart,
+}
+
+#[derive(Debug)]
+enum Lifecycle {
+    Serving,
+    Stopping(Stopping),
+    Stopped { connections_cut: u64 },
+}
+
+#[derive(Debug)]
+struct Stopping {
+    started: Instant,
+    /// When still-running workers are hard-stopped (SIGTERM), then killed.
+    deadline: Instant,
+    escalated: u8,
+    connections_cut: u64,
+    waiters: Vec<(Option<String>, oneshot::Sender<Reply>)>,
+    cause: Cause,
+}
+
+/// A launch in progress.
+#[derive(Debug)]
+struct Running {
+    reload_id: String,
+    started: Instant,
+    waiters: Vec<Waiter>,
+}
+
+#[derive(Debug)]
+struct LaunchOutcome {
+    result: Result<Launched, ReloadError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("pushed config rejected by haproxy -c: {0}")]
+    ConfigInvalid(String),
+    #[error("cannot install the pushed config: {0}")]
+    Install(String),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
+/// Restart backoff after a crash: 100 ms doubling to 10 s; a worker that ran a minute resets it.
+const RESTART_BASE: Duration = Duration::from_millis(100);
+const RESTART_CAP: Duration = Duration::from_secs(10);
+const RESTART_STABLE: Duration = Duration::from_secs(60);
+/// After SIGTERM at the stop deadline, how long before SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Node {
+    settings: Arc<Settings>,
+    spec: LaunchSpec,
+    admin: AdminSocket,
+    events: Emitter,
+    lifecycle: Lifecycle,
+    current: Option<Worker>,
+    old: Vec<Worker>,
+    reloads: ReloadQueue<Waiter>,
+    running: Option<Running>,
+    restart_at: Option<Instant>,
+    backoff: Backoff,
+    restarts: u32,
+    last_reload: Option<LastReload>,
+    /// Ports HAProxy listens on, to tell client connections from server ones.
+    client_ports: HashSet<u16>,
+    exits_tx: mpsc::UnboundedSender<(ProcessId, Exit)>,
+    exits: mpsc::UnboundedReceiver<(ProcessId, Exit)>,
+    launches_tx: mpsc::UnboundedSender<LaunchOutcome>,
+    launches: mpsc::UnboundedReceiver<LaunchOutcome>,
+    /// SIGTERM: exit once HAProxy is stopped.
+    exit_when_stopped: bool,
+    state_tx: watch::Sender<NodeState>,
+    next_heartbeat: Instant,
+    dirty: bool,
+}
+
+impl Node {
+    /// Adopts a running HAProxy or starts one. Fails only when no HAProxy can be had at all.
+    pub async fn start(
+        settings: Arc<Settings>,
+        events: Emitter,
+        state_tx: watch::Sender<NodeState>,
+    ) -> anyhow::Result<Node> {
+        let hp = &settings.config.haproxy;
+        std::fs::create_dir_all(&hp.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create haproxy.state_dir {}: {e}; create it or point state_dir elsewhere",
+                hp.state_dir.display()
+            )
+        })?;
+        let spec = LaunchSpec {
+            binary: settings.haproxy_binary.clone(),
+            config: hp.config.clone(),
+            admin_socket: settings.admin_socket.clone(),
+            log_dir: hp.state_dir.join("logs"),
+            startup_timeout: hp.startup_timeout.0,
+        };
+        let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let (launches_tx, launches) = mpsc::unbounded_channel();
+        let mut node = Node {
+            reloads: ReloadQueue::new(settings.config.reload.coalesce.0),
+            settings: settings.clone(),
+            spec,
+            admin,
+            events,
+            lifecycle: Lifecycle::Serving,
+            current: None,
+            old: Vec::new(),
+            running: None,
+            restart_at: None,
+            backoff: Backoff::new(RESTART_BASE, RESTART_CAP, RESTART_STABLE),
+            restarts: 0,
+            last_reload: None,
+            client_ports: HashSet::new(),
+            exits_tx,
+            exits,
+            launches_tx,
+            launches,
+            exit_when_stopped: false,
+            state_tx,
+            next_heartbeat: Instant::now() + settings.config.nats.heartbeat.0,
+            dirty: true,
+        };
+
+        let state = match state_file::load(&hp.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        };
+        if let Some(s) = &state {
+            node.restarts = s.restarts;
+            node.last_reload = s.last_reload.clone();
+        }
+        let adopted = adopt::adopt(state.as_ref(), &hp.config, &node.admin).await;
+        for why in &adopted.refused {
+            tracing::info!("{why}");
+        }
+        let adopted_current = adopted.current.is_some();
+        for w in adopted.old {
+            tracing::info!(pid = w.pid(), "adopted old worker {}", w.pid());
+            // An agent may have died between readiness and signalling the displaced worker; a
+            // second SIGUSR1 to a worker that is already stopping changes nothing.
+            if let Err(e) = w.signal(Signal::USR1) {
+                tracing::warn!(pid = w.pid(), "cannot signal adopted old worker: {e}");
+            }
+            w.watch_exit(None, node.exits_tx.clone());
+            node.old.push(w);
+        }
+        match adopted.current {
+            Some(w) => {
+                tracing::info!(pid = w.pid(), "adopted running haproxy worker {}", w.pid());
+                w.watch_exit(None, node.exits_tx.clone());
+                node.client_ports = procfs::listening_ports(w.pid());
+                node.current = Some(w);
+            }
+            None => {
+                let launched = launch::launch(&node.spec, false, false)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot start haproxy with {}: {e}", hp.config.display())
+                    })?;
+                tracing::info!(
+                    pid = launched.worker.pid(),
+                    duration_ms = launched.duration.as_millis() as u64,
+                    "haproxy worker {} started",
+                    launched.worker.pid()
+                );
+                node.install_current(launched);
+            }
+        }
+        node.persist();
+        let pid = node.current.as_ref().map(Worker::pid);
+        node.events.emit(
+            EventBody::AgentStarted {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                adopted: adopted_current,
+                pid,
+            },
+            &Cause::default(),
+        );
+        Ok(node)
+    }
+
+    /// Runs until HAProxy is stopped for good or the agent detaches.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
+        loop {
+            self.drive();
+            if self.dirty {
+                self.persist();
+            }
+            let state = self.state();
+            self.state_tx
+                .send_if_modified(|s| std::mem::replace(s, state) != state);
+            if let Some(outcome) = self.finished() {
+                return outcome;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Command { command, reply }) => self.on_command(command, reply),
+                    Some(Input::Signal(AgentSignal::Reload)) => self.request_reload(Waiter::Signal, None),
+                    Some(Input::Signal(AgentSignal::Stop)) | None => self.begin_stop(None, None, true, Cause::default()),
+                    Some(Input::Signal(AgentSignal::Detach)) => {
+                        tracing::info!("detaching: haproxy keeps running for the next agent to adopt");
+                        self.persist();
+                        return Outcome::Detached;
+                    }
+                },
+                Some((id, exit)) = self.exits.recv() => self.on_exit(id, exit),
+                Some(outcome) = self.launches.recv() => self.on_launched(outcome),
+                _ = sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn finished(&self) -> Option<Outcome> {
+        match self.lifecycle {
+            Lifecycle::Stopped { connections_cut } if self.exit_when_stopped => {
+                Some(Outcome::Stopped { connections_cut })
+            }
+            _ => None,
+        }
+    }
+
+    fn all_gone(&self) -> bool {
+        self.current.is_none() && self.old.is_empty() && self.running.is_none()
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let stop = match &self.lifecycle {
+            Lifecycle::Stopping(s) => Some(s.deadline),
+            _ => None,
+        };
+        let restart = self.restart_at.filter(|_| self.running.is_none());
+        [
+            self.reloads.next_start(),
+            restart,
+            stop,
+            Some(self.next_heartbeat),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Carries out whatever is due now: a queued reload, a crash restart, a stop escalation or end.
+    fn drive(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.settings.config.nats.heartbeat.0;
+            let state = self.state();
+            self.events
+                .emit(EventBody::Heartbeat { state }, &Cause::default());
+        }
+        if let Some(at) = self.restart_at {
+            if at <= now && self.running.is_none() && matches!(self.lifecycle, Lifecycle::Serving) {
+                self.restart_at = None;
+                self.request_reload(Waiter::Restart, None);
+            }
+        }
+        if self.running.is_none() {
+            if let Some(batch) = self.reloads.start(now) {
+                self.start_launch(batch.waiters, batch.config);
+            }
+        }
+        self.drive_stop(now);
+    }
+
+    fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+        let node = self.settings.node_id().to_string();
+        let request_id = command.request_id().map(str::to_string);
+        let cause = Cause {
+            requester: command.requester().map(str::to_string),
+            reason: command.reason().map(str::to_string),
+        };
+        match command {
+            Command::Status(_) => {
+                let _ = reply.send(Reply::success(&node, request_id, self.status()));
+            }
+            Command::Reload(req) => {
+                let pushed = match self.check_reload(req.config, req.config_sha256) {
+                    Ok(p) => p,
+                    Err((code, msg)) => {
+                        let _ = reply.send(Reply::failure(&node, request_id, code, msg));
+                        return;
+                    }
+                };
+                if !matches!(self.lifecycle, Lifecycle::Serving) {
+                    let _ = reply.send(Reply::failure(
+                        &node,
+                        request_id,
+                        ErrorCode::Conflict,
+                        format!("cannot reload while {}", self.state()),
+                    ));
+                    return;
+                }
+                self.request_reload(
+                    Waiter::Command {
+                        request_id,
+                        reply,
+                        cause,
+                    },
+                    pushed,
+                );
+            }
+            Command::Stop(req) => {
+                let timeout = req.timeout_ms.map(Duration::from_millis);
+                self.begin_stop(timeout, Some((request_id, reply)), false, cause);
+            }
+            Command::Drain(_) | Command::Undrain(_) => {
+                let _ = reply.send(Reply::failure(
+                    &node,
+                    request_id,
+                    ErrorCode::Internal,
+                    "drain and undrain are not available in this version of ebb",
+                ));
+            }
+        }
+    }
+
+    /// Validates a reload's config fields; returns the pushed config, if any.
+    fn check_reload(
+        &self,
+        config: Option<String>,
+        sha: Option<String>,
+    ) -> Result<Option<PushedConfig>, (ErrorCode, String)> {
+        match config {
+            Some(text) => {
+                if !self.settings.config.reload.allow_config_push {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "config push is disabled on this node; set reload.allow_config_push = true to allow it".into(),
+                    ));
+                }
+                let actual = sha256_hex(text.as_bytes());
+                if let Some(expected) = sha {
+                    if expected != actual {
+                        return Err((
+                            ErrorCode::InvalidRequest,
+                            format!("config_sha256 {expected} does not match the pushed config (sha256 {actual}); send the lowercase hex SHA-256 of the exact bytes"),
+                        ));
+                    }
+                }
+                Ok(Some(PushedConfig {
+                    sha256: actual,
+                    text,
+                }))
+            }
+            None => {
+                if let Some(expected) = sha {
+                    let on_disk = std::fs::read(&self.spec.config)
+                        .map(|b| sha256_hex(&b))
+                        .map_err(|e| {
+                            (
+                                ErrorCode::Internal,
+                                format!("cannot read {}: {e}", self.spec.config.display()),
+                            )
+                        })?;
+                    if on_disk != expected {
+                        return Err((
+                            ErrorCode::Conflict,
+                            format!("{} has sha256 {on_disk}, not the expected {expected}; the file changed since you looked", self.spec.config.display()),
+                        ));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn request_reload(&mut self, waiter: Waiter, config: Option<PushedConfig>) {
+        if let Err((waiter, conflict)) = self.reloads.request(waiter, config, Instant::now()) {
+            self.answer_reload(waiter, Err((ErrorCode::Conflict, conflict.to_string())));
+        }
+    }
+
+    fn start_launch(&mut self, waiters: Vec<Waiter>, config: Option<PushedConfig>) {
+        let reload_id = uuid::Uuid::new_v4().to_string();
+        let spec = self.spec.clone();
+        let takeover = self.current.is_some();
+        let backup = self.settings.config.haproxy.state_dir.join("last-good.cfg");
+        let tx = self.launches_tx.clone();
+        tokio::spawn(async move {
+            let result = launch_with(&spec, takeover, config, &backup).await;
+            let _ = tx.send(LaunchOutcome { result });
+        });
+        self.running = Some(Running {
+            reload_id,
+            started: Instant::now(),
+            waiters,
+        });
+    }
+
+    fn on_launched(&mut self, outcome: LaunchOutcome) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        self.reloads.finish(Instant::now());
+        let restart = running.waiters.iter().any(|w| matches!(w, Waiter::Restart));
+        let cause = running
+            .waiters
+            .iter()
+            .find_map(|w| match w {
+                Waiter::Command { cause, .. } => Some(cause.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        match outcome.result {
+            Ok(launched) => {
+                let displaced = self.install_current(launched);
+                let new = self
+                    .current
+                    .as_ref()
+                    .map(|w| (w.pid(), w.config_sha256.clone()));
+                let Some((pid, config_sha256)) = new else {
+                    return;
+                };
+                let duration_ms = running.started.elapsed().as_millis() as u64;
+                if restart {
+                    self.restarts += 1;
+                }
+                self.restart_at = None;
+                self.last_reload = Some(LastReload {
+                    reload_id: running.reload_id.clone(),
+                    at: rfc3339(SystemTime::now()),
+                    ok: true,
+                    duration_ms,
+                    error: None,
+                });
+                tracing::info!(pid, old_pids = ?displaced, duration_ms, "reloaded: worker {pid} serves");
+                self.events.emit(
+                    EventBody::Reloaded {
+                        reload_id: running.reload_id.clone(),
+                        pid,
+                        old_pids: displaced.clone(),
+                        duration_ms,
+                        config_sha256: config_sha256.clone(),
+                        draining: false,
+                    },
+                    &cause,
+                );
+                let result = ReloadResult {
+                    reload_id: running.reload_id,
+                    pid,
+                    old_pids: displaced,
+                    duration_ms,
+                    config_sha256,
+                };
+                for w in running.waiters {
+                    self.answer_reload(w, Ok(result.clone()));
+                }
+                // A worker started while stopping joins the others on their way out.
+                if matches!(self.lifecycle, Lifecycle::Stopping(_)) {
+                    self.retire_current();
+                }
+            }
+            Err(e) => {
+                let message = format!("{e}; the running worker was not touched");
+                tracing::warn!(reload_id = %running.reload_id, "reload failed: {message}");
+                let code = match &e {
+                    ReloadError::ConfigInvalid(_) => ErrorCode::ConfigInvalid,
+                    _ => ErrorCode::ReloadFailed,
+                };
+                self.last_reload = Some(LastReload {
+                    reload_id: running.reload_id.clone(),
+                    at: rfc3339(SystemTime::now()),
+                    ok: false,
+                    duration_ms: running.started.elapsed().as_millis() as u64,
+                    error: Some(message.clone()),
+                });
+                self.events.emit(
+                    EventBody::ReloadFailed {
+                        reload_id: running.reload_id.clone(),
+                        error: message.clone(),
+                    },
+                    &cause,
+                );
+                if restart && self.current.is_none() {
+                    let delay = self.backoff.next(Duration::ZERO);
+                    tracing::warn!("haproxy restart failed; next try in {delay:?}");
+                    self.restart_at = Some(Instant::now() + delay);
+                }
+                for w in running.waiters {
+                    self.answer_reload(w, Err((code, message.clone())));
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// Makes a launched worker current and soft-stops the one it displaced. Returns displaced pids.
+    fn install_current(&mut self, launched: Launched) -> Vec<u32> {
+        let Launched { worker, child, .. } = launched;
+        worker.watch_exit(Some(child), self.exits_tx.clone());
+        let ports = procfs::listening_ports(worker.pid());
+        if !ports.is_empty() {
+            self.client_ports = ports;
+        }
+        let mut displaced = Vec::new();
+        if let Some(previous) = self.current.replace(worker) {
+            displaced.push(previous.pid());
+            soft_stop(&previous);
+            self.old.push(previous);
+        }
+        self.dirty = true;
+        displaced
+    }
+
+    fn retire_current(&mut self) {
+        if let Some(w) = self.current.take() {
+            soft_stop(&w);
+            self.old.push(w);
+        }
+    }
+
+    fn answer_reload(&mut self, waiter: Waiter, result: Result<ReloadResult, (ErrorCode, String)>) {
+        let node = self.settings.node_id();
+        match waiter {
+            Waiter::Command {
+                request_id, reply, ..
+            } => {
+                let r = match result {
+                    Ok(ok) => Reply::success(node, request_id, ok),
+                    Err((code, msg)) => Reply::failure(node, request_id, code, msg),
+                };
+                let _ = reply.send(r);
+            }
+            Waiter::Signal => match result {
+                Ok(r) => tracing::info!(pid = r.pid, "SIGHUP reload done"),
+                Err((_, msg)) => tracing::warn!("SIGHUP reload failed: {msg}"),
+            },
+            Waiter::Restart => {}
+        }
+    }
+
+    fn on_exit(&mut self, id: ProcessId, exit: Exit) {
+        let (worker, role) = if self.current.as_ref().is_some_and(|w| w.id == id) {
+            (self.current.take(), WorkerRole::Current)
+        } else if let Some(i) = self.old.iter().position(|w| w.id == id) {
+            (Some(self.old.remove(i)), WorkerRole::Old)
+        } else {
+            (None, WorkerRole::Old)
+        };
+        let Some(worker) = worker else { return };
+        self.dirty = true;
+        let log = worker::log_tail(&worker.log, 64 * 1024);
+        let hard_stop = worker::hard_stopped_connections(&log);
+        let connections_cut = hard_stop.unwrap_or(0);
+        if let Lifecycle::Stopping(s) = &mut self.lifecycle {
+            s.connections_cut += connections_cut;
+        }
+        if hard_stop.is_some() {
+            tracing::warn!(
+                pid = id.pid,
+                connections_cut,
+                "worker {} was hard-stopped and cut {connections_cut} connections",
+                id.pid
+            );
+        } else {
+            tracing::info!(pid = id.pid, "worker {} exited ({exit})", id.pid);
+        }
+        let status = crate::events::exit_status(exit);
+        self.events.emit(
+            EventBody::WorkerExited {
+                pid: id.pid,
+                role,
+                status,
+                hard_stopped: hard_stop.is_some(),
+                connections_cut,
+            },
+            &Cause::default(),
+        );
+        if role == WorkerRole::Current && matches!(self.lifecycle, Lifecycle::Serving) {
+            tracing::error!(
+                pid = id.pid,
+                "haproxy worker {} crashed ({exit}): {}",
+                id.pid,
+                worker::startup_error(&log)
+            );
+            self.events.emit(
+                EventBody::ProxyCrashed {
+                    pid: id.pid,
+                    status,
+                },
+                &Cause::default(),
+            );
+            let delay = self.backoff.next(worker.age());
+            tracing::info!("restarting haproxy in {delay:?}");
+            self.restart_at = Some(Instant::now() + delay);
+        }
+        if !worker.log.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&worker.log);
+        }
+    }
+
+    fn begin_stop(
+        &mut self,
+        timeout: Option<Duration>,
+        waiter: Option<(Option<String>, oneshot::Sender<Reply>)>,
+        exit_after: bool,
+        cause: Cause,
+    ) {
+        self.exit_when_stopped |= exit_after;
+        match &mut self.lifecycle {
+            Lifecycle::Stopping(s) => {
+                s.waiters.extend(waiter);
+                return;
+            }
+            Lifecycle::Stopped { .. } => {
+                if let Some((request_id, reply)) = waiter {
+                    let r = StopResult {
+                        connections_cut: 0,
+                        duration_ms: 0,
+                    };
+                    let _ = reply.send(Reply::success(self.settings.node_id(), request_id, r));
+                }
+                return;
+            }
+            Lifecycle::Serving => {}
+        }
+        let timeout = timeout.unwrap_or(self.settings.config.haproxy.stop_timeout.0);
+        tracing::info!("stopping haproxy gracefully (up to {timeout:?})");
+        let node = self.settings.node_id().to_string();
+        for w in self.reloads.drain_queued() {
+            self.answer_reload(
+                w,
+                Err((ErrorCode::Conflict, format!("node {node} is stopping"))),
+            );
+        }
+        self.restart_at = None;
+        self.retire_current();
+        for w in &self.old {
+            soft_stop(w);
+        }
+        let now = Instant::now();
+        self.lifecycle = Lifecycle::Stopping(Stopping {
+            started: now,
+            deadline: now + timeout,
+            escalated: 0,
+            connections_cut: 0,
+            waiters: waiter.into_iter().collect(),
+            cause,
+        });
+        self.dirty = true;
+    }
+
+    fn drive_stop(&mut self, now: Instant) {
+        let all_gone = self.all_gone();
+        let Lifecycle::Stopping(s) = &mut self.lifecycle else {
+            return;
+        };
+        if all_gone {
+            let connections_cut = s.connections_cut;
+            let duration_ms = s.started.elapsed().as_millis() as u64;
+            let waiters = std::mem::take(&mut s.waiters);
+            let cause = s.cause.clone();
+            tracing::info!(
+                connections_cut,
+                duration_ms,
+                "haproxy stopped; {connections_cut} connections cut"
+            );
+            self.events
+                .emit(EventBody::Stopped { connections_cut }, &cause);
+            let node = self.settings.node_id();
+            for (request_id, reply) in waiters {
+                let r = StopResult {
+                    connections_cut,
+                    duration_ms,
+                };
+                let _ = reply.send(Reply::success(node, request_id, r));
+            }
+            self.lifecycle = Lifecycle::Stopped { connections_cut };
+            self.dirty = true;
+            return;
+        }
+        if now < s.deadline {
+            return;
+        }
+        match s.escalated {
+            0 => {
+                for w in self.old.iter().chain(self.current.iter()) {
+                    let open = procfs::client_connections(w.pid(), &self.client_ports);
+                    s.connections_cut += open;
+                    tracing::warn!(
+                        pid = w.pid(),
+                        open,
+                        "stop timeout: hard-stopping worker {} with {open} open connections",
+                        w.pid()
+                    );
+                    let _ = w.signal(Signal::TERM);
+                }
+                s.escalated = 1;
+                s.deadline = now + KILL_GRACE;
+            }
+            _ => {
+                for w in self.old.iter().chain(self.current.iter()) {
+                    tracing::warn!(
+                        pid = w.pid(),
+                        "worker {} ignored SIGTERM; killing it",
+                        w.pid()
+                    );
+                    let _ = w.signal(Signal::KILL);
+                }
+                s.escalated = 2;
+                s.deadline = now + KILL_GRACE;
+            }
+        }
+    }
+
+    fn state(&self) -> NodeState {
+        match &self.lifecycle {
+            Lifecycle::Serving if self.current.is_none() => NodeState::Failed,
+            Lifecycle::Serving => NodeState::Serving,
+            Lifecycle::Stopping(_) => NodeState::Stopping,
+            Lifecycle::Stopped { .. } => NodeState::Stopped,
+        }
+    }
+
+    fn status(&self) -> StatusResult {
+        let cfg = &self.settings.config;
+        StatusResult {
+            state: self.state(),
+            node: cfg.node.id.clone(),
+            groups: cfg.node.groups.clone(),
+            boot_id: self.events.boot_id().to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            haproxy: HaproxyStatus {
+                pid: self.current.as_ref().map(Worker::pid),
+                config: cfg.haproxy.config.display().to_string(),
+                config_sha256: self.current.as_ref().map(|w| w.config_sha256.clone()),
+                mode: "direct".into(),
+                started_at: self.current.as_ref().map(|w| rfc3339(w.started_at)),
+                restarts: self.restarts,
+            },
+            old_workers: self
+                .old
+                .iter()
+                .map(|w| OldWorker {
+                    pid: w.pid(),
+                    age_ms: w.age().as_millis() as u64,
+                    connections: procfs::client_connections(w.pid(), &self.client_ports),
+                })
+                .collect(),
+            drain: None,
+            plugins: Vec::new(),
+            last_reload: self.last_reload.clone(),
+        }
+    }
+
+    fn persist(&mut self) {
+        let mut state = State::new(self.settings.node_id(), procfs::kernel_boot_id());
+        state.current = self.current.as_ref().map(Worker::record);
+        state.old = self.old.iter().map(Worker::record).collect();
+        state.restarts = self.restarts;
+        state.last_reload = self.last_reload.clone();
+        match state_file::save(&self.settings.config.haproxy.state_dir, &state) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+}
+
+fn soft_stop(w: &Worker) {
+    if let Err(e) = w.signal(Signal::USR1) {
+        tracing::error!(pid = w.pid(), "cannot soft-stop worker {}: {e}", w.pid());
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Installs a pushed config (checked with `haproxy -c` first, the previous file kept as last good),
+/// then launches. A pushed config whose worker fails to start is rolled back on disk.
+async fn launch_with(
+    spec: &LaunchSpec,
+    takeover: bool,
+    pushed: Option<PushedConfig>,
+    backup: &std::path::Path,
+) -> Result<Launched, ReloadError> {
+    let Some(pushed) = pushed else {
+        return Ok(launch::launch(spec, takeover, false).await?);
+    };
+    let install = |e: std::io::Error| ReloadError::Install(e.to_string());
+    let dir = spec.config.parent().unwrap_or(std::path::Path::new("."));
+    let candidate = dir.join(format!(
+        ".ebb-pushed-{}.cfg",
+        &pushed.sha256[..12.min(pushed.sha256.len())]
+    ));
+    tokio::fs::write(&candidate, pushed.text.as_bytes())
+        .await
+        .map_err(install)?;
+    if let Err(e) = launch::check_config(&spec.binary, &candidate).await {
+        let _ = tokio::fs::remove_file(&candidate).await;
+        return Err(ReloadError::ConfigInvalid(e));
+    }
+    tokio::fs::copy(&spec.config, backup)
+        .await
+        .map_err(install)?;
+    tokio::fs::rename(&candidate, &spec.config)
+        .await
+        .map_err(install)?;
+    match launch::launch(spec, takeover, false).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            // Leave the config that the running worker was started from, so a crash restart
+            // does not pick up a config that cannot start.
+            if let Err(re) = tokio::fs::copy(backup, &spec.config).await {
+                tracing::error!(
+                    "cannot restore {} from {}: {re}",
+                    spec.config.display(),
+                    backup.display()
+                );
+            }
+            Err(e.into())
+        }
+    }
+}

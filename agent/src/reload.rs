@@ -1,0 +1,222 @@
+//! The reload queue: a plain state machine that serializes and coalesces reloads (DESIGN §3).
+//!
+//! - One reload runs at a time.
+//! - A request that arrives while the queue is idle starts at once: coalescing never delays a lone
+//!   reload.
+//! - Requests that arrive while a reload runs join ONE queued batch, which starts when the running
+//!   reload finishes (and, with `coalesce` set, no sooner than `coalesce` after it finished). Every
+//!   requester of a batch gets that batch's result, which is the reload that applied to it.
+//! - A pushed config that differs from the one already queued does not coalesce: it is a conflict.
+
+use std::time::{Duration, Instant};
+
+/// A config pushed with a `reload` command, identified by its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedConfig {
+    pub sha256: String,
+    pub text: String,
+}
+
+/// Reload requests that are carried out by one launch.
+#[derive(Debug)]
+pub struct Batch<W> {
+    pub waiters: Vec<W>,
+    pub config: Option<PushedConfig>,
+    /// When it may start: at once for a lone request; `coalesce` after the previous reload
+    /// finished for a batch that gathered during it.
+    ready_at: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("another config (sha256 {queued}) is already queued for the next reload; retry after it")]
+pub struct Conflict {
+    pub queued: String,
+}
+
+#[derive(Debug)]
+pub struct ReloadQueue<W> {
+    running: bool,
+    queued: Option<Batch<W>>,
+    coalesce: Duration,
+}
+
+impl<W> ReloadQueue<W> {
+    pub fn new(coalesce: Duration) -> Self {
+        ReloadQueue {
+            running: false,
+            queued: None,
+            coalesce,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    pub fn has_queued(&self) -> bool {
+        self.queued.is_some()
+    }
+
+    /// Adds a request. On conflict the waiter is handed back, to be answered with `conflict`.
+    pub fn request(
+        &mut self,
+        waiter: W,
+        config: Option<PushedConfig>,
+        now: Instant,
+    ) -> Result<(), (W, Conflict)> {
+        match &mut self.queued {
+            None => {
+                self.queued = Some(Batch {
+                    waiters: vec![waiter],
+                    config,
+                    // Re-set by `finish` when a reload is running.
+                    ready_at: now,
+                });
+            }
+            Some(batch) => match (&batch.config, config) {
+                (Some(queued), Some(new)) if queued.sha256 != new.sha256 => {
+                    let queued = queued.sha256.clone();
+                    return Err((waiter, Conflict { queued }));
+                }
+                (None, Some(new)) => {
+                    batch.config = Some(new);
+                    batch.waiters.push(waiter);
+                }
+                _ => batch.waiters.push(waiter),
+            },
+        }
+        Ok(())
+    }
+
+    /// When the queued batch may start, if there is one and nothing runs.
+    pub fn next_start(&self) -> Option<Instant> {
+        let batch = self.queued.as_ref()?;
+        (!self.running).then_some(batch.ready_at)
+    }
+
+    /// Takes the batch to launch now, if any. The caller owns it until it calls `finish`.
+    pub fn start(&mut self, now: Instant) -> Option<Batch<W>> {
+        if self.next_start()? > now {
+            return None;
+        }
+        self.running = true;
+        self.queued.take()
+    }
+
+    /// The running launch is over (either way).
+    pub fn finish(&mut self, now: Instant) {
+        self.running = false;
+        if let Some(batch) = &mut self.queued {
+            batch.ready_at = now + self.coalesce;
+        }
+    }
+
+    /// Hands back every queued waiter, for answering when the agent stops.
+    pub fn drain_queued(&mut self) -> Vec<W> {
+        self.queued.take().map(|b| b.waiters).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Option<PushedConfig> {
+        Some(PushedConfig {
+            sha256: crate::haproxy::config_file::sha256_hex(text.as_bytes()),
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn a_lone_reload_starts_at_once_even_with_a_debounce() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::from_secs(5));
+        q.request(1, None, now).expect("queued");
+        let b = q.start(now).expect("starts");
+        assert_eq!(b.waiters, vec![1]);
+        q.finish(now);
+        // Idle again: the next lone request is not delayed by the debounce either.
+        q.request(2, None, now).expect("queued");
+        assert_eq!(q.start(now).expect("starts").waiters, vec![2]);
+    }
+
+    #[test]
+    fn requests_during_a_reload_coalesce_into_the_next_one() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO);
+        q.request(1, None, now).expect("queued");
+        let _running = q.start(now).expect("starts");
+        for w in 2..=5 {
+            q.request(w, None, now).expect("joins");
+        }
+        assert!(
+            q.start(now).is_none(),
+            "serialized: nothing starts while one runs"
+        );
+        q.finish(now);
+        let next = q.start(now).expect("the coalesced batch starts");
+        assert_eq!(next.waiters, vec![2, 3, 4, 5]);
+        assert!(q.start(now).is_none());
+    }
+
+    #[test]
+    fn debounce_applies_only_to_coalesced_batches() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::from_millis(100));
+        q.request(1, None, now).expect("queued");
+        let _ = q.start(now).expect("starts");
+        q.request(2, None, now).expect("joins");
+        q.finish(now);
+        assert_eq!(q.next_start(), Some(now + Duration::from_millis(100)));
+        assert!(q.start(now + Duration::from_millis(99)).is_none());
+        assert!(q.start(now + Duration::from_millis(100)).is_some());
+    }
+
+    #[test]
+    fn differing_pushed_configs_conflict_and_equal_ones_join() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO);
+        q.request(1, None, now).expect("queued");
+        let _ = q.start(now);
+        q.request(2, cfg("a"), now)
+            .expect("first pushed config queues");
+        q.request(3, cfg("a"), now).expect("the same config joins");
+        q.request(4, None, now).expect("a plain reload joins");
+        let (w, c) = q
+            .request(5, cfg("b"), now)
+            .expect_err("another config conflicts");
+        assert_eq!(w, 5);
+        assert_eq!(c.queued, cfg("a").expect("cfg").sha256);
+        q.finish(now);
+        let b = q.start(now).expect("starts");
+        assert_eq!(b.waiters, vec![2, 3, 4]);
+        assert_eq!(b.config, cfg("a"));
+    }
+
+    #[test]
+    fn a_pushed_config_adopts_a_queued_plain_batch() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO);
+        q.request(1, None, now).expect("queued");
+        let _ = q.start(now);
+        q.request(2, None, now).expect("queued");
+        q.request(3, cfg("a"), now)
+            .expect("joins and brings its config");
+        q.finish(now);
+        let b = q.start(now).expect("starts");
+        assert_eq!(b.config, cfg("a"));
+        assert_eq!(b.waiters, vec![2, 3]);
+    }
+
+    #[test]
+    fn queued_waiters_are_handed_back() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO);
+        q.request(1, None, now).expect("queued");
+        let _ = q.start(now);
+        q.request(2, None, now).expect("queued");
+        assert_eq!(q.drain_queued(), vec![2]);
+        assert!(!q.has_queued());
+    }
+}

@@ -1,0 +1,626 @@
+//! Request bodies, one struct per verb, and [`Command::parse`].
+//!
+//! Every field is optional, so an empty body is a valid request. Unknown fields are rejected: a client that
+//! misspells `deadline_ms` must hear about it rather than drain a node without a deadline.
+
+use std::time::{Duration, SystemTime};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::reply::ErrorCode;
+use crate::subject::{UnknownVerb, Verb};
+use crate::time::{format_rfc3339_millis, parse_rfc3339};
+
+/// Why a command cannot be carried out before it is even looked at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The verb is not one of status, reload, drain, undrain, stop.
+    #[error("unknown command `{0}`, expected one of status, reload, drain, undrain, stop")]
+    UnknownVerb(String),
+    /// The body does not fit the verb: not JSON, an unknown field, a wrong type or a bad value.
+    /// The message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The command arrived after `sent_at + ttl_ms` plus the allowed clock skew.
+    #[error("{0}")]
+    Expired(String),
+}
+
+impl CommandError {
+    /// The reply error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CommandError::UnknownVerb(_) => ErrorCode::UnknownCommand,
+            CommandError::Invalid(_) => ErrorCode::InvalidRequest,
+            CommandError::Expired(_) => ErrorCode::Expired,
+        }
+    }
+}
+
+impl From<UnknownVerb> for CommandError {
+    fn from(UnknownVerb(verb): UnknownVerb) -> Self {
+        CommandError::UnknownVerb(verb)
+    }
+}
+
+/// The fields common to every request.
+pub trait Request {
+    /// The verb this request belongs to.
+    fn verb(&self) -> Verb;
+    /// A repeated id gets the first reply again and the command acts only once.
+    fn request_id(&self) -> Option<&str>;
+    /// RFC 3339 time the client sent the command; with `ttl_ms` it bounds how late it may act.
+    fn sent_at(&self) -> Option<&str>;
+    fn ttl_ms(&self) -> Option<u64>;
+    /// Who asked; copied into the events the command causes.
+    fn requester(&self) -> Option<&str>;
+    /// Why; copied into the events the command causes.
+    fn reason(&self) -> Option<&str>;
+
+    /// Refuses the command as `expired` when it arrives after `sent_at + ttl_ms + skew`.
+    /// `skew` is the clock difference between client and agent that is tolerated.
+    fn check_ttl(&self, now: SystemTime, skew: Duration) -> Result<(), CommandError> {
+        match (self.sent_at(), self.ttl_ms()) {
+            (Some(sent_at), Some(ttl_ms)) => check_ttl(sent_at, ttl_ms, now, skew),
+            (None, Some(_)) => Err(CommandError::Invalid("ttl_ms: needs sent_at".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Refuses a command sent at `sent_at` (RFC 3339) with a time to live of `ttl_ms` when `now` is past
+/// `sent_at + ttl_ms + skew`. A `sent_at` in the future is accepted: that is clock skew, not age.
+pub fn check_ttl(
+    sent_at: &str,
+    ttl_ms: u64,
+    now: SystemTime,
+    skew: Duration,
+) -> Result<(), CommandError> {
+    let sent =
+        parse_rfc3339(sent_at).map_err(|e| CommandError::Invalid(format!("sent_at: {e}")))?;
+    let age = now.duration_since(sent).unwrap_or_default();
+    let allowed = Duration::from_millis(ttl_ms).saturating_add(skew);
+    if age > allowed {
+        return Err(CommandError::Expired(format!(
+            "sent at {sent_at} with ttl_ms {ttl_ms}, received at {} ({} ms late, {} ms of clock skew allowed)",
+            format_rfc3339_millis(now),
+            (age - allowed).as_millis(),
+            skew.as_millis(),
+        )));
+    }
+    Ok(())
+}
+
+/// Declares a request struct with the common fields followed by the verb's own fields.
+///
+/// The common fields are repeated in each struct, not `#[serde(flatten)]`ed, because serde's flatten
+/// disables `deny_unknown_fields`.
+macro_rules! request {
+    (
+        $(#[$meta:meta])*
+        $name:ident => $verb:expr;
+        { $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Idempotency key: a repeated id gets the first reply again and the command acts only once.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub request_id: Option<String>,
+            /// RFC 3339 time the client sent the command (any offset; UTC recommended).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub sent_at: Option<String>,
+            /// With `sent_at`: a command arriving after `sent_at + ttl_ms` (plus clock skew) is `expired`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub ttl_ms: Option<u64>,
+            /// Who asked; copied into the events the command causes.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub requester: Option<String>,
+            /// Why; copied into the events the command causes.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub reason: Option<String>,
+            $(
+                $(#[$fmeta])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: $ty,
+            )*
+        }
+
+        impl Request for $name {
+            fn verb(&self) -> Verb {
+                $verb
+            }
+            fn request_id(&self) -> Option<&str> {
+                self.request_id.as_deref()
+            }
+            fn sent_at(&self) -> Option<&str> {
+                self.sent_at.as_deref()
+            }
+            fn ttl_ms(&self) -> Option<u64> {
+                self.ttl_ms
+            }
+            fn requester(&self) -> Option<&str> {
+                self.requester.as_deref()
+            }
+            fn reason(&self) -> Option<&str> {
+                self.reason.as_deref()
+            }
+        }
+    };
+}
+
+request! {
+    /// Body of `status`.
+    StatusRequest => Verb::Status; {}
+}
+
+request! {
+    /// Body of `reload`.
+    ReloadRequest => Verb::Reload; {
+        /// The full haproxy.cfg text to install; accepted only with `allow_config_push = true`.
+        config: Option<String>,
+        /// Lowercase hex SHA-256 of the exact config bytes. With `config` it must match it; without, it is the
+        /// expected hash of the file on disk, and a mismatch gets `conflict`.
+        config_sha256: Option<String>,
+    }
+}
+
+request! {
+    /// Body of `drain`.
+    DrainRequest => Verb::Drain; {
+        /// Id of the drain; generated when absent. A drain's events carry it.
+        drain_id: Option<String>,
+        /// Floor of the drain in ms, for upstream load balancers to notice; defaults to `[drain] min_period`.
+        min_period_ms: Option<u64>,
+        /// After this many ms, `drain_deadline_exceeded` is published; defaults to `[drain] deadline`.
+        deadline_ms: Option<u64>,
+        /// Stop HAProxy gracefully once drained; defaults to `[drain] stop_when_drained`.
+        stop_when_drained: Option<bool>,
+    }
+}
+
+request! {
+    /// Body of `undrain`.
+    UndrainRequest => Verb::Undrain; {
+        /// When given, only this drain is ended; another ongoing drain gets `conflict`.
+        drain_id: Option<String>,
+    }
+}
+
+request! {
+    /// Body of `stop`.
+    StopRequest => Verb::Stop; {
+        /// Grace period before escalation; defaults to `[haproxy] stop_timeout`.
+        timeout_ms: Option<u64>,
+    }
+}
+
+/// A parsed command: the verb with its request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status(StatusRequest),
+    Reload(ReloadRequest),
+    Drain(DrainRequest),
+    Undrain(UndrainRequest),
+    Stop(StopRequest),
+}
+
+impl Command {
+    /// Parses the body sent on a command subject whose last token is `verb`.
+    ///
+    /// An empty or all-whitespace body is the verb's default request. Besides the types, the values are
+    /// checked that need no state: timestamps, hashes and non-empty ids.
+    pub fn parse(verb: &str, body: &[u8]) -> Result<Command, CommandError> {
+        let command = match verb.parse::<Verb>()? {
+            Verb::Status => Command::Status(decode(body)?),
+            Verb::Reload => Command::Reload(decode(body)?),
+            Verb::Drain => Command::Drain(decode(body)?),
+            Verb::Undrain => Command::Undrain(decode(body)?),
+            Verb::Stop => Command::Stop(decode(body)?),
+        };
+        command.validate()?;
+        Ok(command)
+    }
+
+    /// The default request of `verb` (what an empty body means).
+    pub fn default_for(verb: Verb) -> Command {
+        match verb {
+            Verb::Status => Command::Status(StatusRequest::default()),
+            Verb::Reload => Command::Reload(ReloadRequest::default()),
+            Verb::Drain => Command::Drain(DrainRequest::default()),
+            Verb::Undrain => Command::Undrain(UndrainRequest::default()),
+            Verb::Stop => Command::Stop(StopRequest::default()),
+        }
+    }
+
+    /// The request's common fields.
+    pub fn request(&self) -> &dyn Request {
+        match self {
+            Command::Status(r) => r,
+            Command::Reload(r) => r,
+            Command::Drain(r) => r,
+            Command::Undrain(r) => r,
+            Command::Stop(r) => r,
+        }
+    }
+
+    pub fn verb(&self) -> Verb {
+        self.request().verb()
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        self.request().request_id()
+    }
+
+    pub fn sent_at(&self) -> Option<&str> {
+        self.request().sent_at()
+    }
+
+    pub fn ttl_ms(&self) -> Option<u64> {
+        self.request().ttl_ms()
+    }
+
+    pub fn requester(&self) -> Option<&str> {
+        self.request().requester()
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.request().reason()
+    }
+
+    /// See [`Request::check_ttl`].
+    pub fn check_ttl(&self, now: SystemTime, skew: Duration) -> Result<(), CommandError> {
+        self.request().check_ttl(now, skew)
+    }
+
+    /// The JSON body to send, e.g. on `subject::node_subject(prefix, node, command.verb().as_str())`.
+    pub fn to_vec(&self) -> Vec<u8> {
+        // Requests hold only strings, integers and bools, whose encoding cannot fail.
+        let encoded = match self {
+            Command::Status(r) => serde_json::to_vec(r),
+            Command::Reload(r) => serde_json::to_vec(r),
+            Command::Drain(r) => serde_json::to_vec(r),
+            Command::Undrain(r) => serde_json::to_vec(r),
+            Command::Stop(r) => serde_json::to_vec(r),
+        };
+        encoded.unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    fn validate(&self) -> Result<(), CommandError> {
+        let invalid = |msg: &str| Err(CommandError::Invalid(msg.to_owned()));
+        let request = self.request();
+        if request.request_id() == Some("") {
+            return invalid("request_id: must not be empty");
+        }
+        match (request.sent_at(), request.ttl_ms()) {
+            (Some(sent_at), _) => {
+                parse_rfc3339(sent_at)
+                    .map_err(|e| CommandError::Invalid(format!("sent_at: {e}")))?;
+            }
+            (None, Some(_)) => return invalid("ttl_ms: needs sent_at"),
+            (None, None) => {}
+        }
+        match self {
+            Command::Reload(r) => {
+                if r.config.as_deref() == Some("") {
+                    return invalid("config: must not be empty");
+                }
+                if let Some(hash) = &r.config_sha256 {
+                    if !is_sha256_hex(hash) {
+                        return invalid("config_sha256: expected 64 lowercase hex digits");
+                    }
+                }
+            }
+            Command::Drain(DrainRequest { drain_id, .. })
+            | Command::Undrain(UndrainRequest { drain_id, .. }) => {
+                if drain_id.as_deref() == Some("") {
+                    return invalid("drain_id: must not be empty");
+                }
+            }
+            Command::Status(_) | Command::Stop(_) => {}
+        }
+        Ok(())
+    }
+}
+
+macro_rules! into_command {
+    ($($variant:ident($request:ident)),*) => {
+        $(impl From<$request> for Command {
+            fn from(request: $request) -> Command {
+                Command::$variant(request)
+            }
+        })*
+    };
+}
+
+into_command!(
+    Status(StatusRequest),
+    Reload(ReloadRequest),
+    Drain(DrainRequest),
+    Undrain(UndrainRequest),
+    Stop(StopRequest)
+);
+
+/// Reads `request_id` from a body that may not parse as its verb's request, so that even a refusal can
+/// echo the id back. Any other content is ignored.
+pub fn peek_request_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        request_id: Option<String>,
+    }
+    serde_json::from_slice::<Peek>(body).ok()?.request_id
+}
+
+/// True for the lowercase hex form of a SHA-256 digest.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn decode<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, CommandError> {
+    match body.trim_ascii_start().first() {
+        None => return Ok(T::default()),
+        // serde would also fill a struct from an array, by position; the protocol only has objects.
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(CommandError::Invalid(
+                "expected a JSON object (or an empty body)".into(),
+            ))
+        }
+    }
+    let mut json = serde_json::Deserializer::from_slice(body);
+    // The path tells which field was wrong; serde_json's own message only says where in the text.
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // "." is the root and "?" a place that is not a field (e.g. a syntax error): nothing to name.
+        CommandError::Invalid(if matches!(path.as_str(), "." | "?") {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        })
+    })?;
+    // Trailing garbage after the object (`{}x`) is as invalid as a bad field.
+    json.end()
+        .map_err(|e| CommandError::Invalid(e.to_string()))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::parse_rfc3339;
+
+    fn invalid(verb: &str, body: &str) -> String {
+        match Command::parse(verb, body.as_bytes()) {
+            Err(e @ CommandError::Invalid(_)) => {
+                assert_eq!(e.code(), ErrorCode::InvalidRequest);
+                e.to_string()
+            }
+            other => panic!("{verb} {body}: expected invalid_request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_body_is_the_default_request() {
+        for verb in Verb::ALL {
+            for body in ["", "  \n\t", "{}", " { } "] {
+                assert_eq!(
+                    Command::parse(verb.as_str(), body.as_bytes()),
+                    Ok(Command::default_for(verb)),
+                    "{verb} {body:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_verb() {
+        let err = Command::parse("kill", b"{}").unwrap_err();
+        assert_eq!(err, CommandError::UnknownVerb("kill".into()));
+        assert_eq!(err.code(), ErrorCode::UnknownCommand);
+        // The verb is checked before the body, so garbage does not hide the real problem.
+        assert_eq!(
+            Command::parse("Drain", b"not json"),
+            Err(CommandError::UnknownVerb("Drain".into()))
+        );
+    }
+
+    #[test]
+    fn every_request_rejects_unknown_fields() {
+        for verb in Verb::ALL {
+            let msg = invalid(verb.as_str(), r#"{"reason":"x","frobnicate":1}"#);
+            assert!(msg.contains("unknown field `frobnicate`"), "{verb}: {msg}");
+            // A field of another verb is unknown too.
+            let other = if verb == Verb::Stop {
+                "drain_id"
+            } else {
+                "timeout_ms"
+            };
+            let msg = invalid(verb.as_str(), &format!(r#"{{"{other}":1}}"#));
+            assert!(
+                msg.contains(&format!("unknown field `{other}`")),
+                "{verb}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_request_rejects_wrong_types_naming_the_field() {
+        let cases = [
+            (
+                "status",
+                r#"{"ttl_ms":"x","sent_at":"2024-05-01T12:00:00Z"}"#,
+                "ttl_ms",
+            ),
+            ("status", r#"{"request_id":7}"#, "request_id"),
+            ("reload", r#"{"config":["a"]}"#, "config"),
+            ("reload", r#"{"config_sha256":false}"#, "config_sha256"),
+            ("drain", r#"{"min_period_ms":-1}"#, "min_period_ms"),
+            ("drain", r#"{"deadline_ms":1.5}"#, "deadline_ms"),
+            (
+                "drain",
+                r#"{"stop_when_drained":"yes"}"#,
+                "stop_when_drained",
+            ),
+            ("drain", r#"{"drain_id":{}}"#, "drain_id"),
+            ("undrain", r#"{"drain_id":1}"#, "drain_id"),
+            ("stop", r#"{"timeout_ms":"30s"}"#, "timeout_ms"),
+            ("stop", r#"{"requester":true}"#, "requester"),
+            ("stop", r#"{"reason":1}"#, "reason"),
+        ];
+        for (verb, body, field) in cases {
+            let msg = invalid(verb, body);
+            assert!(
+                msg.starts_with(&format!("{field}: invalid ")),
+                "{verb} {body}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_non_objects_and_bad_json() {
+        for body in [
+            "null",
+            "[]",
+            "[\"r1\"]",
+            "1",
+            "\"drain\"",
+            "{",
+            "{}x",
+            "{\"a\" 1}",
+        ] {
+            let msg = invalid("drain", body);
+            assert!(!msg.starts_with('?'), "{body}: {msg}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let cases = [
+            (r#"{"sent_at":"yesterday","ttl_ms":5}"#, "sent_at: "),
+            (r#"{"ttl_ms":5}"#, "ttl_ms: needs sent_at"),
+            (r#"{"request_id":""}"#, "request_id: "),
+            (r#"{"config":""}"#, "config: "),
+            (r#"{"config_sha256":"ABC"}"#, "config_sha256: "),
+        ];
+        for (body, prefix) in cases {
+            let msg = invalid("reload", body);
+            assert!(msg.starts_with(prefix), "{body}: {msg}");
+        }
+        assert!(invalid("undrain", r#"{"drain_id":""}"#).starts_with("drain_id: "));
+        let upper = format!(r#"{{"config_sha256":"{}"}}"#, "A".repeat(64));
+        assert!(invalid("reload", &upper).starts_with("config_sha256: "));
+    }
+
+    #[test]
+    fn parses_fields() {
+        let body = br#"{"request_id":"r1","sent_at":"2024-05-01T12:00:00Z","ttl_ms":5000,
+            "requester":"ops","reason":"kernel update","drain_id":"d1","min_period_ms":0,
+            "deadline_ms":600000,"stop_when_drained":true}"#;
+        let command = Command::parse("drain", body).unwrap();
+        assert_eq!(
+            command,
+            Command::Drain(DrainRequest {
+                request_id: Some("r1".into()),
+                sent_at: Some("2024-05-01T12:00:00Z".into()),
+                ttl_ms: Some(5000),
+                requester: Some("ops".into()),
+                reason: Some("kernel update".into()),
+                drain_id: Some("d1".into()),
+                min_period_ms: Some(0),
+                deadline_ms: Some(600_000),
+                stop_when_drained: Some(true),
+            })
+        );
+        assert_eq!(command.verb(), Verb::Drain);
+        assert_eq!(command.request_id(), Some("r1"));
+        assert_eq!(command.requester(), Some("ops"));
+        assert_eq!(command.reason(), Some("kernel update"));
+        assert_eq!(command.ttl_ms(), Some(5000));
+        // Explicit nulls mean absent.
+        assert_eq!(
+            Command::parse("stop", br#"{"timeout_ms":null}"#),
+            Ok(Command::default_for(Verb::Stop))
+        );
+        let hash = "0123456789abcdef".repeat(4);
+        let reload = Command::parse(
+            "reload",
+            format!(r#"{{"config":"global\n","config_sha256":"{hash}"}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            reload,
+            Command::Reload(ReloadRequest {
+                config: Some("global\n".into()),
+                config_sha256: Some(hash),
+                ..Default::default()
+            })
+        );
+    }
+
+    #[test]
+    fn body_round_trips_and_omits_absent_fields() {
+        let command = Command::from(StopRequest {
+            timeout_ms: Some(1000),
+            ..Default::default()
+        });
+        assert_eq!(command.to_vec(), br#"{"timeout_ms":1000}"#);
+        assert_eq!(Command::parse("stop", &command.to_vec()), Ok(command));
+        assert_eq!(Command::default_for(Verb::Status).to_vec(), b"{}");
+    }
+
+    #[test]
+    fn ttl() {
+        let sent = "2024-05-01T12:00:00Z";
+        let t0 = parse_rfc3339(sent).unwrap();
+        let skew = Duration::from_millis(500);
+        let request = StatusRequest {
+            sent_at: Some(sent.into()),
+            ttl_ms: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(request.check_ttl(t0, skew), Ok(()));
+        assert_eq!(
+            request.check_ttl(t0 + Duration::from_millis(1500), skew),
+            Ok(())
+        );
+        // Sent "in the future" by a fast client clock: not expired.
+        assert_eq!(
+            request.check_ttl(t0 - Duration::from_secs(60), skew),
+            Ok(())
+        );
+        let err = request
+            .check_ttl(t0 + Duration::from_millis(1501), skew)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Expired);
+        assert!(err.to_string().contains("1 ms late"), "{err}");
+        // Without ttl_ms there is nothing to expire.
+        let no_ttl = StatusRequest {
+            sent_at: Some(sent.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            no_ttl.check_ttl(t0 + Duration::from_secs(3600), skew),
+            Ok(())
+        );
+        // Offsets other than Z are honoured.
+        assert_eq!(
+            check_ttl("2024-05-01T14:00:00+02:00", 0, t0, Duration::ZERO),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn peeks_request_id() {
+        assert_eq!(
+            peek_request_id(br#"{"request_id":"r1","bogus":1}"#),
+            Some("r1".into())
+        );
+        assert_eq!(peek_request_id(br#"{"request_id":1}"#), None);
+        assert_eq!(peek_request_id(b"garbage"), None);
+        assert_eq!(peek_request_id(b""), None);
+    }
+}
