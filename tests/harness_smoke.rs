@@ -339,3 +339,64 @@ fn agent_config_renders_design_sections() {
     let path = agent.write().unwrap();
     assert_eq!(std::fs::read_to_string(path).unwrap(), text);
 }
+
+#[test]
+fn agent_guard_with_a_stand_in_binary() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+
+    let dir = TestDir::new();
+    // Stands in for `ebb agent --config PATH`: logs JSON lines, exits 3 on SIGHUP.
+    let script = dir.join("fake-ebb");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+[ "$1 $2" = "agent --config" ] || exit 9
+echo "{\"level\":\"INFO\",\"fields\":{\"message\":\"started\",\"config\":\"$3\",\"x\":\"$EBB_X\"}}"
+echo "not json"
+trap 'echo "{\"fields\":{\"message\":\"hup\"}}"; exit 3' HUP
+while :; do sleep 0.01; done
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, "").unwrap();
+
+    let mut agent = Agent::start_with_env(&script, &config, &[("EBB_X", "given")]).unwrap();
+    let line = agent.wait_for_log(T, |l| log_message(l) == Some("started"));
+    assert_eq!(line["fields"]["config"], config.to_str().unwrap());
+    assert_eq!(line["fields"]["x"], "given");
+    assert!(agent.log_text().contains("not json"));
+    assert_eq!(agent.log_lines().len(), 1);
+
+    agent.signal(Signal::HUP).unwrap();
+    assert_eq!(agent.wait_exit(T).code(), Some(3));
+    agent.wait_for_log(T, |l| log_message(l) == Some("hup"));
+
+    let first_log = agent.log_path().to_owned();
+    let mut agent = Agent::start(&script, &config).unwrap();
+    agent.wait_for_log(T, |l| log_message(l) == Some("started"));
+    assert_ne!(agent.log_path(), first_log, "a fresh log per start");
+    assert_eq!(agent.kill9().unwrap().signal(), Some(9));
+    assert!(!agent.is_running());
+}
+
+#[test]
+fn load_gen_counts_refusals_and_stops_by_itself() {
+    let port = free_port(); // nothing listens there
+    let load = LoadGen::builder(port)
+        .concurrency(2)
+        .max_duration(Duration::from_millis(200))
+        .start();
+    wait_until(T, "refusals counted", || load.snapshot().failed() >= 10);
+    // It stops by itself after max_duration: the elapsed time gets set.
+    wait_until(T, "self-stop", || load.snapshot().elapsed > Duration::ZERO);
+    let report = load.stop();
+    assert_eq!(report.ok, 0);
+    assert_eq!(
+        report.count(FailureKind::ConnectRefused),
+        report.failed(),
+        "{report}"
+    );
+}

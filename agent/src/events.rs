@@ -55,6 +55,15 @@ impl Emitter {
     }
 }
 
+impl Emitter {
+    /// Sends an event made earlier (by this agent or a previous one) again, with its original
+    /// ids: the stream drops it if it already has it.
+    pub fn republish(&self, event: Event) {
+        tracing::info!(target: "ebb::event", kind = event.kind(), msg_id = %event.msg_id(), "re-sending event {}", event.kind());
+        let _ = self.tx.send(event);
+    }
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     ebb_sdk::time::format_rfc3339_millis(t)
 }

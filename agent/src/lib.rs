@@ -6,7 +6,7 @@
 //!
 //! - [`config`]: the agent's configuration, validated at load.
 //! - [`haproxy`]: everything that touches HAProxy: config file, admin socket, processes.
-//! - [`reload`], [`backoff`]: plain state machines that decide; no I/O.
+//! - [`drain`], [`reload`], [`backoff`]: plain state machines that decide; no I/O.
 //! - [`node`]: the one task that owns the node's state and carries decisions out.
 //! - [`bus`]: NATS: commands in, replies and events out (through a durable outbox), KV node state.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
@@ -16,6 +16,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod drain;
 pub mod events;
 pub mod haproxy;
 pub mod node;

@@ -8,15 +8,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ebb_sdk::command::Command;
-use ebb_sdk::event::{EventBody, WorkerRole};
-use ebb_sdk::reply::{ErrorCode, ReloadResult, Reply, StopResult};
-use ebb_sdk::status::{HaproxyStatus, LastReload, NodeState, OldWorker, StatusResult};
+use ebb_sdk::command::{Command, DrainRequest, UndrainRequest};
+use ebb_sdk::event::{Event, EventBody, WorkerRole};
+use ebb_sdk::reply::{DrainResult, ErrorCode, ReloadResult, Reply, StopResult, UndrainResult};
+use ebb_sdk::status::{DrainStatus, HaproxyStatus, LastReload, NodeState, OldWorker, StatusResult};
 use rustix::process::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
+use crate::drain::{self, Action, Drain, Phase, Policy, View};
 use crate::events::{rfc3339, Cause, Emitter};
 use crate::haproxy::admin::AdminSocket;
 use crate::haproxy::adopt;
@@ -98,6 +99,14 @@ struct LaunchOutcome {
     result: Result<Launched, ReloadError>,
 }
 
+/// One stats sample of a worker, by the idle rule.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    pid: u32,
+    busy: Option<u64>,
+    accepted: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ReloadError {
     #[error("pushed config rejected by haproxy -c: {0}")]
@@ -139,6 +148,18 @@ pub struct Node {
     exit_when_stopped: bool,
     state_tx: watch::Sender<NodeState>,
     next_heartbeat: Instant,
+    drain: Option<Drain>,
+    drain_cause: Cause,
+    /// The `drained` event of the current drain, kept until undrain so a restart can resend it.
+    drained_event: Option<Event>,
+    /// The latest stats sample of the current worker (taken only while draining).
+    sample: Option<Sample>,
+    last_new_connection: Option<Instant>,
+    /// The worker the sampler polls: `Some` while draining.
+    sampler_target: watch::Sender<Option<u32>>,
+    samples: mpsc::UnboundedReceiver<Sample>,
+    /// Plugin idle checks that say busy: name and message. Fed by the plugin host.
+    plugins_busy: Vec<(String, String)>,
     dirty: bool,
 }
 
@@ -166,6 +187,9 @@ impl Node {
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let (launches_tx, launches) = mpsc::unbounded_channel();
+        let (sampler_target, target_rx) = watch::channel(None);
+        let (samples_tx, samples) = mpsc::unbounded_channel();
+        spawn_sampler(&settings, target_rx, samples_tx);
         let mut node = Node {
             reloads: ReloadQueue::new(settings.config.reload.coalesce.0),
             settings: settings.clone(),
@@ -188,6 +212,14 @@ impl Node {
             exit_when_stopped: false,
             state_tx,
             next_heartbeat: Instant::now() + settings.config.nats.heartbeat.0,
+            drain: None,
+            drain_cause: Cause::default(),
+            drained_event: None,
+            sample: None,
+            last_new_connection: None,
+            sampler_target,
+            samples,
+            plugins_busy: Vec::new(),
             dirty: true,
         };
 
@@ -201,6 +233,16 @@ impl Node {
         if let Some(s) = &state {
             node.restarts = s.restarts;
             node.last_reload = s.last_reload.clone();
+            if let Some(record) = s.drain.clone() {
+                tracing::info!(drain_id = %record.drain_id, "resuming drain {}", record.drain_id);
+                node.drain = Some(Drain::resume(
+                    record,
+                    settings.config.drain.idle,
+                    Instant::now(),
+                    SystemTime::now(),
+                ));
+                node.drained_event = s.drained_event.clone();
+            }
         }
         let adopted = adopt::adopt(state.as_ref(), &hp.config, &node.admin).await;
         for why in &adopted.refused {
@@ -237,6 +279,14 @@ impl Node {
                     launched.worker.pid()
                 );
                 node.install_current(launched);
+            }
+        }
+        if node.drain.is_some() {
+            if let Some(pid) = node.current.as_ref().map(Worker::pid) {
+                node.send_drain_commands(pid, true);
+            }
+            if let Some(event) = node.drained_event.clone() {
+                node.events.republish(event);
             }
         }
         node.persist();
@@ -279,6 +329,7 @@ impl Node {
                 },
                 Some((id, exit)) = self.exits.recv() => self.on_exit(id, exit),
                 Some(outcome) = self.launches.recv() => self.on_launched(outcome),
+                Some(sample) = self.samples.recv() => self.on_sample(sample),
                 _ = sleep_until(wake) => {}
             }
         }
@@ -334,6 +385,7 @@ impl Node {
                 self.start_launch(batch.waiters, batch.config);
             }
         }
+        self.evaluate_drain();
         self.drive_stop(now);
     }
 
@@ -356,12 +408,16 @@ impl Node {
                         return;
                     }
                 };
-                if !matches!(self.lifecycle, Lifecycle::Serving) {
+                let drained = self
+                    .drain
+                    .as_ref()
+                    .is_some_and(|d| d.phase() == Phase::Drained);
+                if !matches!(self.lifecycle, Lifecycle::Serving) || drained {
                     let _ = reply.send(Reply::failure(
                         &node,
                         request_id,
                         ErrorCode::Conflict,
-                        format!("cannot reload while {}", self.state()),
+                        format!("cannot reload while {}; undrain first", self.state()),
                     ));
                     return;
                 }
@@ -378,13 +434,19 @@ impl Node {
                 let timeout = req.timeout_ms.map(Duration::from_millis);
                 self.begin_stop(timeout, Some((request_id, reply)), false, cause);
             }
-            Command::Drain(_) | Command::Undrain(_) => {
-                let _ = reply.send(Reply::failure(
-                    &node,
-                    request_id,
-                    ErrorCode::Internal,
-                    "drain and undrain are not available in this version of ebb",
-                ));
+            Command::Drain(req) => {
+                let r = self.on_drain(req, cause);
+                let _ = reply.send(match r {
+                    Ok(result) => Reply::success(&node, request_id, result),
+                    Err((code, msg)) => Reply::failure(&node, request_id, code, msg),
+                });
+            }
+            Command::Undrain(req) => {
+                let r = self.on_undrain(req, cause);
+                let _ = reply.send(match r {
+                    Ok(result) => Reply::success(&node, request_id, result),
+                    Err((code, msg)) => Reply::failure(&node, request_id, code, msg),
+                });
             }
         }
     }
@@ -451,8 +513,9 @@ impl Node {
         let takeover = self.current.is_some();
         let backup = self.settings.config.haproxy.state_dir.join("last-good.cfg");
         let tx = self.launches_tx.clone();
+        let draining = self.drain.is_some();
         tokio::spawn(async move {
-            let result = launch_with(&spec, takeover, config, &backup).await;
+            let result = launch_with(&spec, takeover, draining, config, &backup).await;
             let _ = tx.send(LaunchOutcome { result });
         });
         self.running = Some(Running {
@@ -479,6 +542,12 @@ impl Node {
         match outcome.result {
             Ok(launched) => {
                 let displaced = self.install_current(launched);
+                if let (Some(_), Some(pid)) = (&self.drain, self.current.as_ref().map(Worker::pid))
+                {
+                    // The new worker already answers 503 (EBB_DRAINING=1); the drain's commands
+                    // are sent to it as well, as to every worker of a draining node.
+                    self.send_drain_commands(pid, true);
+                }
                 let new = self
                     .current
                     .as_ref()
@@ -506,7 +575,7 @@ impl Node {
                         old_pids: displaced.clone(),
                         duration_ms,
                         config_sha256: config_sha256.clone(),
-                        draining: false,
+                        draining: self.drain.is_some(),
                     },
                     &cause,
                 );
@@ -567,6 +636,7 @@ impl Node {
         if !ports.is_empty() {
             self.client_ports = ports;
         }
+        self.sample = None;
         let mut displaced = Vec::new();
         if let Some(previous) = self.current.replace(worker) {
             displaced.push(previous.pid());
@@ -620,6 +690,14 @@ impl Node {
         if let Lifecycle::Stopping(s) = &mut self.lifecycle {
             s.connections_cut += connections_cut;
         }
+        if let Some(d) = &mut self.drain {
+            if d.phase() == Phase::Draining {
+                d.add_cut(connections_cut);
+            }
+        }
+        if role == WorkerRole::Current {
+            self.sample = None;
+        }
         if hard_stop.is_some() {
             tracing::warn!(
                 pid = id.pid,
@@ -661,6 +739,240 @@ impl Node {
         }
         if !worker.log.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&worker.log);
+        }
+    }
+
+    fn on_drain(
+        &mut self,
+        req: DrainRequest,
+        cause: Cause,
+    ) -> Result<DrainResult, (ErrorCode, String)> {
+        if !matches!(self.lifecycle, Lifecycle::Serving) {
+            return Err((
+                ErrorCode::Conflict,
+                format!("cannot drain while {}", self.state()),
+            ));
+        }
+        if let Some(d) = &self.drain {
+            return Ok(DrainResult {
+                drain_id: d.id().to_string(),
+                already_draining: true,
+                state: self.state(),
+                drained_at: d.record.drained_at_ms.map(ms_to_rfc3339),
+            });
+        }
+        let cfg = &self.settings.config.drain;
+        let policy = Policy {
+            min_period_ms: req
+                .min_period_ms
+                .unwrap_or(cfg.min_period.0.as_millis() as u64),
+            quiet_period_ms: cfg.quiet_period.0.as_millis() as u64,
+            deadline_ms: Some(req.deadline_ms.unwrap_or(cfg.deadline.0.as_millis() as u64))
+                .filter(|d| *d > 0),
+            on_deadline: cfg.on_deadline,
+            stop_when_drained: req.stop_when_drained.unwrap_or(cfg.stop_when_drained),
+        };
+        let drain_id = req
+            .drain_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        tracing::info!(%drain_id, "drain {drain_id} started");
+        let drain = Drain::start(
+            drain_id.clone(),
+            policy.clone(),
+            cfg.idle,
+            Instant::now(),
+            SystemTime::now(),
+        );
+        self.drain = Some(drain);
+        self.drain_cause = cause.clone();
+        self.sample = None;
+        self.last_new_connection = None;
+        if let Some(pid) = self.current.as_ref().map(Worker::pid) {
+            self.send_drain_commands(pid, true);
+        }
+        self.events.emit(
+            EventBody::DrainStarted {
+                drain_id: drain_id.clone(),
+                min_period_ms: policy.min_period_ms,
+                deadline_ms: policy.deadline_ms,
+            },
+            &cause,
+        );
+        self.dirty = true;
+        Ok(DrainResult {
+            drain_id,
+            already_draining: false,
+            state: self.state(),
+            drained_at: None,
+        })
+    }
+
+    fn on_undrain(
+        &mut self,
+        req: UndrainRequest,
+        cause: Cause,
+    ) -> Result<UndrainResult, (ErrorCode, String)> {
+        let Some(current_id) = self.drain.as_ref().map(|d| d.id().to_string()) else {
+            return Ok(UndrainResult {
+                drain_id: None,
+                state: self.state(),
+            });
+        };
+        if let Some(wanted) = &req.drain_id {
+            if *wanted != current_id {
+                return Err((
+                    ErrorCode::Conflict,
+                    format!("drain {wanted} is not the current drain ({current_id})"),
+                ));
+            }
+        }
+        match self.lifecycle {
+            Lifecycle::Stopping(_) => {
+                return Err((
+                    ErrorCode::Conflict,
+                    "haproxy is stopping; undrain after it stopped".into(),
+                ))
+            }
+            Lifecycle::Stopped { .. } => {
+                // Back into service: start HAProxy again.
+                self.lifecycle = Lifecycle::Serving;
+                self.exit_when_stopped = false;
+                self.request_reload(Waiter::Restart, None);
+            }
+            Lifecycle::Serving => {}
+        }
+        if let Some(pid) = self.current.as_ref().map(Worker::pid) {
+            self.send_drain_commands(pid, false);
+        }
+        tracing::info!(drain_id = %current_id, "undrained");
+        self.drain = None;
+        self.drained_event = None;
+        self.sample = None;
+        self.events.emit(
+            EventBody::Undrained {
+                drain_id: current_id.clone(),
+            },
+            &cause,
+        );
+        self.dirty = true;
+        Ok(UndrainResult {
+            drain_id: Some(current_id),
+            state: self.state(),
+        })
+    }
+
+    /// Runs `start_commands` (or `stop_commands`) in worker `pid`, off the node task.
+    fn send_drain_commands(&self, pid: u32, start: bool) {
+        let cfg = &self.settings.config.drain;
+        let commands = if start {
+            cfg.start_commands.clone()
+        } else {
+            cfg.stop_commands.clone()
+        };
+        let admin = self.admin.clone();
+        tokio::spawn(async move {
+            for command in commands {
+                match admin.command_on_retrying(pid, &command).await {
+                    Ok(_) => tracing::debug!(pid, "ran {command:?} on worker {pid}"),
+                    Err(e) => tracing::error!(pid, "drain command {command:?} failed: {e}"),
+                }
+            }
+        });
+    }
+
+    fn on_sample(&mut self, sample: Sample) {
+        let current = self.current.as_ref().map(Worker::pid);
+        if Some(sample.pid) != current || self.drain.is_none() {
+            return;
+        }
+        let grew = match self.sample {
+            Some(prev) if prev.pid == sample.pid => sample.accepted != prev.accepted,
+            // A worker's first sample: any connection it accepted is new to the drain.
+            _ => sample.accepted > 0,
+        };
+        if grew {
+            self.last_new_connection = Some(Instant::now());
+        }
+        self.sample = Some(sample);
+    }
+
+    /// What the drain decision needs; `count` adds each old worker's open connections (read from
+    /// /proc, so only for status and events, not on every evaluation).
+    fn view(&self, count: bool) -> View {
+        let current = self.current.as_ref().map(Worker::pid);
+        View {
+            old_workers: self
+                .old
+                .iter()
+                .map(|w| {
+                    let connections = if count {
+                        procfs::client_connections(w.pid(), &self.client_ports)
+                    } else {
+                        0
+                    };
+                    (w.pid(), w.age().as_millis() as u64, connections)
+                })
+                .collect(),
+            busy: match current {
+                // With no current worker (it crashed), nothing can be in flight on it.
+                None => Some(0),
+                Some(pid) => self.sample.filter(|s| s.pid == pid).and_then(|s| s.busy),
+            },
+            last_new_connection: self.last_new_connection,
+            plugins_busy: self.plugins_busy.clone(),
+        }
+    }
+
+    fn evaluate_drain(&mut self) {
+        let target = self
+            .drain
+            .as_ref()
+            .filter(|d| d.phase() == Phase::Draining)
+            .and(self.current.as_ref().map(Worker::pid));
+        self.sampler_target
+            .send_if_modified(|t| std::mem::replace(t, target) != target);
+        let view = self.view(false);
+        let Some(drain) = &mut self.drain else { return };
+        let actions = drain.step(Instant::now(), SystemTime::now(), &view);
+        for action in actions {
+            self.dirty = true;
+            match action {
+                Action::DeadlineExceeded(_) => {
+                    let Some(drain) = &self.drain else { return };
+                    let blockers = drain.blockers(Instant::now(), &self.view(true));
+                    tracing::warn!(drain_id = %drain.id(), ?blockers, "drain deadline exceeded");
+                    let body = EventBody::DrainDeadlineExceeded {
+                        drain_id: drain.id().to_string(),
+                        blockers,
+                    };
+                    let cause = self.drain_cause.clone();
+                    self.events.emit(body, &cause);
+                }
+                Action::Drained { forced, stop } => {
+                    let Some(drain) = &self.drain else { return };
+                    let r = &drain.record;
+                    let drained_at_ms = r
+                        .drained_at_ms
+                        .unwrap_or_else(|| drain::unix_ms(SystemTime::now()));
+                    let body = EventBody::Drained {
+                        drain_id: r.drain_id.clone(),
+                        started_at: ms_to_rfc3339(r.started_at_ms),
+                        drained_at: ms_to_rfc3339(drained_at_ms),
+                        duration_ms: drained_at_ms.saturating_sub(r.started_at_ms),
+                        forced,
+                        connections_cut: r.connections_cut,
+                    };
+                    tracing::info!(drain_id = %r.drain_id, forced, "drained");
+                    let cause = self.drain_cause.clone();
+                    let event = self.events.emit(body, &cause);
+                    self.drained_event = Some(event);
+                    // Persist at once: the drained event must survive a crash right now.
+                    self.persist();
+                    if stop {
+                        self.begin_stop(None, None, false, cause);
+                    }
+                }
+            }
         }
     }
 
@@ -780,8 +1092,12 @@ impl Node {
 
     fn state(&self) -> NodeState {
         match &self.lifecycle {
-            Lifecycle::Serving if self.current.is_none() => NodeState::Failed,
-            Lifecycle::Serving => NodeState::Serving,
+            Lifecycle::Serving => match &self.drain {
+                Some(d) if d.phase() == Phase::Drained => NodeState::Drained,
+                Some(_) => NodeState::Draining,
+                None if self.current.is_none() => NodeState::Failed,
+                None => NodeState::Serving,
+            },
             Lifecycle::Stopping(_) => NodeState::Stopping,
             Lifecycle::Stopped { .. } => NodeState::Stopped,
         }
@@ -812,7 +1128,20 @@ impl Node {
                     connections: procfs::client_connections(w.pid(), &self.client_ports),
                 })
                 .collect(),
-            drain: None,
+            drain: self.drain.as_ref().map(|d| {
+                let now = Instant::now();
+                DrainStatus {
+                    drain_id: d.id().to_string(),
+                    started_at: rfc3339(
+                        SystemTime::UNIX_EPOCH + Duration::from_millis(d.record.started_at_ms),
+                    ),
+                    elapsed_ms: d.elapsed(now).as_millis() as u64,
+                    blockers: match d.phase() {
+                        Phase::Draining => d.blockers(now, &self.view(true)),
+                        Phase::Drained => Vec::new(),
+                    },
+                }
+            }),
             plugins: Vec::new(),
             last_reload: self.last_reload.clone(),
         }
@@ -824,6 +1153,8 @@ impl Node {
         state.old = self.old.iter().map(Worker::record).collect();
         state.restarts = self.restarts;
         state.last_reload = self.last_reload.clone();
+        state.drain = self.drain.as_ref().map(|d| d.record.clone());
+        state.drained_event = self.drained_event.clone();
         match state_file::save(&self.settings.config.haproxy.state_dir, &state) {
             Ok(()) => self.dirty = false,
             Err(e) => tracing::error!("{e}"),
@@ -835,6 +1166,49 @@ fn soft_stop(w: &Worker) {
     if let Err(e) = w.signal(Signal::USR1) {
         tracing::error!(pid = w.pid(), "cannot soft-stop worker {}: {e}", w.pid());
     }
+}
+
+fn ms_to_rfc3339(ms: u64) -> String {
+    rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Polls the target worker's stats every `poll_interval` while there is a target (only while
+/// draining), and sends each sample to the node.
+fn spawn_sampler(
+    settings: &Settings,
+    mut target: watch::Receiver<Option<u32>>,
+    samples: mpsc::UnboundedSender<Sample>,
+) {
+    let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
+    let cfg = settings.config.drain.clone();
+    tokio::spawn(async move {
+        loop {
+            let pid = *target.borrow_and_update();
+            let Some(pid) = pid else {
+                if target.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            match admin.sample(pid).await {
+                Ok((info, rows)) => {
+                    let sample = Sample {
+                        pid,
+                        busy: drain::busy_count(cfg.idle, &cfg.ignore_frontends, &info, &rows),
+                        accepted: drain::accepted_total(&cfg.ignore_frontends, &rows),
+                    };
+                    if samples.send(sample).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::debug!(pid, "stats sample failed: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.poll_interval.0) => {}
+                changed = target.changed() => if changed.is_err() { return },
+            }
+        }
+    });
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -849,11 +1223,12 @@ async fn sleep_until(at: Option<Instant>) {
 async fn launch_with(
     spec: &LaunchSpec,
     takeover: bool,
+    draining: bool,
     pushed: Option<PushedConfig>,
     backup: &std::path::Path,
 ) -> Result<Launched, ReloadError> {
     let Some(pushed) = pushed else {
-        return Ok(launch::launch(spec, takeover, false).await?);
+        return Ok(launch::launch(spec, takeover, draining).await?);
     };
     let install = |e: std::io::Error| ReloadError::Install(e.to_string());
     let dir = spec.config.parent().unwrap_or(std::path::Path::new("."));
@@ -874,7 +1249,7 @@ async fn launch_with(
     tokio::fs::rename(&candidate, &spec.config)
         .await
         .map_err(install)?;
-    match launch::launch(spec, takeover, false).await {
+    match launch::launch(spec, takeover, draining).await {
         Ok(l) => Ok(l),
         Err(e) => {
             // Leave the config that the running worker was started from, so a crash restart

@@ -23,6 +23,12 @@ pub struct State {
     pub restarts: u32,
     #[serde(default)]
     pub last_reload: Option<ebb_sdk::status::LastReload>,
+    /// The drain in progress (or drained), resumed with its original id and start time.
+    #[serde(default)]
+    pub drain: Option<crate::drain::Record>,
+    /// The `drained` event of that drain, sent again after a restart in case it never left.
+    #[serde(default)]
+    pub drained_event: Option<ebb_sdk::event::Event>,
 }
 
 impl State {

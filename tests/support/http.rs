@@ -740,24 +740,36 @@ async fn worker(
         .map_err(|_| ClientError::Timeout)
         .and_then(|r| r);
 
-        let mut report = report.lock().expect("report lock");
-        match result {
-            Ok(response) => {
-                if config.mode == LoadMode::Close || response.connection_close() {
+        // The lock guard must not live across an await (it is not Send): scope it.
+        let refused = {
+            let mut report = report.lock().expect("report lock");
+            match result {
+                Ok(response) => {
+                    if config.mode == LoadMode::Close || response.connection_close() {
+                        conn = None;
+                    }
+                    if response.status == 200 {
+                        report.ok += 1;
+                    } else {
+                        let detail = format!("status {}: {:?}", response.status, response.body);
+                        report.record(FailureKind::BadStatus(response.status), detail);
+                    }
+                    false
+                }
+                Err(error) => {
                     conn = None;
-                }
-                if response.status == 200 {
-                    report.ok += 1;
-                } else {
-                    let detail = format!("status {}: {:?}", response.status, response.body);
-                    report.record(FailureKind::BadStatus(response.status), detail);
+                    let kind = FailureKind::of(&error, reused);
+                    report.record(kind, format!("{kind:?}: {error}"));
+                    matches!(
+                        kind,
+                        FailureKind::ConnectRefused | FailureKind::ConnectError
+                    )
                 }
             }
-            Err(error) => {
-                conn = None;
-                let kind = FailureKind::of(&error, reused);
-                report.record(kind, format!("{kind:?}: {error}"));
-            }
+        };
+        if refused {
+            // Nothing listens: do not spin hot on refusals (and starve haproxy of CPU).
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }

@@ -122,6 +122,43 @@ impl AdminSocket {
     }
 }
 
+impl AdminSocket {
+    /// `show info` and `show stat` of worker `pid`, taken in one exchange with that worker.
+    pub async fn sample(&self, pid: u32) -> Result<(String, Vec<StatRow>), AdminError> {
+        let answer = self.command("show info;show stat").await?;
+        let got = parse_pid(&answer).ok_or_else(|| AdminError::NoPid {
+            path: self.path.clone(),
+        })?;
+        if got != pid {
+            return Err(AdminError::WrongWorker {
+                path: self.path.clone(),
+                want: pid,
+                got,
+            });
+        }
+        let (info, stat) = answer.split_once("\n\n").unwrap_or((&answer, ""));
+        Ok((info.to_string(), parse_stat(stat)))
+    }
+
+    /// Runs `line` in worker `pid`, retrying while other workers (that have not yet processed
+    /// their soft-stop) accept the connection.
+    pub async fn command_on_retrying(&self, pid: u32, line: &str) -> Result<String, AdminError> {
+        let mut last = None;
+        for _ in 0..100 {
+            match self.command_on(pid, line).await {
+                Err(e @ AdminError::WrongWorker { .. }) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(AdminError::NoPid {
+            path: self.path.clone(),
+        }))
+    }
+}
+
 /// HAProxy answers a failed CLI command with text instead of an error code.
 fn looks_refused(answer: &str) -> bool {
     const MARKERS: [&str; 5] = [
