@@ -29,7 +29,7 @@ pub enum Commands {
         #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
         config: PathBuf,
     },
-    /// Command nodes over NATS: status, reload, stop.
+    /// Command nodes over NATS: status, reload, drain, undrain, stop.
     ///
     /// Exit codes: 0 every node ok; 1 some node failed; 2 usage error; 3 timeout or unreachable.
     Ctl(Box<crate::ctl::CtlArgs>),

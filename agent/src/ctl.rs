@@ -126,6 +126,35 @@ pub enum CtlVerb {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Start draining: the node publishes `drained` once no request can be cut.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// Floor before the node may be drained (default: the node's drain.min_period).
+        #[arg(long, value_parser = parse_dur)]
+        min_period: Option<Dur>,
+        /// Report (or force, per the node's on_deadline) when not drained by then.
+        #[arg(long, value_parser = parse_dur)]
+        deadline: Option<Dur>,
+        /// Stop HAProxy gracefully once drained.
+        #[arg(long)]
+        stop_when_drained: bool,
+        /// Name the drain (default: a new UUID).
+        #[arg(long)]
+        drain_id: Option<String>,
+    },
+    /// End a drain: the node serves again.
+    Undrain {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// Only undrain this drain.
+        #[arg(long)]
+        drain_id: Option<String>,
+    },
     /// Stop HAProxy gracefully on the target.
     Stop {
         #[command(flatten)]
@@ -194,6 +223,40 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
                 body["config"] = json!(text);
             }
             ("reload", target, body)
+        }
+        CtlVerb::Drain {
+            target,
+            common,
+            min_period,
+            deadline,
+            stop_when_drained,
+            drain_id,
+        } => {
+            let mut body = common_body(common);
+            if let Some(d) = min_period {
+                body["min_period_ms"] = json!(d.0.as_millis() as u64);
+            }
+            if let Some(d) = deadline {
+                body["deadline_ms"] = json!(d.0.as_millis() as u64);
+            }
+            if *stop_when_drained {
+                body["stop_when_drained"] = json!(true);
+            }
+            if let Some(id) = drain_id {
+                body["drain_id"] = json!(id);
+            }
+            ("drain", target, body)
+        }
+        CtlVerb::Undrain {
+            target,
+            common,
+            drain_id,
+        } => {
+            let mut body = common_body(common);
+            if let Some(id) = drain_id {
+                body["drain_id"] = json!(id);
+            }
+            ("undrain", target, body)
         }
         CtlVerb::Stop {
             target,
@@ -424,22 +487,20 @@ fn print_table(verb: &str, replies: &[Reply]) {
     match verb {
         "status" => {
             println!(
-                "{:<20} {:<9} {:>8} {:>6} {:<30}",
+                "{:<20} {:<9} {:>8} {:>4}  {:<28} BLOCKERS",
                 "NODE", "STATE", "PID", "OLD", "LAST RELOAD"
             );
             for r in replies {
                 match r.result_as::<StatusResult>() {
                     Some(Ok(s)) => {
                         let last = s.last_reload.map_or("-".to_string(), |l| {
-                            format!(
-                                "{} {}ms {}",
-                                if l.ok { "ok" } else { "FAILED" },
-                                l.duration_ms,
-                                l.at
-                            )
+                            format!("{} in {}ms", if l.ok { "ok" } else { "FAILED" }, l.duration_ms)
+                        });
+                        let blockers = s.drain.map_or(String::new(), |d| {
+                            d.blockers.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("; ")
                         });
                         println!(
-                            "{:<20} {:<9} {:>8} {:>6} {:<30}",
+                            "{:<20} {:<9} {:>8} {:>4}  {:<28} {blockers}",
                             r.node,
                             s.state.to_string(),
                             s.haproxy.pid.map_or("-".into(), |p| p.to_string()),
