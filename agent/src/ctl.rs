@@ -494,10 +494,18 @@ fn print_table(verb: &str, replies: &[Reply]) {
                 match r.result_as::<StatusResult>() {
                     Some(Ok(s)) => {
                         let last = s.last_reload.map_or("-".to_string(), |l| {
-                            format!("{} in {}ms", if l.ok { "ok" } else { "FAILED" }, l.duration_ms)
+                            format!(
+                                "{} in {}ms",
+                                if l.ok { "ok" } else { "FAILED" },
+                                l.duration_ms
+                            )
                         });
                         let blockers = s.drain.map_or(String::new(), |d| {
-                            d.blockers.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("; ")
+                            d.blockers
+                                .iter()
+                                .map(|b| b.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
                         });
                         println!(
                             "{:<20} {:<9} {:>8} {:>4}  {:<28} {blockers}",

@@ -12,7 +12,7 @@ use ebb_agent::bus::publisher::Publisher;
 use ebb_agent::cli::{Cli, Commands, ConfigCommand};
 use ebb_agent::config::{self, LogFormat, Settings};
 use ebb_agent::events::Emitter;
-use ebb_agent::node::{AgentSignal, Input, Node, Outcome};
+use ebb_agent::node::{AgentSignal, Input, Node, Outcome, Summary};
 use ebb_sdk::status::NodeState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
@@ -98,7 +98,10 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let emitter = Emitter::new(settings.node_id(), &boot_id, events_tx);
         let (inputs_tx, inputs_rx) = mpsc::channel(1024);
-        let (state_tx, state_rx) = watch::channel(NodeState::Starting);
+        let (summary_tx, summary_rx) = watch::channel(Summary {
+            state: NodeState::Starting,
+            drain_id: None,
+        });
         spawn_signal_handler(inputs_tx.clone())?;
 
         let client = connect::connect_agent(&cfg.nats, settings.node_id()).await?;
@@ -110,11 +113,11 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             boot_id: boot_id.clone(),
             outbox,
             events: events_rx,
-            state: state_rx,
+            summary: summary_rx,
         };
         let publishing = tokio::spawn(publisher.run());
 
-        let node = Node::start(settings.clone(), emitter, state_tx).await?;
+        let node = Node::start(settings.clone(), emitter, summary_tx).await?;
         let commands = CommandServer {
             client: client.clone(),
             prefix: cfg.nats.prefix.clone(),

@@ -48,6 +48,13 @@ pub enum AgentSignal {
     Detach,
 }
 
+/// What the node tells the bus about itself, for the KV node record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub state: NodeState,
+    pub drain_id: Option<String>,
+}
+
 /// Why the node task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -146,7 +153,7 @@ pub struct Node {
     launches: mpsc::UnboundedReceiver<LaunchOutcome>,
     /// SIGTERM: exit once HAProxy is stopped.
     exit_when_stopped: bool,
-    state_tx: watch::Sender<NodeState>,
+    summary_tx: watch::Sender<Summary>,
     next_heartbeat: Instant,
     drain: Option<Drain>,
     drain_cause: Cause,
@@ -168,7 +175,7 @@ impl Node {
     pub async fn start(
         settings: Arc<Settings>,
         events: Emitter,
-        state_tx: watch::Sender<NodeState>,
+        summary_tx: watch::Sender<Summary>,
     ) -> anyhow::Result<Node> {
         let hp = &settings.config.haproxy;
         std::fs::create_dir_all(&hp.state_dir).map_err(|e| {
@@ -210,7 +217,7 @@ impl Node {
             launches_tx,
             launches,
             exit_when_stopped: false,
-            state_tx,
+            summary_tx,
             next_heartbeat: Instant::now() + settings.config.nats.heartbeat.0,
             drain: None,
             drain_cause: Cause::default(),
@@ -309,9 +316,12 @@ impl Node {
             if self.dirty {
                 self.persist();
             }
-            let state = self.state();
-            self.state_tx
-                .send_if_modified(|s| std::mem::replace(s, state) != state);
+            let summary = Summary {
+                state: self.state(),
+                drain_id: self.drain.as_ref().map(|d| d.id().to_string()),
+            };
+            self.summary_tx
+                .send_if_modified(|s| std::mem::replace(s, summary.clone()) != summary);
             if let Some(outcome) = self.finished() {
                 return outcome;
             }

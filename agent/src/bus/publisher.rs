@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use async_nats::{jetstream, Client, HeaderMap};
 use ebb_sdk::event::Event;
-use ebb_sdk::status::{NodeRecord, NodeState};
+use ebb_sdk::status::NodeRecord;
 use tokio::sync::{mpsc, watch};
 
 use super::jetstream::{events_stream, node_bucket, Resolved};
 use super::outbox::Outbox;
 use crate::config::NatsConfig;
 use crate::events::rfc3339;
+use crate::node::Summary;
 
 enum Sink {
     Unresolved,
@@ -36,7 +37,7 @@ pub struct Publisher {
     pub boot_id: String,
     pub outbox: Outbox,
     pub events: mpsc::UnboundedReceiver<Event>,
-    pub state: watch::Receiver<NodeState>,
+    pub summary: watch::Receiver<Summary>,
 }
 
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -62,7 +63,7 @@ impl Publisher {
                         Some(e) => self.store(e),
                         None => events_open = false,
                     },
-                    changed = self.state.changed() => {
+                    changed = self.summary.changed() => {
                         if changed.is_ok() {
                             self.put_record(&mut bucket).await;
                         }
@@ -141,15 +142,16 @@ impl Publisher {
             };
         }
         let Bucket::Ready(store) = bucket else { return };
+        let summary = self.summary.borrow_and_update().clone();
         let record = NodeRecord {
             node: self.node.clone(),
             groups: self.groups.clone(),
-            state: *self.state.borrow_and_update(),
+            state: summary.state,
             boot_id: self.boot_id.clone(),
             heartbeat_at: rfc3339(std::time::SystemTime::now()),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             heartbeat_ms: self.cfg.heartbeat.0.as_millis() as u64,
-            drain_id: None,
+            drain_id: summary.drain_id,
         };
         let Ok(value) = serde_json::to_vec(&record) else {
             return;
