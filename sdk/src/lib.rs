@@ -12,11 +12,14 @@
 //! - [`status`]: node states, the `status` result with its drain blockers, and the KV node record.
 //! - [`event`]: the event envelope and every event kind.
 //! - [`time`]: the RFC 3339 timestamps used on the wire.
+//! - `client` (feature `client`): an async fleet client over async-nats.
 //!
 //! Reading is tolerant where it must be and strict where it helps: requests reject unknown fields, while
 //! replies, results and events ignore fields they do not know, so newer agents can add fields without
 //! breaking older clients.
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod command;
 pub mod event;
 pub mod reply;

@@ -1,0 +1,297 @@
+//! The command line of `ebb ctl`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use ebb_sdk::client::Target as ClientTarget;
+
+use crate::config::{Dur, NatsConfig};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub verb: CtlVerb,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "EBB_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats: String,
+    /// Subject prefix the agents use.
+    #[arg(long, global = true, default_value = ebb_sdk::subject::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// NATS credentials file.
+    #[arg(long, global = true)]
+    pub creds: Option<PathBuf>,
+    /// File holding an NKey seed.
+    #[arg(long, global = true)]
+    pub nkey: Option<PathBuf>,
+    /// NATS token.
+    #[arg(long, global = true, env = "EBB_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long, global = true, requires = "password")]
+    pub user: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "EBB_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "user"
+    )]
+    pub password: Option<String>,
+    /// CA certificate to verify the server.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (with --tls-key).
+    #[arg(long, global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How long to wait for replies.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_dur)]
+    pub timeout: Dur,
+    /// Print machine-readable JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ConnArgs {
+    pub fn nats_config(&self) -> NatsConfig {
+        NatsConfig {
+            url: self.nats.clone(),
+            prefix: self.prefix.clone(),
+            creds: self.creds.clone(),
+            nkey_seed: self.nkey.clone(),
+            token: self.token.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            ..NatsConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    /// One node, by id.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Every node of a group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Every node.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl Target {
+    pub fn to_target(&self) -> ClientTarget {
+        match (&self.node, &self.group) {
+            (Some(n), _) => ClientTarget::Node(n.clone()),
+            (None, Some(g)) => ClientTarget::Group(g.clone()),
+            (None, None) => ClientTarget::All,
+        }
+    }
+}
+
+pub fn validate(target: &Target) -> Result<(), String> {
+    for (flag, value) in [("--node", &target.node), ("--group", &target.group)] {
+        if let Some(v) = value {
+            if !ebb_sdk::subject::is_valid_token(v) {
+                return Err(format!(
+                    "{flag} {v:?} is not a valid id (^[A-Za-z0-9_-]{{1,64}}$)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Copied into the events the command causes.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Idempotency key: a repeat gets the first reply and acts only once.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+/// Rollout batch size: a count, or a percentage of the target's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parallel {
+    Count(usize),
+    Percent(u8),
+}
+
+impl Parallel {
+    /// Nodes per batch for `total` nodes: at least 1.
+    pub fn batch(self, total: usize) -> usize {
+        match self {
+            Parallel::Count(n) => n.max(1),
+            Parallel::Percent(p) => (total * p as usize).div_ceil(100).max(1),
+        }
+    }
+}
+
+fn parse_parallel(s: &str) -> Result<Parallel, String> {
+    let bad = || format!("{s:?}: write a count like 2 or a percentage like 25%");
+    match s.strip_suffix('%') {
+        Some(p) => match p.parse::<u8>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(Parallel::Percent(p)),
+            _ => Err(bad()),
+        },
+        None => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Parallel::Count(n)),
+            _ => Err(bad()),
+        },
+    }
+}
+
+pub fn parse_dur(s: &str) -> Result<Dur, String> {
+    humantime::parse_duration(s)
+        .map(Dur)
+        .map_err(|e| format!("{e}; write durations like \"500ms\" or \"10s\""))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlVerb {
+    /// Show each node's state, HAProxy worker, old workers, last reload and drain blockers.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Reload HAProxy seamlessly (from its config file, or a pushed one).
+    ///
+    /// With --max-parallel, a rolling reload: batch after batch, each waiting for its nodes'
+    /// `reloaded` events, stopping at the first failure unless --continue-on-error.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// Push this haproxy.cfg (the node must allow config push).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Roll through the nodes N at a time (or P% at a time).
+        #[arg(long, value_parser = parse_parallel)]
+        max_parallel: Option<Parallel>,
+        /// Keep rolling after a node failed.
+        #[arg(long, requires = "max_parallel")]
+        continue_on_error: bool,
+    },
+    /// Start draining: each node publishes `drained` once no request can be cut.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// Floor before a node may be drained (default: the node's drain.min_period).
+        #[arg(long, value_parser = parse_dur)]
+        min_period: Option<Dur>,
+        /// Report (or force, per the node's on_deadline) when not drained by then.
+        #[arg(long, value_parser = parse_dur)]
+        deadline: Option<Dur>,
+        /// Stop HAProxy gracefully once drained.
+        #[arg(long)]
+        stop_when_drained: bool,
+        /// Name the drain (default: a new UUID).
+        #[arg(long)]
+        drain_id: Option<String>,
+        /// Follow progress until every node is drained, at most this long (bare --wait: 1h).
+        #[arg(long, value_parser = parse_dur, num_args = 0..=1, default_missing_value = "1h")]
+        wait: Option<Dur>,
+    },
+    /// End a drain: the node serves again.
+    Undrain {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// Only undrain this drain.
+        #[arg(long)]
+        drain_id: Option<String>,
+    },
+    /// Stop HAProxy gracefully on the target.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// How long HAProxy may take before it is hard-stopped (default: the node's stop_timeout).
+        #[arg(long, value_parser = parse_dur)]
+        stop_timeout: Option<Dur>,
+        /// Do not ask for confirmation (required to stop a fleet without a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Stream events (recent history first, from JetStream when available).
+    Watch(WatchArgs),
+}
+
+impl CtlVerb {
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            CtlVerb::Status { target }
+            | CtlVerb::Reload { target, .. }
+            | CtlVerb::Drain { target, .. }
+            | CtlVerb::Undrain { target, .. }
+            | CtlVerb::Stop { target, .. } => Some(target),
+            CtlVerb::Watch(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this node's events.
+    #[arg(long, conflicts_with = "group")]
+    pub node: Option<String>,
+    /// Only events of this group's nodes (as known now).
+    #[arg(long, conflicts_with = "all")]
+    pub group: Option<String>,
+    /// Every node's events (the default).
+    #[arg(long, conflicts_with = "node")]
+    pub all: bool,
+    /// Replay history from this long ago (JetStream only); 0s for new events only.
+    #[arg(long, default_value = "10m", value_parser = parse_dur)]
+    pub since: Dur,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// Exit after this long (default: run until interrupted).
+    #[arg(long = "for", value_parser = parse_dur)]
+    pub duration: Option<Dur>,
+    /// Only these kinds (e.g. drained,reloaded).
+    #[arg(long, value_delimiter = ',')]
+    pub kind: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_counts_and_percentages() {
+        assert_eq!(parse_parallel("3"), Ok(Parallel::Count(3)));
+        assert_eq!(parse_parallel("25%"), Ok(Parallel::Percent(25)));
+        assert!(parse_parallel("0").is_err());
+        assert!(parse_parallel("101%").is_err());
+        assert!(parse_parallel("x").is_err());
+        assert_eq!(Parallel::Percent(25).batch(20), 5);
+        assert_eq!(Parallel::Percent(10).batch(3), 1);
+        assert_eq!(Parallel::Percent(50).batch(3), 2);
+        assert_eq!(Parallel::Count(4).batch(2), 4);
+    }
+}

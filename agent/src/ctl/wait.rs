@@ -1,0 +1,316 @@
+//! `ebb ctl drain --wait`: send the drain, then follow each node until it is drained, with a live
+//! view of every node's state and blockers, and a summary at the end.
+//!
+//! Events are subscribed to before the drain is sent, so a node that drains at once is never
+//! missed; a reply that already says drained needs no event. Blockers come from `status`, polled
+//! every half second for the nodes still draining.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use ebb_sdk::client::{Client, Target};
+use ebb_sdk::command::{Command, DrainRequest, StatusRequest};
+use ebb_sdk::event::EventBody;
+use ebb_sdk::reply::DrainResult;
+use ebb_sdk::status::{NodeState, StatusResult};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::args::ConnArgs;
+use super::exit;
+use super::output::blockers;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+enum Progress {
+    Draining {
+        blockers: String,
+    },
+    Drained {
+        duration_ms: u64,
+        forced: bool,
+        connections_cut: u64,
+    },
+    Failed {
+        message: String,
+    },
+    NoReply,
+    TimedOut {
+        blockers: String,
+    },
+}
+
+const REFRESH: Duration = Duration::from_millis(500);
+
+pub async fn run(
+    client: &Client,
+    conn: &ConnArgs,
+    target: &Target,
+    req: DrainRequest,
+    wait: Duration,
+) -> anyhow::Result<u8> {
+    let deadline = Instant::now() + wait;
+    let expected = match target {
+        Target::Node(n) => BTreeSet::from([n.clone()]),
+        other => client.discover(other).await?,
+    };
+    let mut events = client.events(target).await?;
+    if !expected.is_empty() {
+        events = events.only(expected.clone());
+    }
+    let replies = client
+        .request(target, &Command::Drain(req), &expected, conn.timeout.0)
+        .await?;
+
+    let mut nodes: BTreeMap<String, Progress> = expected
+        .iter()
+        .map(|n| (n.clone(), Progress::NoReply))
+        .collect();
+    let mut drain_ids: BTreeMap<String, String> = BTreeMap::new();
+    for r in &replies {
+        let p = match (r.ok, r.result_as::<DrainResult>()) {
+            (true, Some(Ok(d))) => {
+                drain_ids.insert(r.node.clone(), d.drain_id.clone());
+                if d.state == NodeState::Drained {
+                    Progress::Drained {
+                        duration_ms: 0,
+                        forced: false,
+                        connections_cut: 0,
+                    }
+                } else {
+                    Progress::Draining {
+                        blockers: String::new(),
+                    }
+                }
+            }
+            _ => Progress::Failed {
+                message: r.error.as_ref().map_or("unreadable reply".into(), |e| {
+                    format!("{}: {}", e.code.as_str(), e.message)
+                }),
+            },
+        };
+        nodes.insert(r.node.clone(), p);
+    }
+
+    let live = !conn.json && std::io::stderr().is_terminal();
+    let view = View::new(live, &nodes);
+    let mut next_refresh = Instant::now();
+    while nodes
+        .values()
+        .any(|p| matches!(p, Progress::Draining { .. }))
+        && Instant::now() < deadline
+    {
+        if Instant::now() >= next_refresh {
+            refresh(client, conn, &mut nodes).await;
+            next_refresh = Instant::now() + REFRESH;
+            view.update(&nodes);
+        }
+        let left = next_refresh
+            .min(deadline)
+            .saturating_duration_since(Instant::now());
+        let Some(event) = events.next_within(left).await else {
+            continue;
+        };
+        let same_drain = |id: &str| drain_ids.get(&event.node).is_none_or(|d| d == id);
+        match &event.body {
+            EventBody::Drained {
+                drain_id,
+                duration_ms,
+                forced,
+                connections_cut,
+                ..
+            } if same_drain(drain_id) => {
+                nodes.insert(
+                    event.node.clone(),
+                    Progress::Drained {
+                        duration_ms: *duration_ms,
+                        forced: *forced,
+                        connections_cut: *connections_cut,
+                    },
+                );
+                if !live && !conn.json {
+                    println!("{} drained after {duration_ms}ms (forced: {forced}, connections cut: {connections_cut})", event.node);
+                }
+                view.update(&nodes);
+            }
+            EventBody::DrainDeadlineExceeded { blockers: b, .. } if !live && !conn.json => {
+                println!(
+                    "{}: drain deadline exceeded; blockers: {}",
+                    event.node,
+                    blockers(b)
+                );
+            }
+            _ => {}
+        }
+    }
+    for p in nodes.values_mut() {
+        if let Progress::Draining { blockers } = p {
+            *p = Progress::TimedOut {
+                blockers: blockers.clone(),
+            };
+        }
+    }
+    view.finish();
+
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+    } else {
+        println!(
+            "{:<20} {:<10} {:>10} {:>6} {:>4}  DETAIL",
+            "NODE", "RESULT", "DURATION", "FORCED", "CUT"
+        );
+        for (node, p) in &nodes {
+            match p {
+                Progress::Drained {
+                    duration_ms,
+                    forced,
+                    connections_cut,
+                } => println!(
+                    "{node:<20} {:<10} {:>8}ms {:>6} {:>4}",
+                    "drained", duration_ms, forced, connections_cut
+                ),
+                Progress::Failed { message } => println!(
+                    "{node:<20} {:<10} {:>10} {:>6} {:>4}  {message}",
+                    "FAILED", "-", "-", "-"
+                ),
+                Progress::NoReply => println!(
+                    "{node:<20} {:<10} {:>10} {:>6} {:>4}  no reply",
+                    "UNREACHED", "-", "-", "-"
+                ),
+                Progress::TimedOut { blockers } | Progress::Draining { blockers } => {
+                    println!(
+                        "{node:<20} {:<10} {:>10} {:>6} {:>4}  {blockers}",
+                        "TIMEOUT", "-", "-", "-"
+                    )
+                }
+            }
+        }
+    }
+    Ok(
+        if nodes.values().any(|p| matches!(p, Progress::Failed { .. })) {
+            exit::FAILED
+        } else if nodes.is_empty()
+            || nodes
+                .values()
+                .any(|p| !matches!(p, Progress::Drained { .. }))
+        {
+            exit::TIMEOUT
+        } else {
+            exit::OK
+        },
+    )
+}
+
+/// Asks the draining nodes for their status: blockers for the view, and a drained state in case
+/// an event was missed.
+async fn refresh(client: &Client, conn: &ConnArgs, nodes: &mut BTreeMap<String, Progress>) {
+    let draining: Vec<String> = nodes
+        .iter()
+        .filter(|(_, p)| matches!(p, Progress::Draining { .. }))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let asks = draining.iter().map(|n| {
+        let target = Target::Node(n.clone());
+        async move {
+            client
+                .request(
+                    &target,
+                    &Command::Status(StatusRequest::default()),
+                    &BTreeSet::new(),
+                    conn.timeout.0.min(Duration::from_secs(2)),
+                )
+                .await
+        }
+    });
+    for replies in futures::future::join_all(asks).await.into_iter().flatten() {
+        for r in replies {
+            let Some(Ok(s)) = r.result_as::<StatusResult>() else {
+                continue;
+            };
+            let entry = nodes.entry(r.node.clone()).or_insert(Progress::NoReply);
+            *entry = match s.state {
+                NodeState::Drained | NodeState::Stopping | NodeState::Stopped => {
+                    Progress::Drained {
+                        duration_ms: s.drain.as_ref().map_or(0, |d| d.elapsed_ms),
+                        forced: false,
+                        connections_cut: 0,
+                    }
+                }
+                _ => Progress::Draining {
+                    blockers: s
+                        .drain
+                        .map_or("not draining".into(), |d| blockers(&d.blockers)),
+                },
+            };
+        }
+    }
+}
+
+/// One spinner per node, only on a terminal.
+struct View {
+    multi: Option<MultiProgress>,
+    bars: BTreeMap<String, ProgressBar>,
+}
+
+impl View {
+    fn new(live: bool, nodes: &BTreeMap<String, Progress>) -> Self {
+        if !live {
+            return View {
+                multi: None,
+                bars: BTreeMap::new(),
+            };
+        }
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{spinner} {prefix:<20} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bars = nodes
+            .keys()
+            .map(|n| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(n.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                (n.clone(), bar)
+            })
+            .collect();
+        let view = View {
+            multi: Some(multi),
+            bars,
+        };
+        view.update(nodes);
+        view
+    }
+
+    fn update(&self, nodes: &BTreeMap<String, Progress>) {
+        for (node, p) in nodes {
+            let Some(bar) = self.bars.get(node) else {
+                continue;
+            };
+            match p {
+                Progress::Draining { blockers } => bar.set_message(format!("draining  {blockers}")),
+                Progress::Drained { duration_ms, .. } => {
+                    bar.finish_with_message(format!("drained after {duration_ms}ms"))
+                }
+                Progress::Failed { message } => {
+                    bar.finish_with_message(format!("FAILED {message}"))
+                }
+                Progress::NoReply => bar.set_message("no reply"),
+                Progress::TimedOut { blockers } => {
+                    bar.finish_with_message(format!("timed out  {blockers}"))
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        for bar in self.bars.values() {
+            if !bar.is_finished() {
+                bar.finish();
+            }
+        }
+        if let Some(m) = &self.multi {
+            let _ = m.clear();
+        }
+    }
+}
