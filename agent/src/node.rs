@@ -274,7 +274,9 @@ impl Node {
                 node.current = Some(w);
             }
             None => {
-                let launched = launch::launch(&node.spec, false, false)
+                // A node restarting in the middle of a drain starts its worker draining.
+                let draining = node.drain.is_some();
+                let launched = launch::launch(&node.spec, false, draining)
                     .await
                     .map_err(|e| {
                         anyhow::anyhow!("cannot start haproxy with {}: {e}", hp.config.display())
@@ -364,11 +366,17 @@ impl Node {
             _ => None,
         };
         let restart = self.restart_at.filter(|_| self.running.is_none());
+        // Time alone can end a drain's min period or quiet period, or reach its deadline.
+        let drain = self
+            .drain
+            .as_ref()
+            .and_then(|d| d.next_wake(Instant::now(), &self.view(false)));
         [
             self.reloads.next_start(),
             restart,
             stop,
             Some(self.next_heartbeat),
+            drain,
         ]
         .into_iter()
         .flatten()
