@@ -33,6 +33,11 @@ pub enum Commands {
     ///
     /// Exit codes: 0 every node ok; 1 some node failed; 2 usage error; 3 timeout or unreachable.
     Ctl(Box<crate::ctl::CtlArgs>),
+    /// Work with plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -47,5 +52,19 @@ pub enum ConfigCommand {
     Check {
         #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Show a plugin file's ABI version, name, version, capabilities and sha256 (for the `sha256` pin),
+    /// or say why the agent would not load it. Runs the agent's checks (owner, mode, ABI version) and
+    /// the library's initializers, but creates no instance. Exits 0 when loadable, 1 otherwise.
+    Inspect {
+        /// The plugin's shared library (.so).
+        path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }

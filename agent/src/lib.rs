@@ -9,6 +9,7 @@
 //! - [`drain`], [`reload`], [`backoff`]: plain state machines that decide; no I/O.
 //! - [`node`]: the one task that owns the node's state and carries decisions out.
 //! - [`bus`]: NATS: commands in, replies and events out (through a durable outbox), KV node state.
+//! - [`plugins`]: the plugin host: loads `[[plugins]]`, asks them about idleness, delivers hooks.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
 
 pub mod backoff;
@@ -20,5 +21,6 @@ pub mod drain;
 pub mod events;
 pub mod haproxy;
 pub mod node;
+pub mod plugins;
 pub mod reload;
 pub mod state_file;

@@ -9,7 +9,7 @@ use ebb_agent::bus::commands::CommandServer;
 use ebb_agent::bus::connect;
 use ebb_agent::bus::outbox::Outbox;
 use ebb_agent::bus::publisher::Publisher;
-use ebb_agent::cli::{Cli, Commands, ConfigCommand};
+use ebb_agent::cli::{Cli, Commands, ConfigCommand, PluginCommand};
 use ebb_agent::config::{self, LogFormat, Settings};
 use ebb_agent::events::Emitter;
 use ebb_agent::node::{AgentSignal, Input, Node, Outcome, Summary};
@@ -32,6 +32,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Commands::Plugin {
+            command: PluginCommand::Inspect { path, json },
+        } => ExitCode::from(ebb_agent::plugins::inspect::run(&path, json)),
         Commands::Ctl(args) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

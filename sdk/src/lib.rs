@@ -12,6 +12,8 @@
 //! - [`status`]: node states, the `status` result with its drain blockers, and the KV node record.
 //! - [`event`]: the event envelope and every event kind.
 //! - [`time`]: the RFC 3339 timestamps used on the wire.
+//! - [`plugin`]: the plugin ABI (a versioned C table, JSON in and out), the safe [`plugin::Plugin`] trait and
+//!   [`export_plugin!`].
 //! - `client` (feature `client`): an async fleet client over async-nats.
 //!
 //! Reading is tolerant where it must be and strict where it helps: requests reject unknown fields, while
@@ -22,6 +24,7 @@
 pub mod client;
 pub mod command;
 pub mod event;
+pub mod plugin;
 pub mod reply;
 pub mod status;
 pub mod subject;
