@@ -120,7 +120,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         };
         let publishing = tokio::spawn(publisher.run());
 
-        let node = Node::start(settings.clone(), emitter, summary_tx).await?;
+        // Commands are served (and queue up) before the node starts, so that once
+        // `agent_started` is out, the node answers.
         let commands = CommandServer {
             client: client.clone(),
             prefix: cfg.nats.prefix.clone(),
@@ -128,11 +129,14 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             groups: cfg.node.groups.clone(),
             inputs: inputs_tx,
         };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = commands.run().await {
+            if let Err(e) = commands.run(ready_tx).await {
                 tracing::error!("{e:#}");
             }
         });
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), ready_rx).await;
+        let node = Node::start(settings.clone(), emitter, summary_tx).await?;
         let outcome = node.run(inputs_rx).await;
         // The node dropped its event sender: give the publisher a moment to send what is left.
         // Whatever it cannot send stays in the outbox for the next agent.

@@ -36,7 +36,9 @@ pub struct CommandServer {
 type Responder = service::Request;
 
 impl CommandServer {
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Registers the service and serves requests. `ready` fires once the subscriptions are made
+    /// (and flushed to the server, when it is reachable).
+    pub async fn run(self, ready: tokio::sync::oneshot::Sender<()>) -> anyhow::Result<()> {
         let mut metadata = std::collections::HashMap::new();
         metadata.insert("node".to_string(), self.node.clone());
         metadata.insert("groups".to_string(), self.groups.join(","));
@@ -74,6 +76,8 @@ impl CommandServer {
                 .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
             endpoints.push(ep);
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        let _ = ready.send(());
 
         let mut dedupe: Dedupe<Responder> = Dedupe::new(DEDUPE_CAPACITY);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Bytes)>();
