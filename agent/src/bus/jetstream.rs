@@ -95,9 +95,12 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resol
             GetStreamErrorKind::JetStream(err) => {
                 Resolved::Unavailable(format!("stream {name}: {err}"))
             }
-            // No responders: JetStream is not enabled on this server or account.
-            GetStreamErrorKind::Request if e.to_string().contains("no responders") => {
-                Resolved::Unavailable("JetStream is not enabled on the NATS server".into())
+            // Connected, yet the JetStream API does not answer: it is not enabled on this
+            // server or account. The publisher asks again later.
+            GetStreamErrorKind::Request
+                if js.client().connection_state() == async_nats::connection::State::Connected =>
+            {
+                Resolved::Unavailable(format!("JetStream does not answer ({e})"))
             }
             _ => Resolved::Retry(format!("stream {name}: {e}")),
         },

@@ -20,8 +20,11 @@ use crate::node::Summary;
 enum Sink {
     Unresolved,
     Stream(Box<jetstream::Context>),
-    Core,
+    /// Core NATS since this instant; JetStream is asked again after `RECHECK_JETSTREAM`.
+    Core(std::time::Instant),
 }
+
+const RECHECK_JETSTREAM: Duration = Duration::from_secs(60);
 
 enum Bucket {
     Unresolved,
@@ -71,6 +74,9 @@ impl Publisher {
                 }
                 continue;
             }
+            if matches!(sink, Sink::Core(since) if since.elapsed() > RECHECK_JETSTREAM) {
+                sink = Sink::Unresolved;
+            }
             if matches!(sink, Sink::Unresolved) {
                 sink = match events_stream(&self.client, &self.cfg).await {
                     Resolved::Ready(js) => Sink::Stream(Box::new(js)),
@@ -78,7 +84,7 @@ impl Publisher {
                         tracing::warn!(
                             "events go out as core NATS messages, not to JetStream: {why}"
                         );
-                        Sink::Core
+                        Sink::Core(std::time::Instant::now())
                     }
                     Resolved::Retry(why) => {
                         tracing::debug!("cannot reach JetStream yet: {why}");
@@ -92,7 +98,7 @@ impl Publisher {
             let sent = match &sink {
                 Sink::Unresolved => Err("NATS is not reachable".to_string()),
                 Sink::Stream(js) => publish_stream(js, &self.cfg.prefix, &event).await,
-                Sink::Core => publish_core(&self.client, &self.cfg.prefix, &event).await,
+                Sink::Core(_) => publish_core(&self.client, &self.cfg.prefix, &event).await,
             };
             match sent {
                 Ok(()) => {

@@ -202,7 +202,6 @@ fn rand_u64() -> u64 {
 pub async fn check_config(binary: &Path, config: &Path) -> Result<(), String> {
     let out = Command::new(binary)
         .arg("-c")
-        .arg("-q")
         .arg("-f")
         .arg(config)
         .stdin(Stdio::null())
