@@ -178,7 +178,11 @@ async fn agent_reloads(n: usize, load: Option<usize>) -> (Vec<f64>, Vec<f64>) {
         assert_eq!(reply["ok"], true, "reload failed: {reply}");
         if i >= WARMUP {
             rtts.push(ms(rtt));
-            durations.push(reply["result"]["duration_ms"].as_f64().expect("duration_ms"));
+            durations.push(
+                reply["result"]["duration_ms"]
+                    .as_f64()
+                    .expect("duration_ms"),
+            );
         }
     }
     if let Some(load) = load {
@@ -262,7 +266,9 @@ fn haproxy_starts(n: usize, takeover: bool) -> Vec<f64> {
         if takeover {
             if let Some(mut old) = running.take() {
                 old.signal(Signal::USR1).expect("soft-stop the old haproxy");
-                old.wait_timeout(T).expect("wait").expect("old haproxy exits");
+                old.wait_timeout(T)
+                    .expect("wait")
+                    .expect("old haproxy exits");
             }
             running = Some(child);
         } else {
@@ -288,7 +294,9 @@ fn haproxy_takeovers_under_load(n: usize, clients: usize) -> Vec<f64> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..WARMUP + n {
         let (child, took) = start_and_time(&cfg, &["-x", &sock]);
-        running.signal(Signal::USR1).expect("soft-stop the old haproxy");
+        running
+            .signal(Signal::USR1)
+            .expect("soft-stop the old haproxy");
         running
             .wait_timeout(T)
             .expect("wait")

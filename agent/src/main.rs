@@ -136,7 +136,16 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             }
         });
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), ready_rx).await;
-        let node = Node::start(settings.clone(), emitter, summary_tx).await?;
+        let plugins = ebb_agent::plugins::PluginHost::load(&cfg.plugins)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(mut disabled) = plugins.take_disabled() {
+            tokio::spawn(async move {
+                while let Some(d) = disabled.recv().await {
+                    tracing::error!(plugin = %d.name, "{d}");
+                }
+            });
+        }
+        let node = Node::start(settings.clone(), emitter, summary_tx, plugins).await?;
         let outcome = node.run(inputs_rx).await;
         // The node dropped its event sender: give the publisher a moment to send what is left.
         // Whatever it cannot send stays in the outbox for the next agent.

@@ -25,8 +25,10 @@ use crate::haproxy::config_file::sha256_hex;
 use crate::haproxy::launch::{self, LaunchError, LaunchSpec, Launched};
 use crate::haproxy::procfs::{self, ProcessId};
 use crate::haproxy::worker::{self, Exit, Worker};
+use crate::plugins::PluginHost;
 use crate::reload::{PushedConfig, ReloadQueue};
 use crate::state_file::{self, State};
+use ebb_sdk::plugin::{self as hooks, CheckContext, HookEvent, Verdict};
 
 /// What other tasks ask of the node.
 #[derive(Debug)]
@@ -165,8 +167,12 @@ pub struct Node {
     /// The worker the sampler polls: `Some` while draining.
     sampler_target: watch::Sender<Option<u32>>,
     samples: mpsc::UnboundedReceiver<Sample>,
-    /// Plugin idle checks that say busy: name and message. Fed by the plugin host.
+    /// Plugin idle checks that say busy: name and message. Fed by the plugin checker task.
     plugins_busy: Vec<(String, String)>,
+    plugins: PluginHost,
+    /// The drain the plugin checker asks about: `Some` while draining.
+    check_target: watch::Sender<Option<CheckContext>>,
+    verdicts: mpsc::UnboundedReceiver<Vec<(String, Verdict)>>,
     dirty: bool,
 }
 
@@ -176,6 +182,7 @@ impl Node {
         settings: Arc<Settings>,
         events: Emitter,
         summary_tx: watch::Sender<Summary>,
+        plugins: PluginHost,
     ) -> anyhow::Result<Node> {
         let hp = &settings.config.haproxy;
         std::fs::create_dir_all(&hp.state_dir).map_err(|e| {
@@ -197,6 +204,16 @@ impl Node {
         let (sampler_target, target_rx) = watch::channel(None);
         let (samples_tx, samples) = mpsc::unbounded_channel();
         spawn_sampler(&settings, target_rx, samples_tx);
+        let (check_target, check_rx) = watch::channel(None);
+        let (verdicts_tx, verdicts) = mpsc::unbounded_channel();
+        if !plugins.is_empty() {
+            spawn_checker(
+                plugins.clone(),
+                settings.config.drain.poll_interval.0,
+                check_rx,
+                verdicts_tx,
+            );
+        }
         let mut node = Node {
             reloads: ReloadQueue::new(settings.config.reload.coalesce.0),
             settings: settings.clone(),
@@ -227,6 +244,9 @@ impl Node {
             sampler_target,
             samples,
             plugins_busy: Vec::new(),
+            plugins,
+            check_target,
+            verdicts,
             dirty: true,
         };
 
@@ -342,6 +362,7 @@ impl Node {
                 Some((id, exit)) = self.exits.recv() => self.on_exit(id, exit),
                 Some(outcome) = self.launches.recv() => self.on_launched(outcome),
                 Some(sample) = self.samples.recv() => self.on_sample(sample),
+                Some(verdicts) = self.verdicts.recv() => self.on_verdicts(verdicts),
                 _ = sleep_until(wake) => {}
             }
         }
@@ -597,6 +618,12 @@ impl Node {
                     },
                     &cause,
                 );
+                self.plugins.hook(&HookEvent::Reloaded(hooks::Reloaded {
+                    draining: self.drain.is_some(),
+                    drain_id: self.drain.as_ref().map(|d| d.id().to_string()),
+                    reload_id: Some(running.reload_id.clone()),
+                    pid: Some(pid),
+                }));
                 let result = ReloadResult {
                     reload_id: running.reload_id,
                     pid,
@@ -805,9 +832,23 @@ impl Node {
         self.drain_cause = cause.clone();
         self.sample = None;
         self.last_new_connection = None;
+        // Until a plugin has answered for this drain, it counts as busy.
+        self.plugins_busy = self
+            .plugins
+            .status()
+            .into_iter()
+            .map(|p| (p.name, "waiting for the first idle check".to_string()))
+            .collect();
         if let Some(pid) = self.current.as_ref().map(Worker::pid) {
             self.send_drain_commands(pid, true);
         }
+        self.plugins
+            .hook(&HookEvent::DrainStarted(hooks::DrainStarted {
+                drain_id: drain_id.clone(),
+                started_at_ms: drain::unix_ms(SystemTime::now()),
+                min_period_ms: policy.min_period_ms,
+                deadline_ms: policy.deadline_ms,
+            }));
         self.events.emit(
             EventBody::DrainStarted {
                 drain_id: drain_id.clone(),
@@ -863,6 +904,10 @@ impl Node {
             self.send_drain_commands(pid, false);
         }
         tracing::info!(drain_id = %current_id, "undrained");
+        self.plugins.hook(&HookEvent::Undrained(hooks::Undrained {
+            drain_id: current_id.clone(),
+        }));
+        self.plugins_busy.clear();
         self.drain = None;
         self.drained_event = None;
         self.sample = None;
@@ -896,6 +941,19 @@ impl Node {
                 }
             }
         });
+    }
+
+    fn on_verdicts(&mut self, verdicts: Vec<(String, Verdict)>) {
+        if self.drain.is_none() {
+            return;
+        }
+        self.plugins_busy = verdicts
+            .into_iter()
+            .filter_map(|(name, v)| match v {
+                Verdict::Idle => None,
+                Verdict::Busy(message) => Some((name, message)),
+            })
+            .collect();
     }
 
     fn on_sample(&mut self, sample: Sample) {
@@ -949,6 +1007,23 @@ impl Node {
             .and(self.current.as_ref().map(Worker::pid));
         self.sampler_target
             .send_if_modified(|t| std::mem::replace(t, target) != target);
+        let check = self
+            .drain
+            .as_ref()
+            .filter(|d| d.phase() == Phase::Draining)
+            .map(|d| CheckContext {
+                node: Some(self.settings.node_id().to_string()),
+                drain_id: Some(d.id().to_string()),
+                started_at_ms: Some(d.record.started_at_ms),
+                ..CheckContext::default()
+            });
+        self.check_target.send_if_modified(|t| {
+            let changed = t.as_ref().map(|c| &c.drain_id) != check.as_ref().map(|c| &c.drain_id);
+            if changed {
+                *t = check.clone();
+            }
+            changed
+        });
         let view = self.view(false);
         let Some(drain) = &mut self.drain else { return };
         let actions = drain.step(Instant::now(), SystemTime::now(), &view);
@@ -981,6 +1056,10 @@ impl Node {
                         connections_cut: r.connections_cut,
                     };
                     tracing::info!(drain_id = %r.drain_id, forced, "drained");
+                    self.plugins.hook(&HookEvent::Drained(hooks::Drained {
+                        drain_id: r.drain_id.clone(),
+                        forced,
+                    }));
                     let cause = self.drain_cause.clone();
                     let event = self.events.emit(body, &cause);
                     self.drained_event = Some(event);
@@ -1021,6 +1100,7 @@ impl Node {
         }
         let timeout = timeout.unwrap_or(self.settings.config.haproxy.stop_timeout.0);
         tracing::info!("stopping haproxy gracefully (up to {timeout:?})");
+        self.plugins.hook(&HookEvent::Stopping(hooks::Stopping {}));
         let node = self.settings.node_id().to_string();
         for w in self.reloads.drain_queued() {
             self.answer_reload(
@@ -1160,7 +1240,7 @@ impl Node {
                     },
                 }
             }),
-            plugins: Vec::new(),
+            plugins: self.plugins.status(),
             last_reload: self.last_reload.clone(),
         }
     }
@@ -1223,6 +1303,40 @@ fn spawn_sampler(
             }
             tokio::select! {
                 _ = tokio::time::sleep(cfg.poll_interval.0) => {}
+                changed = target.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+}
+
+/// Asks the plugins' idle checks about the current drain, again and again while there is one.
+/// The host runs each call off the runtime with its timeout, so a hung plugin delays only itself.
+fn spawn_checker(
+    plugins: PluginHost,
+    interval: Duration,
+    mut target: watch::Receiver<Option<CheckContext>>,
+    verdicts: mpsc::UnboundedSender<Vec<(String, Verdict)>>,
+) {
+    // Plugin calls cross threads and may do real work: no need to ask 100 times a second.
+    let interval = interval.max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        loop {
+            let ctx = target.borrow_and_update().clone();
+            let Some(mut ctx) = ctx else {
+                if target.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            if let Some(started) = ctx.started_at_ms {
+                ctx.elapsed_ms = Some(drain::unix_ms(SystemTime::now()).saturating_sub(started));
+            }
+            let results = plugins.check_idle(&ctx).await;
+            if verdicts.send(results).is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
                 changed = target.changed() => if changed.is_err() { return },
             }
         }

@@ -15,14 +15,20 @@ pub struct CheckedFile {
     pub file: File,
     /// The canonical path (symlinks resolved).
     pub path: PathBuf,
-    /// Lowercase hex.
-    pub sha256: String,
+    /// Lowercase hex, when it was computed.
+    pub sha256: Option<String>,
     pub uid: u32,
     pub mode: u32,
 }
 
 /// Opens `path` and checks it. Every error is one sentence that says what is wrong and how to fix it.
-pub fn open_checked(path: &Path, pin: Option<&str>) -> Result<CheckedFile, String> {
+///
+/// The file is hashed when `pin` is set or `want_hash` is true.
+pub fn open_checked(
+    path: &Path,
+    pin: Option<&str>,
+    want_hash: bool,
+) -> Result<CheckedFile, String> {
     let pin = match pin {
         Some(p) => Some(normalize_pin(p)?),
         None => None,
@@ -52,23 +58,16 @@ pub fn open_checked(path: &Path, pin: Option<&str>) -> Result<CheckedFile, Strin
             std::fs::metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
         check_owner_and_mode(dir, dmeta.uid(), dmeta.permissions().mode(), me, true)?;
     }
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {e}", canonical.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let sha256 = hex(&hasher.finalize());
-    if let Some(pin) = pin {
-        if pin != sha256 {
+    // Hashing costs a read of the whole file: only when a pin asks for it (or `inspect`, which wants it).
+    let sha256 = match (&pin, want_hash) {
+        (None, false) => None,
+        _ => Some(sha256_of(&mut file, &canonical)?),
+    };
+    if let (Some(pin), Some(actual)) = (&pin, &sha256) {
+        if pin != actual {
             return Err(format!(
-                "sha256 mismatch: the file's is {sha256}, the config pins {pin}; if the plugin was \
-                 upgraded on purpose, set sha256 = \"{sha256}\" (`ebb plugin inspect {}` prints it)",
+                "sha256 mismatch: the file's is {actual}, the config pins {pin}; if the plugin was \
+                 upgraded on purpose, set sha256 = \"{actual}\" (`ebb plugin inspect {}` prints it)",
                 canonical.display()
             ));
         }
@@ -118,6 +117,21 @@ fn check_owner_and_mode(
     Ok(())
 }
 
+fn sha256_of(file: &mut File, path: &Path) -> Result<String, String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
 fn normalize_pin(pin: &str) -> Result<String, String> {
     let p = pin
         .trim()
@@ -154,12 +168,13 @@ mod tests {
     fn a_private_file_passes_and_is_hashed() {
         let dir = tempfile::tempdir().unwrap();
         let p = file_with_mode(dir.path(), 0o644);
-        let f = open_checked(&p, None).unwrap();
-        assert_eq!(f.sha256, HELLO);
+        let f = open_checked(&p, None, true).unwrap();
+        assert_eq!(f.sha256.as_deref(), Some(HELLO));
+        assert_eq!(open_checked(&p, None, false).unwrap().sha256, None);
         assert_eq!(f.mode, 0o644);
         // Pins are compared case-insensitively, with an optional sha256: prefix.
-        open_checked(&p, Some(&HELLO.to_uppercase())).unwrap();
-        open_checked(&p, Some(&format!("sha256:{HELLO}"))).unwrap();
+        open_checked(&p, Some(&HELLO.to_uppercase()), false).unwrap();
+        open_checked(&p, Some(&format!("sha256:{HELLO}")), false).unwrap();
     }
 
     #[test]
@@ -167,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for mode in [0o666, 0o620, 0o602] {
             let p = file_with_mode(dir.path(), mode);
-            let e = open_checked(&p, None).unwrap_err();
+            let e = open_checked(&p, None, false).unwrap_err();
             assert!(e.contains("group- or world-writable"), "{e}");
             assert!(e.contains("chmod go-w"), "{e}");
         }
@@ -178,10 +193,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = file_with_mode(dir.path(), 0o644);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = open_checked(&p, None).unwrap_err();
+        let e = open_checked(&p, None, false).unwrap_err();
         assert!(e.contains("its directory"), "{e}");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-        open_checked(&p, None).unwrap();
+        open_checked(&p, None, false).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 
@@ -198,16 +213,16 @@ mod tests {
     fn pins_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let p = file_with_mode(dir.path(), 0o644);
-        let e = open_checked(&p, Some(&"0".repeat(64))).unwrap_err();
+        let e = open_checked(&p, Some(&"0".repeat(64)), false).unwrap_err();
         assert!(e.contains("sha256 mismatch"), "{e}");
         assert!(e.contains(HELLO), "{e}");
-        let e = open_checked(&p, Some("abc")).unwrap_err();
+        let e = open_checked(&p, Some("abc"), false).unwrap_err();
         assert!(e.contains("not 64 hex digits"), "{e}");
     }
 
     #[test]
     fn missing_files_say_so() {
-        let e = open_checked(Path::new("/nonexistent/libx.so"), None).unwrap_err();
+        let e = open_checked(Path::new("/nonexistent/libx.so"), None, false).unwrap_err();
         assert!(e.contains("cannot open the plugin file"), "{e}");
     }
 }

@@ -30,15 +30,15 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Checks and loads `path` (on a separate thread, so a hanging library cannot hang the command).
 pub fn inspect(path: &Path) -> Result<Inspection, String> {
-    let checked = file::open_checked(path, None)?;
+    let checked = file::open_checked(path, None, true)?;
     let (tx, rx) = mpsc::channel();
     let path = checked.path.clone();
-    let sha256 = checked.sha256.clone();
+    let sha256 = checked.sha256.clone().unwrap_or_default();
     let (owner_uid, mode) = (checked.uid, checked.mode);
     std::thread::Builder::new()
         .name("ebb-plugin-inspect".into())
         .spawn(move || {
-            let _ = tx.send(library::load(&checked));
+            let _ = tx.send(library::load(checked));
         })
         .map_err(|e| format!("cannot start a thread: {e}"))?;
     let table = match rx.recv_timeout(LOAD_TIMEOUT) {

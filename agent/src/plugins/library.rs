@@ -4,7 +4,7 @@
 //! crash after `dlclose`), so every pointer the table holds stays valid for the life of the process.
 
 use std::ffi::{c_char, CStr, CString};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::Path;
 
 use ebb_sdk::plugin::{
@@ -34,8 +34,11 @@ pub struct Table {
 ///
 /// This runs the library's initializers and its entry function: plugin code. Run it where a hang is
 /// survivable (the host does, on the plugin's own thread, with a timeout).
-pub fn load(checked: &CheckedFile) -> Result<Table, String> {
+pub fn load(checked: CheckedFile) -> Result<Table, String> {
     // Load through the descriptor that was checked: replacing the file after the checks changes nothing.
+    // The loader knows the library by this name from now on, and would hand the same library back for
+    // the same name: so a descriptor that loaded a library stays open for good (below), and its number
+    // is never reused for another file.
     let via_fd = format!("/proc/self/fd/{}", checked.file.as_raw_fd());
     let target: &Path = if Path::new(&via_fd).exists() {
         Path::new(&via_fd)
@@ -54,8 +57,9 @@ pub fn load(checked: &CheckedFile) -> Result<Table, String> {
     .map_err(|e| {
         format!("cannot load the library: {e}; is it a shared library built for this machine?")
     })?;
-    // Never unloaded: see the module doc.
+    // Never unloaded: see the module doc. Nor is its descriptor closed (see above).
     let lib: &'static libloading::os::unix::Library = Box::leak(Box::new(lib));
+    let _never_closed = checked.file.into_raw_fd();
     // SAFETY: the symbol's type is the ABI's entry function type; a library that exports the name with
     // another type breaks the contract it claims by exporting it.
     let entry: EntryFn = unsafe { lib.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()) }

@@ -489,7 +489,7 @@ impl Entry {
 }
 
 fn load_one(cfg: &PluginConfig) -> Result<(SyncSender<Job>, library::Table), String> {
-    let checked = file::open_checked(&cfg.path, cfg.sha256.as_deref())?;
+    let checked = file::open_checked(&cfg.path, cfg.sha256.as_deref(), false)?;
     let config_json =
         serde_json::to_string(&cfg.config).map_err(|e| format!("cannot encode its config: {e}"))?;
     let (jobs, table) = worker::start(

@@ -46,13 +46,11 @@ pub(crate) fn start(
     std::thread::Builder::new()
         .name(format!("ebb-plugin-{plugin}"))
         .spawn(move || {
-            let loaded = library::load(&checked).and_then(|table| {
+            let loaded = library::load(checked).and_then(|table| {
                 Instance::create(&table, &config_json)
                     .map(|instance| (table, instance))
                     .map_err(|e| format!("its create rejected the config: {e}"))
             });
-            // The library is loaded (or failed to); the descriptor is no longer needed.
-            drop(checked);
             match loaded {
                 Ok((table, instance)) => {
                     if ready_tx.send(Ok(table)).is_ok() {
