@@ -407,11 +407,11 @@ async fn a_long_request_on_an_old_worker_holds_the_drain_until_it_completes() {
         })
         .await;
 
-    // Once the min period is over, the old worker is the one and only blocker, and status says
-    // so with its connection.
+    // Once the min period is over (and the idle current worker was sampled), the old worker is
+    // the one and only blocker, and status says so with its connection.
     let status = ctx
-        .wait_status("the min period to end", |s| {
-            !blocker_kinds(s).contains("min_period")
+        .wait_status("the old worker to be the only blocker", |s| {
+            s["state"] != "draining" || blocker_kinds(s) == BTreeSet::from(["old_worker".into()])
         })
         .await;
     assert_eq!(status["state"], "draining", "{status}");
@@ -1203,4 +1203,139 @@ async fn drain_replies_and_conflicts_follow_the_state() {
     );
     ctx.ok("reload", json!({})).await;
     assert_eq!(ctx.status().await["state"], "serving");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. An undrain that lands while a reload is starting its new worker
+// ---------------------------------------------------------------------------------------------
+
+/// `EBB_DRAINING` in the environment haproxy worker `pid` was started with.
+fn started_draining(pid: u64) -> Option<bool> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+    Some(vars.contains(&b"EBB_DRAINING=1".as_slice()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
+    // A reload started while draining launches its worker with EBB_DRAINING=1. If the undrain
+    // lands before that worker is installed, the node is serving, so the new worker must answer
+    // 200 on /healthz (it must get the stop_commands), and its `reloaded` event must not claim
+    // otherwise.
+    let ctx = setup(|_| {}).await;
+    let port = ctx.port();
+    for attempt in 0..10 {
+        let id = format!("race-{attempt}");
+        ctx.drain(json!({"drain_id": id, "min_period_ms": 600_000}))
+            .await;
+        wait_until_async(T, "/healthz to answer 503", || async {
+            matches!(http_get(port, "/healthz", true).await, Ok((503, _)))
+        })
+        .await;
+
+        // reload, then undrain while the new worker starts: replies come back in the order the node
+        // answered them.
+        let inbox = ctx.nc.new_inbox();
+        let mut replies = ctx
+            .nc
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .expect("subscribe to the inbox");
+        ctx.nc
+            .publish_with_reply(
+                format!("ebb.node.{NODE}.reload"),
+                format!("{inbox}.reload"),
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect("publish reload");
+        ctx.nc.flush().await.expect("flush");
+        // Undrain once the new haproxy process exists, before it is ready and installed.
+        let before: BTreeSet<u32> = haproxy_pids_for(ctx.dir.path()).into_iter().collect();
+        let dir = ctx.dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            wait_until(T, "the reload's new haproxy process", || {
+                haproxy_pids_for(&dir).iter().any(|p| !before.contains(p))
+            })
+        })
+        .await
+        .expect("join");
+        ctx.nc
+            .publish_with_reply(
+                format!("ebb.node.{NODE}.undrain"),
+                format!("{inbox}.undrain"),
+                Bytes::from(json!({"drain_id": id}).to_string()),
+            )
+            .await
+            .expect("publish undrain");
+        ctx.nc.flush().await.expect("flush");
+        let mut order = Vec::new();
+        let mut reload = Value::Null;
+        while order.len() < 2 {
+            let msg = tokio::time::timeout(T, replies.next())
+                .await
+                .expect("replies in time")
+                .expect("inbox open");
+            let reply: Value = serde_json::from_slice(&msg.payload).expect("JSON reply");
+            assert_eq!(reply["ok"], true, "{reply}");
+            let verb = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if verb == "reload" {
+                reload = reply["result"].clone();
+            }
+            order.push(verb);
+        }
+        let pid = reload["pid"].as_u64().expect("new pid");
+        let reloaded = ctx.events.wait_kind("reloaded", |b| b["pid"] == pid).await;
+        ctx.events
+            .wait_kind("undrained", |b| b["drain_id"] == id.as_str())
+            .await;
+        let launched_draining = started_draining(pid).expect("read the worker's environ");
+        if order != ["undrain", "reload"] || !launched_draining {
+            // The undrain did not land during the launch this time: the node is serving anyway.
+            wait_until_async(T, "/healthz to answer 200", || async {
+                matches!(http_get(port, "/healthz", true).await, Ok((200, _)))
+            })
+            .await;
+            continue;
+        }
+        println!(
+            "attempt {attempt}: worker {pid} was launched draining and installed after the undrain; reloaded: {}",
+            reloaded.body
+        );
+        assert_eq!(ctx.status().await["state"], "serving");
+        let healthy = try_wait_for_async(Duration::from_secs(5), || async {
+            matches!(http_get(port, "/healthz", true).await, Ok((200, _)))
+        })
+        .await;
+        assert!(
+            healthy,
+            "worker {pid}, started with EBB_DRAINING=1 by a reload that the undrain overtook, \
+             still answers 503 on /healthz 5 s after the node was undrained (state serving)"
+        );
+        return;
+    }
+    panic!("could not make an undrain land during a reload in 10 attempts");
+}
+
+/// Polls an async condition for up to `timeout`; false if it never held.
+async fn try_wait_for_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

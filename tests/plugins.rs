@@ -876,3 +876,355 @@ async fn alb_api_mode_deregisters_waits_and_registers_again_against_moto() {
     assert_eq!(moto(&url, &["state", &arn]), "unused");
     tokio::time::timeout(BOUND, host.shutdown()).await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// In a real drain: nats-server, `ebb agent` with its own haproxy, the demo backend. `drained` waits for
+// every plugin, status shows their messages, and misbehaving plugins never stop the agent from serving.
+
+const EBB: &str = env!("CARGO_BIN_EXE_ebb");
+const NODE: &str = "node-1";
+const T: Duration = Duration::from_secs(30);
+
+struct Node {
+    // Field order is drop order: the agent goes before the servers and the dir.
+    nc: async_nats::Client,
+    agent: support::Agent,
+    haproxy: support::HaproxyConfig,
+    _backend: support::Backend,
+    _nats: support::NatsServer,
+    dir: TestDir,
+}
+
+/// A TOML string (JSON's escaping is valid TOML for what serde_json writes).
+fn toml_str(s: impl AsRef<str>) -> String {
+    serde_json::to_string(s.as_ref()).unwrap()
+}
+
+/// One `[[plugins]]` table; `config` is raw TOML (an inline table).
+fn plugin_toml(name: &str, path: &Path, timeout: &str, config: &str) -> String {
+    format!(
+        "[[plugins]]\nname = {}\npath = {}\ntimeout = {}\nconfig = {config}\n",
+        toml_str(name),
+        toml_str(path.to_string_lossy()),
+        toml_str(timeout)
+    )
+}
+
+impl Node {
+    /// Starts a node whose agent loads the `[[plugins]]` that `plugins` writes (given the test dir).
+    async fn start(plugins: impl FnOnce(&TestDir) -> String) -> Node {
+        let dir = TestDir::new();
+        let nats = support::NatsServer::start(&dir.join("nats")).expect("start nats-server");
+        let backend = support::Backend::start().expect("start the backend");
+        let haproxy = support::HaproxyConfig::new(dir.path(), backend.addr());
+        haproxy.write().expect("write haproxy.cfg");
+        let mut config = support::AgentConfig::new(dir.path(), &nats.url(), &haproxy);
+        config.node_id(NODE).raw(&plugins(&dir));
+        let path = config.write().expect("write agent.toml");
+        let nc = async_nats::ConnectOptions::new()
+            .request_timeout(Some(T))
+            .connect(nats.url())
+            .await
+            .expect("connect to nats");
+        let agent = support::Agent::start(EBB, &path).expect("start the agent");
+        let node = Node {
+            nc,
+            agent,
+            haproxy,
+            _backend: backend,
+            _nats: nats,
+            dir,
+        };
+        node.wait_status("the node to serve", |s| s["state"] == "serving")
+            .await;
+        node
+    }
+
+    async fn command(&self, verb: &str, body: Value) -> Value {
+        let subject = format!("ebb.node.{NODE}.{verb}");
+        let reply =
+            tokio::time::timeout(T, self.nc.request(subject.clone(), body.to_string().into()))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no reply on {subject} within {T:?}: the agent must keep serving")
+                })
+                .unwrap_or_else(|e| panic!("request on {subject}: {e}"));
+        let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(v["ok"], true, "{verb}: {v}");
+        v["result"].clone()
+    }
+
+    /// Polls `status` (each answer within 2s: the agent stays responsive) until `pred` holds.
+    async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let subject = format!("ebb.node.{NODE}.status");
+        wait_for_async(T, what, || {
+            let nc = self.nc.clone();
+            let subject = subject.clone();
+            let pred = &pred;
+            async move {
+                let msg =
+                    tokio::time::timeout(Duration::from_secs(2), nc.request(subject, "{}".into()))
+                        .await
+                        .ok()?
+                        .ok()?;
+                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
+                (v["ok"] == true && pred(&v["result"])).then(|| v["result"].clone())
+            }
+        })
+        .await
+    }
+
+    /// The message of plugin `name`'s blocker in a status, if it blocks.
+    fn blocker(status: &Value, name: &str) -> Option<String> {
+        status["drain"]["blockers"]
+            .as_array()?
+            .iter()
+            .find(|b| b["kind"] == "plugin" && b["name"] == name)
+            .map(|b| b["message"].as_str().unwrap_or("").to_string())
+    }
+
+    /// HAProxy still answers through this node: the status of `/healthz` (503 while draining).
+    async fn health(&self) -> u16 {
+        let (status, _) = support::http_get(self.haproxy.frontend_port(), "/healthz", true)
+            .await
+            .expect("a request through haproxy");
+        status
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
+    let exec_flag = std::cell::RefCell::new(PathBuf::new());
+    let c_flag = std::cell::RefCell::new(PathBuf::new());
+    let node = Node::start(|dir| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/c-plugin/busy_file.c");
+        let c_so = build_c_file(dir, "ebb_busy_file", &src);
+        *exec_flag.borrow_mut() = dir.join("exec-busy");
+        *c_flag.borrow_mut() = dir.join("c-busy");
+        let script = format!(
+            "if [ -e {} ]; then echo 2 jobs running; exit 1; fi",
+            exec_flag.borrow().display()
+        );
+        [
+            plugin_toml(
+                "jobs",
+                &cdylib("ebb_plugin_exec"),
+                "2s",
+                &format!(
+                    "{{ command = [\"sh\", \"-c\", {}], interval = \"0s\" }}",
+                    toml_str(&script)
+                ),
+            ),
+            plugin_toml(
+                "maint",
+                &c_so,
+                "2s",
+                &format!(
+                    "{{ busy_file = {} }}",
+                    toml_str(c_flag.borrow().to_string_lossy())
+                ),
+            ),
+            plugin_toml(
+                "alb",
+                &cdylib("ebb_plugin_alb"),
+                "2s",
+                "{ deregistration_delay = \"3s\" }",
+            ),
+        ]
+        .join("\n")
+    })
+    .await;
+    let (exec_flag, c_flag) = (exec_flag.into_inner(), c_flag.into_inner());
+    std::fs::write(&exec_flag, "").unwrap();
+    std::fs::write(&c_flag, "").unwrap();
+
+    let status = node.command("status", json!({})).await;
+    let plugins: Vec<(String, String, bool)> = status["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().into(),
+                p["version"].as_str().unwrap().into(),
+                p["healthy"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        plugins,
+        vec![
+            ("jobs".into(), "0.1.0".into(), true),
+            ("maint".into(), "1.0.0".into(), true),
+            ("alb".into(), "0.1.0".into(), true),
+        ]
+    );
+
+    let drain = node.command("drain", json!({})).await;
+    let id = drain["drain_id"].as_str().unwrap().to_string();
+    // Every plugin's own message shows as its blocker.
+    let status = node
+        .wait_status("every plugin's blocker", |s| {
+            Node::blocker(s, "jobs").is_some_and(|m| m.starts_with("2 jobs running"))
+                && Node::blocker(s, "maint")
+                    .is_some_and(|m| m.ends_with(&format!("exists (since drain {id})")))
+                && Node::blocker(s, "alb")
+                    .is_some_and(|m| m.ends_with("s of deregistration delay left"))
+        })
+        .await;
+    assert_eq!(status["state"], "draining", "{status}");
+
+    // The timer runs out; the two flags still hold the drain.
+    std::fs::remove_file(&exec_flag).unwrap();
+    let status = node
+        .wait_status("the alb and exec blockers to clear", |s| {
+            Node::blocker(s, "jobs").is_none() && Node::blocker(s, "alb").is_none()
+        })
+        .await;
+    assert_eq!(
+        status["state"], "draining",
+        "the C plugin still holds the drain: {status}"
+    );
+    assert!(Node::blocker(&status, "maint").is_some(), "{status}");
+
+    std::fs::remove_file(&c_flag).unwrap();
+    let status = node
+        .wait_status("drained", |s| s["state"] == "drained")
+        .await;
+    assert_eq!(status["drain"]["blockers"], json!([]), "{status}");
+    assert_eq!(
+        node.health().await,
+        503,
+        "a drained node fails its health check"
+    );
+    node.command("undrain", json!({})).await;
+    node.wait_status("serving again", |s| s["state"] == "serving")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_serving() {
+    let p = test_plugin();
+    let mut node = Node::start(|_| {
+        [
+            plugin_toml(
+                "slow",
+                &p,
+                "200ms",
+                "{ sleep_in = \"check_idle\", sleep_ms = 600000 }",
+            ),
+            plugin_toml("crashy", &p, "2s", "{ panic_in = \"check_idle\" }"),
+            plugin_toml("hooks", &p, "2s", "{ panic_in = \"on_event\" }"),
+        ]
+        .join("\n")
+    })
+    .await;
+    node.command("drain", json!({})).await;
+    let status = node
+        .wait_status("the hung plugin to be disabled", |s| {
+            Node::blocker(s, "slow").is_some_and(|m| {
+                m.starts_with("disabled: no answer within 200ms, 3 times in a row")
+            })
+        })
+        .await;
+    let crashy = Node::blocker(&status, "crashy").unwrap();
+    assert!(
+        crashy.starts_with("error: the plugin panicked: test plugin: panic in check_idle"),
+        "{crashy}"
+    );
+    // A panicking hook costs nothing: that plugin's checks still answer idle.
+    assert_eq!(Node::blocker(&status, "hooks"), None, "{status}");
+    let healthy: Vec<bool> = status["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["healthy"] == true)
+        .collect();
+    assert_eq!(healthy, vec![false, false, true]);
+    // The agent said so in its log, and it keeps serving: HTTP through haproxy, commands over NATS.
+    let line = tokio::task::block_in_place(|| {
+        node.agent.wait_for_log(T, |l| {
+            support::log_message(l)
+                .is_some_and(|m| m.starts_with("plugin slow (") && m.contains(") disabled: "))
+        })
+    });
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(
+        node.health().await,
+        503,
+        "a draining node fails its health check, from haproxy"
+    );
+    node.command("undrain", json!({})).await;
+    node.wait_status("serving again", |s| s["state"] == "serving")
+        .await;
+    assert_eq!(node.health().await, 200);
+    let _ = &node.dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto() {
+    let Some(mut cmd) = moto_command() else {
+        eprintln!(
+            "SKIPPED: moto's ELBv2 server is not installed (pip install 'moto[server]'; scripts/test installs it)"
+        );
+        return;
+    };
+    let moto_dir = TestDir::new();
+    let port = free_port();
+    let log = std::fs::File::create(moto_dir.join("moto.log")).unwrap();
+    let _moto = ChildGuard::spawn(
+        "moto_server",
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_async(Duration::from_secs(30), "moto to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let arn = tokio::task::block_in_place(|| moto(&url, &["setup"]));
+    let node = Node::start(|_| {
+        plugin_toml(
+            "alb",
+            &cdylib("ebb_plugin_alb"),
+            "5s",
+            &format!(
+                "{{ mode = \"api\", target_group_arns = [{}], target_id = \"10.0.0.5\", port = 8080, \
+                 region = \"us-east-1\", endpoint = {}, poll_interval = \"100ms\", \
+                 access_key_id = \"testing\", secret_access_key = \"testing\" }}",
+                toml_str(&arn),
+                toml_str(&url)
+            ),
+        )
+    })
+    .await;
+    assert_eq!(
+        tokio::task::block_in_place(|| moto(&url, &["state", &arn])),
+        "healthy"
+    );
+    node.command("drain", json!({})).await;
+    node.wait_status("drained", |s| s["state"] == "drained")
+        .await;
+    assert_eq!(
+        tokio::task::block_in_place(|| moto(&url, &["state", &arn])),
+        "unused"
+    );
+    node.command("undrain", json!({})).await;
+    // The undrained hook registers the target again (delivered in the background).
+    wait_for_async(T, "the target to be registered again", || {
+        let url = url.clone();
+        let arn = arn.clone();
+        async move {
+            let state = tokio::task::spawn_blocking(move || moto(&url, &["state", &arn]))
+                .await
+                .ok()?;
+            (state == "healthy").then_some(())
+        }
+    })
+    .await;
+}
