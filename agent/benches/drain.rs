@@ -110,8 +110,9 @@ struct Round {
     latency: Duration,
     /// worker_exited received → drained received (old-worker rounds only).
     after_exit: Option<Duration>,
-    /// drained received before the response was complete: the bug ebb exists to prevent.
-    early: bool,
+    /// drained received this long before the response was complete: the bug ebb exists to
+    /// prevent (or, by a few ms on a loaded machine, the client task being scheduled late).
+    early: Option<Duration>,
 }
 
 async fn round(
@@ -152,7 +153,7 @@ async fn round(
     Round {
         latency: drained.saturating_duration_since(cleared),
         after_exit: exited.map(|e| drained.saturating_duration_since(e)),
-        early: drained < cleared,
+        early: (drained < cleared).then(|| cleared - drained),
     }
 }
 
@@ -200,23 +201,28 @@ fn main() {
         for (name, old_worker) in [("current worker", false), ("old worker", true)] {
             let mut latencies = Vec::new();
             let mut after_exit = Vec::new();
-            let mut early = 0;
+            let mut early = Vec::new();
             for i in 0..drains {
                 let id = format!("{}-{i}", if old_worker { "old" } else { "cur" });
                 let r = round(&nc, &mut events, &haproxy, &id, old_worker).await;
                 latencies.push(r.latency);
                 after_exit.extend(r.after_exit);
-                early += usize::from(r.early);
+                early.extend(r.early);
             }
             latencies.sort();
             println!(
-                "| {name}: response complete → drained | {} | {} | {} | {} | {} | {early} |",
+                "| {name}: response complete → drained | {} | {} | {} | {} | {} | {} |",
                 latencies.len(),
                 ms(percentile(&latencies, 0.5)),
                 ms(percentile(&latencies, 0.9)),
                 ms(percentile(&latencies, 0.99)),
                 ms(*latencies.last().expect("rounds")),
+                early.len(),
             );
+            if !early.is_empty() {
+                let by: Vec<String> = early.iter().map(|d| ms(*d)).collect();
+                eprintln!("{name}: drained received before the response by {by:?}");
+            }
             if !after_exit.is_empty() {
                 after_exit.sort();
                 println!(

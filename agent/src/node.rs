@@ -101,6 +101,8 @@ struct Running {
     reload_id: String,
     started: Instant,
     waiters: Vec<Waiter>,
+    /// Started with EBB_DRAINING=1: if an undrain lands meanwhile, the new worker must be told.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -561,6 +563,7 @@ impl Node {
             reload_id,
             started: Instant::now(),
             waiters,
+            draining,
         });
     }
 
@@ -586,6 +589,11 @@ impl Node {
                     // The new worker already answers 503 (EBB_DRAINING=1); the drain's commands
                     // are sent to it as well, as to every worker of a draining node.
                     self.send_drain_commands(pid, true);
+                } else if let (true, Some(pid)) =
+                    (running.draining, self.current.as_ref().map(Worker::pid))
+                {
+                    // Launched draining, but an undrain landed during the launch.
+                    self.send_drain_commands(pid, false);
                 }
                 let new = self
                     .current

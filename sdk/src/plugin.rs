@@ -19,7 +19,7 @@
 //! (never the agent's: a `cdylib` has its own copy of tokio). The agent never unloads a plugin library.
 //!
 //! # Writing a plugin in Rust
-//! Implement [`Plugin`] (the hooks default to no-ops) and export it with [`export_plugin!`]; the macro
+//! Implement [`Plugin`] (the hooks default to no-ops) and export it with [`export_plugin!`](crate::export_plugin); the macro
 //! writes every `extern "C"` function, and each one catches panics, so no unsafe code is needed and a
 //! panic becomes an error reply instead of aborting the agent:
 //!
@@ -292,7 +292,7 @@ pub struct Undrained {
 #[serde(default)]
 pub struct Stopping {}
 
-/// A plugin, safely: implement this and export it with [`export_plugin!`].
+/// A plugin, safely: implement this and export it with [`export_plugin!`](crate::export_plugin).
 ///
 /// The agent makes one instance per `[[plugins]]` entry and calls it from one thread at a time; every
 /// method should return well within the plugin's `timeout` (it is in [`CheckContext::timeout_ms`]). The
