@@ -14,6 +14,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio::sync::Notify;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 const EBB: &str = env!("CARGO_BIN_EXE_ebb");
@@ -143,24 +145,31 @@ struct Node {
     agent: Agent,
     agent_config: PathBuf,
     haproxy: HaproxyConfig,
-    _backend: Backend,
+    _backend: Option<Backend>,
     _nats: NatsServer,
     dir: TestDir,
 }
 
-/// Starts nats-server, the backend and an agent (which starts haproxy), subscribes to the node's
-/// events first, and returns once the node serves.
+/// Starts nats-server, the demo backend and an agent (which starts haproxy), subscribes to the
+/// node's events first, and returns once the node serves.
 async fn start_node() -> Node {
-    start_node_with(|_, _| {}).await
+    start_node_with(None, |_, _| {}).await
 }
 
-/// Like [`start_node`]; `prepare` runs on the test dir and the agent config before the agent
-/// starts (to write a state file, for example).
-async fn start_node_with(prepare: impl FnOnce(&Path, &mut AgentConfig)) -> Node {
+/// Like [`start_node`], with haproxy's backend at `backend` (else the demo backend); `prepare`
+/// runs on the test dir and the agent config before the agent starts (to write a state file).
+async fn start_node_with(
+    backend: Option<SocketAddr>,
+    prepare: impl FnOnce(&Path, &mut AgentConfig),
+) -> Node {
     let dir = TestDir::new();
     let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("start the backend");
-    let haproxy = HaproxyConfig::new(dir.path(), backend.addr());
+    let demo = match backend {
+        Some(_) => None,
+        None => Some(Backend::start().expect("start the backend")),
+    };
+    let backend_addr = backend.unwrap_or_else(|| demo.as_ref().expect("demo backend").addr());
+    let haproxy = HaproxyConfig::new(dir.path(), backend_addr);
     haproxy.write().expect("write haproxy.cfg");
     let mut config = AgentConfig::new(dir.path(), &nats.url(), &haproxy);
     config.node_id(NODE);
@@ -179,7 +188,7 @@ async fn start_node_with(prepare: impl FnOnce(&Path, &mut AgentConfig)) -> Node 
         agent,
         agent_config,
         haproxy,
-        _backend: backend,
+        _backend: demo,
         _nats: nats,
         dir,
     };
@@ -350,6 +359,80 @@ async fn full_200(request: Pending, body: &str) -> Instant {
     done
 }
 
+/// A backend whose `/hold` requests are answered only once the test calls [`Gate::release`], so
+/// a request stays in flight exactly as long as the test needs, with no duration to race against.
+/// Anything else is answered `ok` at once. HTTP/1.1 keep-alive, as haproxy talks to backends.
+struct Gate {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Gate {
+    async fn start() -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the gated backend");
+        let addr = listener.local_addr().expect("local addr");
+        let (open, opened) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(Gate::serve(stream, opened.clone()));
+            }
+        });
+        Gate { addr, open, task }
+    }
+
+    async fn serve(mut stream: tokio::net::TcpStream, mut opened: watch::Receiver<bool>) {
+        let mut buf = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            buf.drain(..head_end);
+            let held = head.split_whitespace().nth(1) == Some("/hold");
+            let body = if held {
+                if opened.wait_for(|&open| open).await.is_err() {
+                    return;
+                }
+                "released\n"
+            } else {
+                "ok\n"
+            };
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Answers every `/hold` request, held or to come.
+    fn release(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The event a JSON log line carries (target `ebb::event`, field `event`), if any.
 fn log_event(line: &Value) -> Option<Value> {
     let text = line
@@ -372,8 +455,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Only one load test at a time: two of them at once on 2 cores measure the machine, not ebb.
-static LOAD_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The load tests saturate the 2 cores: they run alone (write), and the test whose assertions
+/// involve a fixed request duration (test 1) never runs beside them (read). Everything else runs
+/// in parallel.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 // ---------------------------------------------------------------------------------------------
 // 1. A reload never cuts a request in flight
@@ -381,6 +466,7 @@ static LOAD_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_survives_a_reload_and_its_old_worker_exits_right_after() {
+    let _not_beside_the_load_tests = MACHINE.read().await;
     let node = start_node().await;
     let w0 = node.serving_pid().await.expect("a worker serves");
 
@@ -442,7 +528,7 @@ async fn a_slow_request_survives_a_reload_and_its_old_worker_exits_right_after()
 /// Runs `RELOADS` sequential reloads over NATS while `CONCURRENCY` clients in `mode` send
 /// requests; returns the load report once every old worker has exited.
 async fn reloads_under_load(mode: LoadMode) -> LoadReport {
-    let _one_at_a_time = LOAD_TESTS.lock().await;
+    let _alone = MACHINE.write().await;
     let node = start_node().await;
     let load = LoadGen::builder(node.port())
         .concurrency(CONCURRENCY)
@@ -601,11 +687,12 @@ async fn a_failed_reload_leaves_the_running_worker_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
-    let mut node = start_node().await;
+    let gate = Gate::start().await;
+    let mut node = start_node_with(Some(gate.addr()), |_, _| {}).await;
     let w0 = node.serving_pid().await.expect("a worker serves");
 
-    // W0 holds a slow request and is displaced by W1.
-    let slow = spawn_get(node.port(), "/slow?ms=6000");
+    // W0 holds a slow request (answered when the test releases it) and is displaced by W1.
+    let slow = spawn_get(node.port(), "/hold");
     wait_until_async(T, "W0 to hold the slow request", || async {
         node.curr_conns().await == Some(1)
     })
@@ -642,7 +729,8 @@ async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
     node.assert_serves().await;
 
     // The request completes, and W0's exit is noticed even though this agent is not its parent.
-    let done = full_200(slow, "slept 6000 ms\n").await;
+    gate.release();
+    let done = full_200(slow, "released\n").await;
     let exited = node.events.wait("worker_exited", |b| b["pid"] == w0).await;
     assert_eq!(exited.body["status"], "unknown", "{}", exited.body);
     assert_eq!(exited.body["role"], "old", "{}", exited.body);
@@ -780,7 +868,7 @@ async fn a_recycled_pid_in_the_state_file_is_never_signalled() {
         .trim()
         .to_string();
 
-    let mut node = start_node_with(|_, config| {
+    let mut node = start_node_with(None, |_, config| {
         let state_dir = config.state_dir();
         std::fs::create_dir_all(&state_dir).expect("create state_dir");
         let state = json!({

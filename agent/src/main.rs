@@ -136,8 +136,12 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             }
         });
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), ready_rx).await;
-        let plugins = ebb_agent::plugins::PluginHost::load(&cfg.plugins)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // A plugin that fails to load does not stop the agent: it stays listed as unhealthy and,
+        // with on_error = "busy", blocks drains with the reason (fail closed).
+        let (plugins, problems) = ebb_agent::plugins::PluginHost::load_fail_closed(&cfg.plugins);
+        for p in problems {
+            tracing::error!("{p}");
+        }
         if let Some(mut disabled) = plugins.take_disabled() {
             tokio::spawn(async move {
                 while let Some(d) = disabled.recv().await {
