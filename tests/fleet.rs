@@ -201,6 +201,10 @@ fn a_group_drain_waits_for_the_node_with_a_long_request_and_cuts_nothing() {
     );
 }
 
+/// How long a rollout waits for a batch. The dead node costs this much per run; the live ones must
+/// reload within it while other fleets of this suite run beside them on the same cores.
+const DEAD_NODE_TIMEOUT: &str = "10s";
+
 #[test]
 fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what_follows() {
     let mut fleet = Fleet::start(FLEET);
@@ -216,7 +220,7 @@ fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what_follo
         "5",
         "--json",
         "--timeout",
-        "2s",
+        DEAD_NODE_TIMEOUT,
     ]);
     assert_eq!(code, 1, "a stopped rollout is a failure:\n{out}");
     let results = json(&out);
@@ -250,7 +254,7 @@ fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what_follo
         "--continue-on-error",
         "--json",
         "--timeout",
-        "2s",
+        DEAD_NODE_TIMEOUT,
     ]);
     assert_eq!(
         code, 3,

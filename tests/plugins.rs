@@ -1119,7 +1119,26 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
         .join("\n")
     })
     .await;
+    let mut disabled = node
+        .nc
+        .subscribe(format!("ebb.event.{NODE}.plugin_disabled"))
+        .await
+        .unwrap();
+    node.nc.flush().await.unwrap();
     node.command("drain", json!({})).await;
+    let event = tokio::time::timeout(T, futures::StreamExt::next(&mut disabled))
+        .await
+        .expect("a plugin_disabled event for the hung plugin")
+        .expect("the subscription stays open");
+    let event: Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(event["kind"], "plugin_disabled", "{event}");
+    assert_eq!(event["node"], NODE, "{event}");
+    assert_eq!(event["name"], "slow", "{event}");
+    assert_eq!(
+        event["error"], "no answer within 200ms, 3 times in a row",
+        "{event}"
+    );
+    assert_eq!(event["blocks_drains"], true, "{event}");
     let status = node
         .wait_status("the hung plugin to be disabled", |s| {
             Node::blocker(s, "slow").is_some_and(|m| {

@@ -142,15 +142,10 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         for p in problems {
             tracing::error!("{p}");
         }
-        if let Some(mut disabled) = plugins.take_disabled() {
-            tokio::spawn(async move {
-                while let Some(d) = disabled.recv().await {
-                    tracing::error!(plugin = %d.name, "{d}");
-                }
-            });
-        }
-        let node = Node::start(settings.clone(), emitter, summary_tx, plugins).await?;
+        let node = Node::start(settings.clone(), emitter, summary_tx, plugins.clone()).await?;
         let outcome = node.run(inputs_rx).await;
+        // Each plugin's instance is destroyed (within its timeout), so it can release what it holds.
+        plugins.shutdown().await;
         // The node dropped its event sender: give the publisher a moment to send what is left.
         // Whatever it cannot send stays in the outbox for the next agent.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publishing).await;

@@ -25,7 +25,7 @@ use crate::haproxy::config_file::sha256_hex;
 use crate::haproxy::launch::{self, LaunchError, LaunchSpec, Launched};
 use crate::haproxy::procfs::{self, ProcessId};
 use crate::haproxy::worker::{self, Exit, Worker};
-use crate::plugins::PluginHost;
+use crate::plugins::{PluginDisabled, PluginHost};
 use crate::reload::{PushedConfig, ReloadQueue};
 use crate::state_file::{self, State};
 use ebb_sdk::plugin::{self as hooks, CheckContext, HookEvent, Verdict};
@@ -175,6 +175,8 @@ pub struct Node {
     /// The drain the plugin checker asks about: `Some` while draining.
     check_target: watch::Sender<Option<CheckContext>>,
     verdicts: mpsc::UnboundedReceiver<Vec<(String, Verdict)>>,
+    /// Notices of plugins disabled for hanging, each published as a `plugin_disabled` event.
+    plugins_disabled: mpsc::UnboundedReceiver<PluginDisabled>,
     dirty: bool,
 }
 
@@ -216,6 +218,10 @@ impl Node {
                 verdicts_tx,
             );
         }
+        // Without a receiver (taken already), the closed channel just never yields a notice.
+        let plugins_disabled = plugins
+            .take_disabled()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut node = Node {
             reloads: ReloadQueue::new(settings.config.reload.coalesce.0),
             settings: settings.clone(),
@@ -249,6 +255,7 @@ impl Node {
             plugins,
             check_target,
             verdicts,
+            plugins_disabled,
             dirty: true,
         };
 
@@ -365,6 +372,7 @@ impl Node {
                 Some(outcome) = self.launches.recv() => self.on_launched(outcome),
                 Some(sample) = self.samples.recv() => self.on_sample(sample),
                 Some(verdicts) = self.verdicts.recv() => self.on_verdicts(verdicts),
+                Some(disabled) = self.plugins_disabled.recv() => self.on_plugin_disabled(disabled),
                 _ = sleep_until(wake) => {}
             }
         }
@@ -962,6 +970,18 @@ impl Node {
                 Verdict::Busy(message) => Some((name, message)),
             })
             .collect();
+    }
+
+    fn on_plugin_disabled(&mut self, disabled: PluginDisabled) {
+        tracing::error!(plugin = %disabled.name, "{disabled}");
+        self.events.emit(
+            EventBody::PluginDisabled {
+                name: disabled.name,
+                error: disabled.reason,
+                blocks_drains: disabled.blocks_drains,
+            },
+            &Cause::default(),
+        );
     }
 
     fn on_sample(&mut self, sample: Sample) {

@@ -146,6 +146,18 @@ pub enum EventBody {
     Stopped { connections_cut: u64 },
     /// Periodic sign of life.
     Heartbeat { state: NodeState },
+    /// A plugin was disabled after hanging again and again; it is not called again until the agent
+    /// restarts.
+    PluginDisabled {
+        /// The plugin's `name` in the configuration.
+        name: String,
+        /// Why, e.g. "no answer within 2s, 3 times in a row". (Not `reason`: that envelope field is
+        /// the reason of the command that caused an event.)
+        error: String,
+        /// True when its idle check counts as busy from now on (`on_error = "busy"`), so drains wait
+        /// until an operator fixes or removes it; false when it counts as idle.
+        blocks_drains: bool,
+    },
 }
 
 impl EventBody {
@@ -163,6 +175,7 @@ impl EventBody {
             EventBody::Undrained { .. } => "undrained",
             EventBody::Stopped { .. } => "stopped",
             EventBody::Heartbeat { .. } => "heartbeat",
+            EventBody::PluginDisabled { .. } => "plugin_disabled",
         }
     }
 }
@@ -442,6 +455,15 @@ mod tests {
                 state: NodeState::Serving,
             },
             json!({"kind":"heartbeat","state":"serving"}),
+        );
+        assert_wire(
+            EventBody::PluginDisabled {
+                name: "alb".into(),
+                error: "no answer within 2s, 3 times in a row".into(),
+                blocks_drains: true,
+            },
+            json!({"kind":"plugin_disabled","name":"alb",
+                   "error":"no answer within 2s, 3 times in a row","blocks_drains":true}),
         );
     }
 
