@@ -155,6 +155,9 @@ pub struct Node {
     exits: mpsc::UnboundedReceiver<(ProcessId, Exit)>,
     launches_tx: mpsc::UnboundedSender<LaunchOutcome>,
     launches: mpsc::UnboundedReceiver<LaunchOutcome>,
+    /// The listening ports of a newly launched worker, read off the reload's critical path.
+    ports_tx: mpsc::UnboundedSender<(u32, HashSet<u16>)>,
+    ports: mpsc::UnboundedReceiver<(u32, HashSet<u16>)>,
     /// SIGTERM: exit once HAProxy is stopped.
     exit_when_stopped: bool,
     summary_tx: watch::Sender<Summary>,
@@ -205,6 +208,7 @@ impl Node {
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let (launches_tx, launches) = mpsc::unbounded_channel();
+        let (ports_tx, ports) = mpsc::unbounded_channel();
         let (sampler_target, target_rx) = watch::channel(None);
         let (samples_tx, samples) = mpsc::unbounded_channel();
         spawn_sampler(&settings, target_rx, samples_tx);
@@ -241,6 +245,8 @@ impl Node {
             exits,
             launches_tx,
             launches,
+            ports_tx,
+            ports,
             exit_when_stopped: false,
             summary_tx,
             next_heartbeat: Instant::now() + settings.config.nats.heartbeat.0,
@@ -316,7 +322,9 @@ impl Node {
                     "haproxy worker {} started",
                     launched.worker.pid()
                 );
+                let pid = launched.worker.pid();
                 node.install_current(launched);
+                node.client_ports = procfs::listening_ports(pid);
             }
         }
         if node.drain.is_some() {
@@ -370,6 +378,7 @@ impl Node {
                 },
                 Some((id, exit)) = self.exits.recv() => self.on_exit(id, exit),
                 Some(outcome) = self.launches.recv() => self.on_launched(outcome),
+                Some((pid, ports)) = self.ports.recv() => self.on_ports(pid, ports),
                 Some(sample) = self.samples.recv() => self.on_sample(sample),
                 Some(verdicts) = self.verdicts.recv() => self.on_verdicts(verdicts),
                 Some(disabled) = self.plugins_disabled.recv() => self.on_plugin_disabled(disabled),
@@ -562,10 +571,21 @@ impl Node {
         let takeover = self.current.is_some();
         let backup = self.settings.config.haproxy.state_dir.join("last-good.cfg");
         let tx = self.launches_tx.clone();
+        let ports_tx = self.ports_tx.clone();
         let draining = self.drain.is_some();
         tokio::spawn(async move {
             let result = launch_with(&spec, takeover, draining, config, &backup).await;
+            let pid = result.as_ref().ok().map(|l| l.worker.pid());
             let _ = tx.send(LaunchOutcome { result });
+            // The ports come from /proc/net/tcp, which takes milliseconds on a busy host: read
+            // after the node has the new worker, so the reload is not held up by it.
+            if let Some(pid) = pid {
+                if let Ok(ports) =
+                    tokio::task::spawn_blocking(move || procfs::listening_ports(pid)).await
+                {
+                    let _ = ports_tx.send((pid, ports));
+                }
+            }
         });
         self.running = Some(Running {
             reload_id,
@@ -591,6 +611,7 @@ impl Node {
             .unwrap_or_default();
         match outcome.result {
             Ok(launched) => {
+                let launch_ms = launched.duration.as_millis() as u64;
                 let displaced = self.install_current(launched);
                 if let (Some(_), Some(pid)) = (&self.drain, self.current.as_ref().map(Worker::pid))
                 {
@@ -622,7 +643,7 @@ impl Node {
                     duration_ms,
                     error: None,
                 });
-                tracing::info!(pid, old_pids = ?displaced, duration_ms, "reloaded: worker {pid} serves");
+                tracing::info!(pid, old_pids = ?displaced, duration_ms, launch_ms, "reloaded: worker {pid} serves");
                 self.events.emit(
                     EventBody::Reloaded {
                         reload_id: running.reload_id.clone(),
@@ -693,10 +714,6 @@ impl Node {
     fn install_current(&mut self, launched: Launched) -> Vec<u32> {
         let Launched { worker, child, .. } = launched;
         worker.watch_exit(Some(child), self.exits_tx.clone());
-        let ports = procfs::listening_ports(worker.pid());
-        if !ports.is_empty() {
-            self.client_ports = ports;
-        }
         self.sample = None;
         let mut displaced = Vec::new();
         if let Some(previous) = self.current.replace(worker) {
@@ -706,6 +723,13 @@ impl Node {
         }
         self.dirty = true;
         displaced
+    }
+
+    fn on_ports(&mut self, pid: u32, ports: HashSet<u16>) {
+        // Until they arrive, the previous worker's ports stand in: a reload rarely changes them.
+        if self.current.as_ref().map(Worker::pid) == Some(pid) && !ports.is_empty() {
+            self.client_ports = ports;
+        }
     }
 
     fn retire_current(&mut self) {

@@ -57,10 +57,17 @@ pub enum LaunchError {
     Timeout { after: Duration, stderr: String },
 }
 
-/// How often readiness is polled: fast at first (HAProxy starts in tens of ms), backing off so a
-/// slow start does not spin.
+/// How often readiness is polled. While nothing answers, fast at first and doubling to a few ms.
+/// While the displaced worker answers, at once again: both workers accept on the shared admin
+/// socket, and the kernel may hand poll after poll to the old one, so each answer from it must
+/// cost little time.
 const FIRST_POLL: Duration = Duration::from_micros(500);
-const MAX_POLL: Duration = Duration::from_millis(10);
+const MAX_POLL: Duration = Duration::from_millis(4);
+/// A start that takes longer than this is slow (typically a host busy starting many workers, such
+/// as a fleet reloading at once on few cores): from then on, poll at most every `SLOW_POLL`, so
+/// the polls (each a `show info`) do not take the CPU that the starts need.
+const SLOW_START: Duration = Duration::from_millis(150);
+const SLOW_POLL: Duration = Duration::from_millis(20);
 
 /// Starts a worker. With `takeover`, it takes the listening sockets from the running worker via
 /// `-x`. `draining` is exported as `EBB_DRAINING` so the config can answer 503 from the first
@@ -168,18 +175,21 @@ async fn wait_ready(
     worker: &Worker,
     child: &mut Child,
 ) -> Result<(), ReadyError> {
-    let deadline = Instant::now() + spec.startup_timeout;
+    let start = Instant::now();
+    let deadline = start + spec.startup_timeout;
     let admin = AdminSocket::new(&spec.admin_socket, Duration::from_secs(1));
-    let mut poll = FIRST_POLL;
+    let mut wait = FIRST_POLL;
     loop {
-        let wait = match admin.pid().await {
+        // An answer from another pid (the displaced worker, which shares the listening admin
+        // socket until it is told to stop) proves nothing: poll on.
+        let this = match admin.pid().await {
             Ok(pid) if pid == worker.pid() => return Ok(()),
-            // The displaced worker answered; the new one may be up already, so look again soon.
+            _ if start.elapsed() >= SLOW_START => SLOW_POLL,
             Ok(_) => FIRST_POLL,
             Err(_) => {
-                let wait = poll;
-                poll = (poll * 2).min(MAX_POLL);
-                wait
+                let this = wait;
+                wait = (wait * 2).min(MAX_POLL);
+                this
             }
         };
         if Instant::now() >= deadline {
@@ -189,7 +199,7 @@ async fn wait_ready(
             status = child.wait() => {
                 return Err(ReadyError::Exited(status.map(Exit::from_status).unwrap_or(Exit::Unknown)));
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(this) => {}
         }
     }
 }
