@@ -220,21 +220,7 @@ impl Ctx {
 
     /// The raw reply to `verb` with `body`.
     async fn command(&self, verb: &str, body: Value) -> Value {
-        let subject = format!("ebb.node.{NODE}.{verb}");
-        let reply = tokio::time::timeout(
-            T,
-            self.nc
-                .request(subject.clone(), Bytes::from(body.to_string())),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("no reply on {subject} within {T:?}"))
-        .unwrap_or_else(|e| panic!("request on {subject}: {e}"));
-        serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-            panic!(
-                "reply on {subject} is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&reply.payload)
-            )
-        })
+        support::node_command(&self.nc, NODE, verb, &body, T).await
     }
 
     /// `verb` must succeed; returns its result.

@@ -726,6 +726,47 @@ async fn alb_timer_mode_counts_down_the_deregistration_delay() {
 }
 
 /// moto's server (`pip install 'moto[server]'`): `moto_server` on PATH, or the module.
+/// moto's ELBv2 server on a free port, killed on drop.
+struct Moto {
+    url: String,
+    _server: ChildGuard,
+    _dir: TestDir,
+}
+
+impl Moto {
+    /// `None` (and a SKIPPED line) when moto is not installed.
+    async fn start() -> Option<Moto> {
+        let Some(mut cmd) = moto_command() else {
+            eprintln!(
+                "SKIPPED: moto's ELBv2 server is not installed (pip install 'moto[server]'; scripts/test installs it)"
+            );
+            return None;
+        };
+        let dir = TestDir::new();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let server = ChildGuard::spawn(
+            "moto_server",
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        )
+        .unwrap();
+        wait_for_async(Duration::from_secs(30), "moto to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Some(Moto {
+            url: format!("http://127.0.0.1:{port}"),
+            _server: server,
+            _dir: dir,
+        })
+    }
+}
+
 fn moto_command() -> Option<Command> {
     let ok = |c: &mut Command| {
         c.stdout(Stdio::null())
@@ -779,30 +820,10 @@ fn moto(url: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alb_api_mode_deregisters_waits_and_registers_again_against_moto() {
-    let Some(mut cmd) = moto_command() else {
-        eprintln!(
-            "SKIPPED: moto's ELBv2 server is not installed (pip install 'moto[server]'; scripts/test installs it)"
-        );
+    let Some(moto_server) = Moto::start().await else {
         return;
     };
-    let dir = TestDir::new();
-    let port = free_port();
-    let log = std::fs::File::create(dir.join("moto.log")).unwrap();
-    let _moto = ChildGuard::spawn(
-        "moto_server",
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_async(Duration::from_secs(30), "moto to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let url = moto_server.url.clone();
     let arn = tokio::task::spawn_blocking({
         let url = url.clone();
         move || moto(&url, &["setup"])
@@ -1182,30 +1203,10 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto() {
-    let Some(mut cmd) = moto_command() else {
-        eprintln!(
-            "SKIPPED: moto's ELBv2 server is not installed (pip install 'moto[server]'; scripts/test installs it)"
-        );
+    let Some(moto_server) = Moto::start().await else {
         return;
     };
-    let moto_dir = TestDir::new();
-    let port = free_port();
-    let log = std::fs::File::create(moto_dir.join("moto.log")).unwrap();
-    let _moto = ChildGuard::spawn(
-        "moto_server",
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    )
-    .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_async(Duration::from_secs(30), "moto to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let url = moto_server.url.clone();
     let arn = tokio::task::block_in_place(|| moto(&url, &["setup"]));
     let node = Node::start(|_| {
         plugin_toml(

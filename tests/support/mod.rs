@@ -35,7 +35,7 @@ pub use http::{
     http_get, http_request, partial_request, ClientError, FailureKind, KeepAliveClient, LoadGen,
     LoadGenBuilder, LoadMode, LoadReport, PartialRequest, Response, REQUEST_TIMEOUT,
 };
-pub use nats::{write_config as write_nats_config, NatsServer};
+pub use nats::{node_command, write_config as write_nats_config, NatsServer};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
     HaproxyReaper,

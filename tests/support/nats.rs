@@ -194,3 +194,28 @@ pub fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok(path)
 }
+
+/// Sends `verb` with `body` to node `node` (subject prefix `ebb`) and returns the raw JSON reply;
+/// panics, naming the subject, when no reply comes within `timeout` or it is not JSON.
+pub async fn node_command(
+    nc: &async_nats::Client,
+    node: &str,
+    verb: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> serde_json::Value {
+    let subject = format!("ebb.node.{node}.{verb}");
+    let reply = tokio::time::timeout(
+        timeout,
+        nc.request(subject.clone(), body.to_string().into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply on {subject} within {timeout:?}"))
+    .unwrap_or_else(|e| panic!("request on {subject}: {e}"));
+    serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+        panic!(
+            "reply on {subject} is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    })
+}
