@@ -1966,6 +1966,119 @@ async fn nkey_auth() {
     assert!(matches!(refused, Ok(Err(_))), "no nkey, no connection");
 }
 
+// Creds file: the server runs in operator mode (decentralized JWT auth); the operator signs the
+// account, the account signs the user, and the user's JWT and seed form the creds file.
+
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = json!({"typ": "JWT", "alg": "ed25519-nkey"});
+    let iat = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut claims = json!({
+        "jti": "", "iat": iat, "iss": issuer.public_key(), "name": name, "sub": subject, "nats": nats,
+    });
+    // The JWT id is a hash of the claims; any unique value passes the server's checks.
+    claims["jti"] = Value::String(format!(
+        "{:X}",
+        Sha256::digest(claims.to_string().as_bytes())
+    ));
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = issuer.sign(signing_input.as_bytes()).expect("sign a JWT");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_auth() {
+    let dir = TestDir::new();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "fleet",
+        json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "ebb",
+        json!({"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let creds = dir.join("ebb.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("user seed")
+        ),
+    )
+    .expect("write the creds file");
+    std::fs::create_dir_all(dir.join("nats")).expect("nats dir");
+    let operator_file = dir.join("nats/operator.jwt");
+    std::fs::write(&operator_file, &operator_jwt).expect("operator jwt");
+    let nats = nats_with_config(
+        &dir.join("nats"),
+        &format!(
+            "operator: \"{}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
+            operator_file.display(),
+            account.public_key(),
+            sys = system.public_key(),
+        ),
+    );
+    let backend = Backend::start().expect("backend");
+    let _node = start_node(&dir.join("cr-1"), &nats.url(), &backend, "cr-1", |c| {
+        c.set_path("nats", "creds", &creds);
+    });
+    let nc = connect_with(
+        ConnectOptions::with_credentials_file(&creds)
+            .await
+            .expect("read the creds file"),
+        &nats.url(),
+    )
+    .await;
+    wait_ready(&nc, "cr-1").await;
+    let reply = command(&nc, "cr-1", "status", json!({})).await;
+    assert_ok(&reply, "cr-1", Value::Null);
+
+    let refused = tokio::time::timeout(T, ConnectOptions::new().connect(nats.url())).await;
+    assert!(matches!(refused, Ok(Err(_))), "no creds, no connection");
+    let url = nats.url();
+    let creds_arg = creds.to_string_lossy().to_string();
+    let (code, out, err) = ctl(&[
+        "--nats", &url, "--creds", &creds_arg, "status", "--node", "cr-1",
+    ])
+    .await;
+    assert_eq!(code, 0, "ctl with the creds file: {out}\n{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Service discovery
 // ---------------------------------------------------------------------------------------------
