@@ -4,7 +4,7 @@
 //! exit watchers report worker exits, launch tasks report their outcome. The node decides with the
 //! plain state machines (`ReloadQueue`, `Backoff`) and carries the decisions out.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -410,7 +410,7 @@ impl Node {
         let drain = self
             .drain
             .as_ref()
-            .and_then(|d| d.next_wake(Instant::now(), &self.view(false)));
+            .and_then(|d| d.next_wake(Instant::now(), &self.view(None)));
         [
             self.reloads.next_start(),
             restart,
@@ -1024,21 +1024,26 @@ impl Node {
         self.sample = Some(sample);
     }
 
-    /// What the drain decision needs; `count` adds each old worker's open connections (read from
-    /// /proc, so only for status and events, not on every evaluation).
-    fn view(&self, count: bool) -> View {
+    /// Each old worker's open client connections, from /proc: for status and events only, not on
+    /// every evaluation.
+    fn old_connections(&self) -> HashMap<u32, u64> {
+        let pids: Vec<u32> = self.old.iter().map(Worker::pid).collect();
+        procfs::client_connections_of(&pids, &self.client_ports)
+    }
+
+    /// What the drain decision needs; `connections` adds each old worker's open connections
+    /// ([`Self::old_connections`]), else they count as 0.
+    fn view(&self, connections: Option<&HashMap<u32, u64>>) -> View {
         let current = self.current.as_ref().map(Worker::pid);
         View {
             old_workers: self
                 .old
                 .iter()
                 .map(|w| {
-                    let connections = if count {
-                        procfs::client_connections(w.pid(), &self.client_ports)
-                    } else {
-                        0
-                    };
-                    (w.pid(), w.age().as_millis() as u64, connections)
+                    let open = connections
+                        .and_then(|c| c.get(&w.pid()).copied())
+                        .unwrap_or(0);
+                    (w.pid(), w.age().as_millis() as u64, open)
                 })
                 .collect(),
             busy: match current {
@@ -1076,7 +1081,7 @@ impl Node {
             }
             changed
         });
-        let view = self.view(false);
+        let view = self.view(None);
         let Some(drain) = &mut self.drain else { return };
         let actions = drain.step(Instant::now(), SystemTime::now(), &view);
         for action in actions {
@@ -1084,7 +1089,8 @@ impl Node {
             match action {
                 Action::DeadlineExceeded(_) => {
                     let Some(drain) = &self.drain else { return };
-                    let blockers = drain.blockers(Instant::now(), &self.view(true));
+                    let connections = self.old_connections();
+                    let blockers = drain.blockers(Instant::now(), &self.view(Some(&connections)));
                     tracing::warn!(drain_id = %drain.id(), ?blockers, "drain deadline exceeded");
                     let body = EventBody::DrainDeadlineExceeded {
                         drain_id: drain.id().to_string(),
@@ -1255,6 +1261,7 @@ impl Node {
 
     fn status(&self) -> StatusResult {
         let cfg = &self.settings.config;
+        let connections = self.old_connections();
         StatusResult {
             state: self.state(),
             node: cfg.node.id.clone(),
@@ -1275,7 +1282,7 @@ impl Node {
                 .map(|w| OldWorker {
                     pid: w.pid(),
                     age_ms: w.age().as_millis() as u64,
-                    connections: procfs::client_connections(w.pid(), &self.client_ports),
+                    connections: connections.get(&w.pid()).copied().unwrap_or(0),
                 })
                 .collect(),
             drain: self.drain.as_ref().map(|d| {
@@ -1287,7 +1294,7 @@ impl Node {
                     ),
                     elapsed_ms: d.elapsed(now).as_millis() as u64,
                     blockers: match d.phase() {
-                        Phase::Draining => d.blockers(now, &self.view(true)),
+                        Phase::Draining => d.blockers(now, &self.view(Some(&connections))),
                         Phase::Drained => Vec::new(),
                     },
                 }

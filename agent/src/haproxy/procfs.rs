@@ -198,11 +198,19 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
 }
 
 fn tcp_entries(pid: u32) -> Vec<TcpEntry> {
-    ["net/tcp", "net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(proc_path(pid, f)).ok())
-        .flat_map(|t| parse_tcp_table(&t))
-        .collect()
+    tcp_tables(pid).unwrap_or_default()
+}
+
+/// The TCP tables of `pid`'s network namespace; `None` when they cannot be read (it exited).
+fn tcp_tables(pid: u32) -> Option<Vec<TcpEntry>> {
+    let v4 = std::fs::read_to_string(proc_path(pid, "net/tcp")).ok()?;
+    let v6 = std::fs::read_to_string(proc_path(pid, "net/tcp6")).unwrap_or_default();
+    Some(
+        parse_tcp_table(&v4)
+            .into_iter()
+            .chain(parse_tcp_table(&v6))
+            .collect(),
+    )
 }
 
 /// The TCP ports worker `pid` listens on.
@@ -219,20 +227,62 @@ pub fn listening_ports(pid: u32) -> HashSet<u16> {
 /// of `client_ports` (the ports HAProxy listens on). With no known ports, every non-listening TCP
 /// socket counts, server-side ones included, which overcounts rather than hides a connection.
 pub fn client_connections(pid: u32, client_ports: &HashSet<u16>) -> u64 {
-    let inodes = socket_inodes(pid);
-    if inodes.is_empty() {
-        return 0;
-    }
-    tcp_entries(pid)
+    client_connections_of(&[pid], client_ports)
+        .get(&pid)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// [`client_connections`] of several workers, reading the TCP tables once: they are the network
+/// namespace's, shared by every worker, and reading them is what costs (milliseconds on a busy host).
+/// A worker that exited counts 0.
+pub fn client_connections_of(
+    pids: &[u32],
+    client_ports: &HashSet<u16>,
+) -> std::collections::HashMap<u32, u64> {
+    let sockets: Vec<(u32, HashSet<u64>)> =
+        pids.iter().map(|&pid| (pid, socket_inodes(pid))).collect();
+    // Read through a worker that is still there (and has sockets, so it is not a zombie).
+    let entries = sockets
+        .iter()
+        .filter(|(_, inodes)| !inodes.is_empty())
+        .find_map(|&(pid, _)| tcp_tables(pid))
+        .unwrap_or_default();
+    sockets
         .into_iter()
-        .filter(|e| e.state != TCP_LISTEN && inodes.contains(&e.inode))
-        .filter(|e| client_ports.is_empty() || client_ports.contains(&e.local_port))
-        .count() as u64
+        .map(|(pid, inodes)| {
+            let count = entries
+                .iter()
+                .filter(|e| e.state != TCP_LISTEN && inodes.contains(&e.inode))
+                .filter(|e| client_ports.is_empty() || client_ports.contains(&e.local_port))
+                .count();
+            (pid, count as u64)
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_counted_per_process_with_one_read_and_an_exited_process_counts_zero() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_served, _) = listener.accept().unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let (me, gone) = (std::process::id(), gone.id());
+        let ports = HashSet::from([port]);
+        // The exited process comes first: the tables are read through one that is still there.
+        let counts = client_connections_of(&[gone, me], &ports);
+        // Only the accepted side has the listening port as its local port.
+        assert_eq!(counts.get(&me), Some(&1), "{counts:?}");
+        assert_eq!(counts.get(&gone), Some(&0), "{counts:?}");
+        assert_eq!(client_connections(me, &ports), 1);
+        assert!(listening_ports(me).contains(&port));
+    }
 
     fn obs(start: u64, state: char, exe: Option<&str>) -> Observed {
         Observed {
