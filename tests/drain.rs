@@ -192,11 +192,7 @@ async fn setup_with(
     config.node_id(NODE);
     tweak(&mut config);
     let path = config.write().expect("write agent.toml");
-    let nc = async_nats::ConnectOptions::new()
-        .request_timeout(Some(T))
-        .connect(nats.url())
-        .await
-        .expect("connect to nats");
+    let nc = support::nats_client(&nats.url(), T).await;
     let events = Events::subscribe(&nc, &format!("ebb.event.{NODE}.>")).await;
     let agent = Agent::start(EBB, &path).expect("start the agent");
     let ctx = Ctx {
@@ -1295,9 +1291,10 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
         );
         assert_eq!(ctx.status().await["state"], "serving");
         let healthy = try_wait_for_async(Duration::from_secs(5), || async {
-            matches!(http_get(port, "/healthz", true).await, Ok((200, _)))
+            matches!(http_get(port, "/healthz", true).await, Ok((200, _))).then_some(())
         })
-        .await;
+        .await
+        .is_some();
         assert!(
             healthy,
             "worker {pid}, started with EBB_DRAINING=1 by a reload that the undrain overtook, \
@@ -1306,22 +1303,4 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
         return;
     }
     panic!("could not make an undrain land during a reload in 10 attempts");
-}
-
-/// Polls an async condition for up to `timeout`; false if it never held.
-async fn try_wait_for_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -913,7 +913,7 @@ struct Node {
     haproxy: support::HaproxyConfig,
     _backend: support::Backend,
     _nats: support::NatsServer,
-    dir: TestDir,
+    _dir: TestDir,
 }
 
 /// A TOML string (JSON's escaping is valid TOML for what serde_json writes).
@@ -942,11 +942,7 @@ impl Node {
         let mut config = support::AgentConfig::new(dir.path(), &nats.url(), &haproxy);
         config.node_id(NODE).raw(&plugins(&dir));
         let path = config.write().expect("write agent.toml");
-        let nc = async_nats::ConnectOptions::new()
-            .request_timeout(Some(T))
-            .connect(nats.url())
-            .await
-            .expect("connect to nats");
+        let nc = support::nats_client(&nats.url(), T).await;
         let agent = support::Agent::start(EBB, &path).expect("start the agent");
         let node = Node {
             nc,
@@ -954,25 +950,25 @@ impl Node {
             haproxy,
             _backend: backend,
             _nats: nats,
-            dir,
+            _dir: dir,
         };
         node.wait_status("the node to serve", |s| s["state"] == "serving")
             .await;
         node
     }
 
+    /// `verb` must succeed (a reply within `T`: the agent must keep serving); returns its result.
     async fn command(&self, verb: &str, body: Value) -> Value {
-        let subject = format!("ebb.node.{NODE}.{verb}");
-        let reply =
-            tokio::time::timeout(T, self.nc.request(subject.clone(), body.to_string().into()))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("no reply on {subject} within {T:?}: the agent must keep serving")
-                })
-                .unwrap_or_else(|e| panic!("request on {subject}: {e}"));
-        let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+        let v = support::node_command(&self.nc, NODE, verb, &body, T).await;
         assert_eq!(v["ok"], true, "{verb}: {v}");
         v["result"].clone()
+    }
+
+    /// Undrains and waits until the node serves again.
+    async fn undrain(&self) {
+        self.command("undrain", json!({})).await;
+        self.wait_status("serving again", |s| s["state"] == "serving")
+            .await;
     }
 
     /// Polls `status` (each answer within 2s: the agent stays responsive) until `pred` holds.
@@ -1118,9 +1114,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
         503,
         "a drained node fails its health check"
     );
-    node.command("undrain", json!({})).await;
-    node.wait_status("serving again", |s| s["state"] == "serving")
-        .await;
+    node.undrain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1194,11 +1188,8 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
         503,
         "a draining node fails its health check, from haproxy"
     );
-    node.command("undrain", json!({})).await;
-    node.wait_status("serving again", |s| s["state"] == "serving")
-        .await;
+    node.undrain().await;
     assert_eq!(node.health().await, 200);
-    let _ = &node.dir;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,11 +192,7 @@ async fn start_node_full(
     config.node_id(NODE);
     prepare(dir.path(), &mut config);
     let agent_config = config.write().expect("write agent.toml");
-    let nc = async_nats::ConnectOptions::new()
-        .request_timeout(Some(T))
-        .connect(nats.url())
-        .await
-        .expect("connect to nats");
+    let nc = support::nats_client(&nats.url(), T).await;
     let events = Events::subscribe(&nc).await;
     let agent = Agent::start(EBB, &agent_config).expect("start the agent");
     let node = Node {

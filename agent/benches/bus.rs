@@ -53,11 +53,7 @@ async fn run() {
     let dir = TestDir::new();
     let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
     let backend = Backend::start().expect("backend");
-    let nc = async_nats::ConnectOptions::new()
-        .request_timeout(Some(T))
-        .connect(nats.url())
-        .await
-        .expect("connect");
+    let nc = support::nats_client(&nats.url(), T).await;
     let version = std::process::Command::new(NatsServer::bin())
         .arg("--version")
         .output()

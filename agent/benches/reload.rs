@@ -146,11 +146,7 @@ async fn agent_reloads(n: usize, load: Option<usize>) -> (Vec<f64>, Vec<f64>) {
     let mut config = AgentConfig::new(dir.path(), &nats.url(), &haproxy);
     config.node_id(NODE);
     let path = config.write().expect("write agent.toml");
-    let nc = async_nats::ConnectOptions::new()
-        .request_timeout(Some(T))
-        .connect(nats.url())
-        .await
-        .expect("connect to nats");
+    let nc = support::nats_client(&nats.url(), T).await;
     let mut agent = Agent::start(EBB, &path).expect("start the agent");
     wait_until_async(T, "the agent to serve", || async {
         request(&nc, "status")

@@ -613,16 +613,15 @@ impl Node {
             Ok(launched) => {
                 let launch_ms = launched.duration.as_millis() as u64;
                 let displaced = self.install_current(launched);
-                if let (Some(_), Some(pid)) = (&self.drain, self.current.as_ref().map(Worker::pid))
-                {
-                    // The new worker already answers 503 (EBB_DRAINING=1); the drain's commands
-                    // are sent to it as well, as to every worker of a draining node.
-                    self.send_drain_commands(pid, true);
-                } else if let (true, Some(pid)) =
-                    (running.draining, self.current.as_ref().map(Worker::pid))
-                {
-                    // Launched draining, but an undrain landed during the launch.
-                    self.send_drain_commands(pid, false);
+                // A worker of a draining node already answers 503 (EBB_DRAINING=1) and gets the
+                // drain's commands as well; one launched draining whose drain an undrain ended
+                // meanwhile gets the undrain's.
+                let draining = self.drain.is_some();
+                if let (true, Some(pid)) = (
+                    draining || running.draining,
+                    self.current.as_ref().map(Worker::pid),
+                ) {
+                    self.send_drain_commands(pid, draining);
                 }
                 let new = self
                     .current

@@ -35,7 +35,9 @@ pub use http::{
     http_get, http_request, partial_request, ClientError, FailureKind, KeepAliveClient, LoadGen,
     LoadGenBuilder, LoadMode, LoadReport, PartialRequest, Response, REQUEST_TIMEOUT,
 };
-pub use nats::{node_command, write_config as write_nats_config, NatsServer};
+pub use nats::{
+    client as nats_client, node_command, write_config as write_nats_config, NatsServer,
+};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
     HaproxyReaper,
@@ -183,7 +185,19 @@ where
 }
 
 /// Async [`wait_for`].
-pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match try_wait_for_async(timeout, f).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Async [`try_wait_for`]: `None` on timeout instead of panicking.
+pub async fn try_wait_for_async<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -193,11 +207,11 @@ where
     loop {
         // An attempt that hangs must not outlive the deadline either.
         if let Ok(Some(value)) = tokio::time::timeout_at(deadline, f()).await {
-            return value;
+            return Some(value);
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(MAX_POLL);

@@ -219,3 +219,12 @@ pub async fn node_command(
         )
     })
 }
+
+/// A client of `url` whose requests time out after `request_timeout`.
+pub async fn client(url: &str, request_timeout: Duration) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .request_timeout(Some(request_timeout))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to nats at {url}: {e}"))
+}

@@ -197,10 +197,6 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
         .collect()
 }
 
-fn tcp_entries(pid: u32) -> Vec<TcpEntry> {
-    tcp_tables(pid).unwrap_or_default()
-}
-
 /// The TCP tables of `pid`'s network namespace; `None` when they cannot be read (it exited).
 fn tcp_tables(pid: u32) -> Option<Vec<TcpEntry>> {
     let v4 = std::fs::read_to_string(proc_path(pid, "net/tcp")).ok()?;
@@ -216,7 +212,8 @@ fn tcp_tables(pid: u32) -> Option<Vec<TcpEntry>> {
 /// The TCP ports worker `pid` listens on.
 pub fn listening_ports(pid: u32) -> HashSet<u16> {
     let inodes = socket_inodes(pid);
-    tcp_entries(pid)
+    tcp_tables(pid)
+        .unwrap_or_default()
         .into_iter()
         .filter(|e| e.state == TCP_LISTEN && inodes.contains(&e.inode))
         .map(|e| e.local_port)
