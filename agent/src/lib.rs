@@ -22,5 +22,6 @@ pub mod events;
 pub mod haproxy;
 pub mod node;
 pub mod plugins;
+pub mod record;
 pub mod reload;
 pub mod state_file;

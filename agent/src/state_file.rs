@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::haproxy::worker::WorkerRecord;
+use crate::record::WorkerRecord;
 
 pub const FILE_NAME: &str = "state.json";
 const VERSION: u32 = 1;
@@ -94,7 +94,7 @@ pub fn save(state_dir: &Path, state: &State) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::haproxy::procfs::ProcessId;
+    use crate::record::ProcessId;
 
     #[test]
     fn round_trips_and_tolerates_absence_and_garbage() {

@@ -8,12 +8,7 @@ use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// The identity of one process, as recorded in the state file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProcessId {
-    pub pid: u32,
-    pub start_time: u64,
-}
+pub use crate::record::ProcessId;
 
 /// What /proc says about a pid right now.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
-use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::process::Child;
 use tokio::sync::mpsc;
@@ -44,16 +43,7 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// What the state file keeps of a worker, enough to find and verify it after an agent restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    #[serde(flatten)]
-    pub id: ProcessId,
-    /// Milliseconds since the Unix epoch.
-    pub started_at_ms: u64,
-    pub log: PathBuf,
-    pub config_sha256: String,
-}
+pub use crate::record::WorkerRecord;
 
 #[derive(Debug)]
 pub struct Worker {
