@@ -1,5 +1,5 @@
 //! Drain latency: the time from the last blocker clearing to the `drained` event received by a
-//! NATS subscriber (DESIGN §7: p99 ≤ 50 ms with `poll_interval = "10ms"`). Prints a table.
+//! NATS subscriber (the target: p99 ≤ 50 ms with `poll_interval = "10ms"`). Prints a table.
 //!
 //! `cargo bench -p ebb-agent --bench drain` (`EBB_BENCH_DRAINS=N` sets the drains per variant,
 //! default 60).

@@ -1,4 +1,4 @@
-//! Reload latency (DESIGN §7: reload command→reply within 1.2× HAProxy's own start time).
+//! Reload latency (the target: reload command→reply within 1.2× HAProxy's own start time).
 //!
 //! - ebb: `reload` over NATS to a real `ebb agent` (release build) with its own haproxy; the reply's
 //!   `duration_ms` (spawn → the new worker answers `show info` with its own pid → old worker

@@ -1,5 +1,6 @@
-//! The agent's configuration (DESIGN §8): a TOML file plus `EBB_<SECTION>__<KEY>` environment overrides,
-//! deserialized strictly and validated once at load, so that a running agent never meets a bad setting.
+//! The agent's configuration (README.md, "Configuration"): a TOML file plus
+//! `EBB_<SECTION>__<KEY>` environment overrides, deserialized strictly and validated once at
+//! load, so that a running agent never meets a bad setting.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! The drain decision (DESIGN §4): a plain state machine, fed observations, that says when a node
+//! The drain decision: a plain state machine, fed observations, that says when a node
 //! is drained. No I/O: the node task samples HAProxy, watches worker exits and asks plugins, and
 //! hands what it saw to [`Drain::step`].
 //!
@@ -16,7 +16,6 @@ use ebb_sdk::status::Blocker;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{IdleRule, OnDeadline};
-use crate::haproxy::admin::{RowKind, StatRow};
 
 /// The knobs of one drain: the `[drain]` config, overridden per command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,45 +243,6 @@ impl Drain {
     }
 }
 
-/// The current worker's busy count by the idle rule, from `show info` and `show stat`.
-///
-/// - `connections`: `CurrConns` (the CLI's own connections are not in it), or, when frontends are
-///   ignored, the sum of `scur` over the other FRONTEND rows.
-/// - `sessions`: the sum of `scur + qcur` over BACKEND rows (server rows miss the backend queue).
-pub fn busy_count(
-    rule: IdleRule,
-    ignore_frontends: &[String],
-    info: &str,
-    rows: &[StatRow],
-) -> Option<u64> {
-    match rule {
-        IdleRule::Connections if ignore_frontends.is_empty() => info
-            .lines()
-            .find_map(|l| l.strip_prefix("CurrConns:"))
-            .and_then(|v| v.trim().parse().ok()),
-        IdleRule::Connections => Some(
-            rows.iter()
-                .filter(|r| r.kind == RowKind::Frontend && !ignore_frontends.contains(&r.proxy))
-                .map(|r| r.scur)
-                .sum(),
-        ),
-        IdleRule::Sessions => Some(
-            rows.iter()
-                .filter(|r| r.kind == RowKind::Backend)
-                .map(|r| r.scur + r.qcur)
-                .sum(),
-        ),
-    }
-}
-
-/// Total connections accepted by the watched frontends, for `quiet_period`.
-pub fn accepted_total(ignore_frontends: &[String], rows: &[StatRow]) -> u64 {
-    rows.iter()
-        .filter(|r| r.kind == RowKind::Frontend && !ignore_frontends.contains(&r.proxy))
-        .map(|r| r.stot)
-        .sum()
-}
-
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -454,35 +414,6 @@ mod tests {
             matches!(left.as_slice(), [Blocker::MinPeriod { remaining_ms }] if (5_900..=6_000).contains(remaining_ms)),
             "{left:?}"
         );
-    }
-
-    #[test]
-    fn busy_counts_by_rule() {
-        let row = |proxy: &str, kind, scur, qcur, stot| StatRow {
-            proxy: proxy.into(),
-            kind,
-            scur,
-            qcur,
-            stot,
-        };
-        let rows = vec![
-            row("web", RowKind::Frontend, 2, 0, 10),
-            row("stats", RowKind::Frontend, 1, 0, 5),
-            row("app", RowKind::Backend, 1, 2, 9),
-            row("app", RowKind::Server, 1, 0, 9),
-        ];
-        let info = "Name: HAProxy\nCurrConns: 3\n";
-        assert_eq!(busy_count(IdleRule::Connections, &[], info, &rows), Some(3));
-        assert_eq!(
-            busy_count(IdleRule::Connections, &["stats".into()], info, &rows),
-            Some(2)
-        );
-        assert_eq!(busy_count(IdleRule::Sessions, &[], info, &rows), Some(3));
-        assert_eq!(
-            busy_count(IdleRule::Connections, &[], "garbage", &rows),
-            None
-        );
-        assert_eq!(accepted_total(&["stats".into()], &rows), 10);
     }
 
     #[derive(Debug, Clone)]

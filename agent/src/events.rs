@@ -1,10 +1,12 @@
-//! Making events: the envelope of DESIGN §5 (`boot_id`, `seq`, `time`) around each event body.
-//! Events are handed to the publisher (the bus and its outbox) and logged.
+//! Making events: the envelope every event carries (`v`, `node`, `boot_id`, `seq`, `time`) around
+//! its body. Plain data: the node core makes events, the shell hands them to the publisher.
+//!
+//! `boot_id` + `seq` are given once, here, and never again: the event's Msg-Id is derived from
+//! them, so a retry or a resend after a restart is deduplicated by the stream.
 
 use std::time::SystemTime;
 
 use ebb_sdk::event::{Event, EventBody};
-use tokio::sync::mpsc;
 
 /// Who caused an event: copied from the command that led to it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,21 +15,20 @@ pub struct Cause {
     pub reason: Option<String>,
 }
 
-#[derive(Debug)]
-pub struct Emitter {
+/// Numbers this agent's events: one sequence per `boot_id`, starting at 1.
+#[derive(Debug, Clone)]
+pub struct Envelope {
     node: String,
     boot_id: String,
     seq: u64,
-    tx: mpsc::UnboundedSender<Event>,
 }
 
-impl Emitter {
-    pub fn new(node: &str, boot_id: &str, tx: mpsc::UnboundedSender<Event>) -> Self {
-        Emitter {
+impl Envelope {
+    pub fn new(node: &str, boot_id: &str) -> Self {
+        Envelope {
             node: node.to_string(),
             boot_id: boot_id.to_string(),
             seq: 0,
-            tx,
         }
     }
 
@@ -35,32 +36,19 @@ impl Emitter {
         &self.boot_id
     }
 
-    pub fn emit(&mut self, body: EventBody, cause: &Cause) -> Event {
+    /// Wraps `body` as the next event of this agent.
+    pub fn wrap(&mut self, body: EventBody, cause: &Cause, wall: SystemTime) -> Event {
         self.seq += 1;
-        let event = Event {
+        Event {
             v: ebb_sdk::PROTOCOL_VERSION,
             node: self.node.clone(),
             boot_id: self.boot_id.clone(),
             seq: self.seq,
-            time: rfc3339(SystemTime::now()),
+            time: rfc3339(wall),
             requester: cause.requester.clone(),
             reason: cause.reason.clone(),
             body,
-        };
-        let json = serde_json::to_string(&event).unwrap_or_default();
-        tracing::info!(target: "ebb::event", kind = event.kind(), seq = event.seq, event = %json, "event {}", event.kind());
-        // The publisher only goes away when the agent shuts down; the log line above remains.
-        let _ = self.tx.send(event.clone());
-        event
-    }
-}
-
-impl Emitter {
-    /// Sends an event made earlier (by this agent or a previous one) again, with its original
-    /// ids: the stream drops it if it already has it.
-    pub fn republish(&self, event: Event) {
-        tracing::info!(target: "ebb::event", kind = event.kind(), msg_id = %event.msg_id(), "re-sending event {}", event.kind());
-        let _ = self.tx.send(event);
+        }
     }
 }
 
@@ -68,10 +56,20 @@ pub fn rfc3339(t: SystemTime) -> String {
     ebb_sdk::time::format_rfc3339_millis(t)
 }
 
-/// The protocol's view of how a worker ended.
-pub fn exit_status(exit: crate::haproxy::worker::Exit) -> ebb_sdk::event::ExitStatus {
-    match exit {
-        crate::haproxy::worker::Exit::Code(c) => ebb_sdk::event::ExitStatus::Code(c),
-        crate::haproxy::worker::Exit::Unknown => ebb_sdk::event::ExitStatus::Unknown,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_starts_at_one_and_counts_per_boot() {
+        let mut env = Envelope::new("n1", "b1");
+        let wall = SystemTime::UNIX_EPOCH;
+        let body = || EventBody::Undrained {
+            drain_id: "d".into(),
+        };
+        let a = env.wrap(body(), &Cause::default(), wall);
+        let b = env.wrap(body(), &Cause::default(), wall);
+        assert_eq!((a.seq, b.seq), (1, 2));
+        assert_eq!(a.msg_id(), "n1.b1.1");
     }
 }

@@ -11,8 +11,8 @@ use ebb_agent::bus::outbox::Outbox;
 use ebb_agent::bus::publisher::Publisher;
 use ebb_agent::cli::{Cli, Commands, ConfigCommand, PluginCommand};
 use ebb_agent::config::{self, LogFormat, Settings};
-use ebb_agent::events::Emitter;
-use ebb_agent::node::{AgentSignal, Input, Node, Outcome, Summary};
+use ebb_agent::inbox::{AgentSignal, Input, Summary};
+use ebb_agent::node::{Outcome, Shell};
 use ebb_sdk::status::NodeState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
@@ -99,7 +99,6 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         })?;
         let outbox = Outbox::open(&cfg.haproxy.state_dir, cfg.nats.outbox_limit)?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let emitter = Emitter::new(settings.node_id(), &boot_id, events_tx);
         let (inputs_tx, inputs_rx) = mpsc::channel(1024);
         let (summary_tx, summary_rx) = watch::channel(Summary {
             state: NodeState::Starting,
@@ -142,7 +141,14 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         for p in problems {
             tracing::error!("{p}");
         }
-        let node = Node::start(settings.clone(), emitter, summary_tx, plugins.clone()).await?;
+        let node = Shell::start(
+            settings.clone(),
+            boot_id.clone(),
+            events_tx,
+            summary_tx,
+            plugins.clone(),
+        )
+        .await?;
         let outcome = node.run(inputs_rx).await;
         // Each plugin's instance is destroyed (within its timeout), so it can release what it holds.
         plugins.shutdown().await;

@@ -1,4 +1,4 @@
-//! The reload queue: a plain state machine that serializes and coalesces reloads (DESIGN §3).
+//! The reload queue: a plain state machine that serializes and coalesces reloads.
 //!
 //! - One reload runs at a time.
 //! - A request that arrives while the queue is idle starts at once: coalescing never delays a lone
@@ -33,9 +33,21 @@ pub struct Conflict {
     pub queued: String,
 }
 
+/// The reload being carried out: the batch it answers and what it was started with. The queue is
+/// the one owner of the fact "a reload is running".
+#[derive(Debug)]
+pub struct Running<W> {
+    pub batch: Batch<W>,
+    pub reload_id: String,
+    pub started: Instant,
+    /// Its worker was started into a drain (`EBB_DRAINING=1`): if the drain ends meanwhile, the
+    /// new worker must be told.
+    pub draining: bool,
+}
+
 #[derive(Debug)]
 pub struct ReloadQueue<W> {
-    running: bool,
+    running: Option<Running<W>>,
     queued: Option<Batch<W>>,
     coalesce: Duration,
 }
@@ -43,14 +55,18 @@ pub struct ReloadQueue<W> {
 impl<W> ReloadQueue<W> {
     pub fn new(coalesce: Duration) -> Self {
         ReloadQueue {
-            running: false,
+            running: None,
             queued: None,
             coalesce,
         }
     }
 
+    pub fn running(&self) -> Option<&Running<W>> {
+        self.running.as_ref()
+    }
+
     pub fn is_running(&self) -> bool {
-        self.running
+        self.running.is_some()
     }
 
     pub fn has_queued(&self) -> bool {
@@ -66,11 +82,15 @@ impl<W> ReloadQueue<W> {
     ) -> Result<(), (W, Conflict)> {
         match &mut self.queued {
             None => {
+                let ready_at = match &self.running {
+                    Some(_) => now + self.coalesce,
+                    None => now,
+                };
                 self.queued = Some(Batch {
                     waiters: vec![waiter],
                     config,
                     // Re-set by `finish` when a reload is running.
-                    ready_at: now,
+                    ready_at,
                 });
             }
             Some(batch) => match (&batch.config, config) {
@@ -91,29 +111,48 @@ impl<W> ReloadQueue<W> {
     /// When the queued batch may start, if there is one and nothing runs.
     pub fn next_start(&self) -> Option<Instant> {
         let batch = self.queued.as_ref()?;
-        (!self.running).then_some(batch.ready_at)
+        self.running.is_none().then_some(batch.ready_at)
     }
 
-    /// Takes the batch to launch now, if any. The caller owns it until it calls `finish`.
-    pub fn start(&mut self, now: Instant) -> Option<Batch<W>> {
+    /// Starts the queued batch, if one is due: from now until `finish`, it is the running reload.
+    pub fn start(
+        &mut self,
+        now: Instant,
+        reload_id: String,
+        draining: bool,
+    ) -> Option<&Running<W>> {
         if self.next_start()? > now {
             return None;
         }
-        self.running = true;
-        self.queued.take()
+        let batch = self.queued.take()?;
+        self.running = Some(Running {
+            batch,
+            reload_id,
+            started: now,
+            draining,
+        });
+        self.running.as_ref()
     }
 
-    /// The running launch is over (either way).
-    pub fn finish(&mut self, now: Instant) {
-        self.running = false;
+    /// The running reload is over (either way): hands it back, to answer its waiters.
+    pub fn finish(&mut self, now: Instant) -> Option<Running<W>> {
         if let Some(batch) = &mut self.queued {
             batch.ready_at = now + self.coalesce;
         }
+        self.running.take()
     }
 
-    /// Hands back every queued waiter, for answering when the agent stops.
+    /// Hands back every queued waiter, for answering when the node stops.
     pub fn drain_queued(&mut self) -> Vec<W> {
         self.queued.take().map(|b| b.waiters).unwrap_or_default()
+    }
+
+    /// Every waiter, queued or running.
+    pub fn waiters(&self) -> impl Iterator<Item = &W> {
+        self.running
+            .iter()
+            .flat_map(|r| r.batch.waiters.iter())
+            .chain(self.queued.iter().flat_map(|b| b.waiters.iter()))
     }
 }
 
@@ -121,9 +160,13 @@ impl<W> ReloadQueue<W> {
 mod tests {
     use super::*;
 
+    fn start(q: &mut ReloadQueue<i32>, now: Instant) -> Option<&Running<i32>> {
+        q.start(now, "r".into(), false)
+    }
+
     fn cfg(text: &str) -> Option<PushedConfig> {
         Some(PushedConfig {
-            sha256: crate::haproxy::config_file::sha256_hex(text.as_bytes()),
+            sha256: format!("sha-{text}"),
             text: text.into(),
         })
     }
@@ -133,12 +176,12 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::from_secs(5));
         q.request(1, None, now).expect("queued");
-        let b = q.start(now).expect("starts");
-        assert_eq!(b.waiters, vec![1]);
+        let b = start(&mut q, now).expect("starts");
+        assert_eq!(b.batch.waiters, vec![1]);
         q.finish(now);
         // Idle again: the next lone request is not delayed by the debounce either.
         q.request(2, None, now).expect("queued");
-        assert_eq!(q.start(now).expect("starts").waiters, vec![2]);
+        assert_eq!(start(&mut q, now).expect("starts").batch.waiters, vec![2]);
     }
 
     #[test]
@@ -146,18 +189,18 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::ZERO);
         q.request(1, None, now).expect("queued");
-        let _running = q.start(now).expect("starts");
+        let _running = start(&mut q, now).expect("starts");
         for w in 2..=5 {
             q.request(w, None, now).expect("joins");
         }
         assert!(
-            q.start(now).is_none(),
+            start(&mut q, now).is_none(),
             "serialized: nothing starts while one runs"
         );
         q.finish(now);
-        let next = q.start(now).expect("the coalesced batch starts");
-        assert_eq!(next.waiters, vec![2, 3, 4, 5]);
-        assert!(q.start(now).is_none());
+        let next = start(&mut q, now).expect("the coalesced batch starts");
+        assert_eq!(next.batch.waiters, vec![2, 3, 4, 5]);
+        assert!(start(&mut q, now).is_none());
     }
 
     #[test]
@@ -165,12 +208,12 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::from_millis(100));
         q.request(1, None, now).expect("queued");
-        let _ = q.start(now).expect("starts");
+        let _ = start(&mut q, now).expect("starts");
         q.request(2, None, now).expect("joins");
         q.finish(now);
         assert_eq!(q.next_start(), Some(now + Duration::from_millis(100)));
-        assert!(q.start(now + Duration::from_millis(99)).is_none());
-        assert!(q.start(now + Duration::from_millis(100)).is_some());
+        assert!(start(&mut q, now + Duration::from_millis(99)).is_none());
+        assert!(start(&mut q, now + Duration::from_millis(100)).is_some());
     }
 
     #[test]
@@ -178,7 +221,7 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::ZERO);
         q.request(1, None, now).expect("queued");
-        let _ = q.start(now);
+        let _ = start(&mut q, now);
         q.request(2, cfg("a"), now)
             .expect("first pushed config queues");
         q.request(3, cfg("a"), now).expect("the same config joins");
@@ -189,9 +232,9 @@ mod tests {
         assert_eq!(w, 5);
         assert_eq!(c.queued, cfg("a").expect("cfg").sha256);
         q.finish(now);
-        let b = q.start(now).expect("starts");
-        assert_eq!(b.waiters, vec![2, 3, 4]);
-        assert_eq!(b.config, cfg("a"));
+        let b = start(&mut q, now).expect("starts");
+        assert_eq!(b.batch.waiters, vec![2, 3, 4]);
+        assert_eq!(b.batch.config, cfg("a"));
     }
 
     #[test]
@@ -199,14 +242,14 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::ZERO);
         q.request(1, None, now).expect("queued");
-        let _ = q.start(now);
+        let _ = start(&mut q, now);
         q.request(2, None, now).expect("queued");
         q.request(3, cfg("a"), now)
             .expect("joins and brings its config");
         q.finish(now);
-        let b = q.start(now).expect("starts");
-        assert_eq!(b.config, cfg("a"));
-        assert_eq!(b.waiters, vec![2, 3]);
+        let b = start(&mut q, now).expect("starts");
+        assert_eq!(b.batch.config, cfg("a"));
+        assert_eq!(b.batch.waiters, vec![2, 3]);
     }
 
     #[test]
@@ -214,7 +257,7 @@ mod tests {
         let now = Instant::now();
         let mut q = ReloadQueue::new(Duration::ZERO);
         q.request(1, None, now).expect("queued");
-        let _ = q.start(now);
+        let _ = start(&mut q, now);
         q.request(2, None, now).expect("queued");
         assert_eq!(q.drain_queued(), vec![2]);
         assert!(!q.has_queued());

@@ -1,4 +1,4 @@
-//! The plugin ABI (DESIGN §6, a contract): how a dynamic library adds idle checks and drain hooks to an agent.
+//! The plugin ABI, a contract (docs/PLUGINS.md): how a dynamic library adds idle checks and drain hooks to an agent.
 //!
 //! A plugin is a shared library (a Rust `cdylib`, or C against `sdk/include/ebb_plugin.h`) that exports one
 //! symbol, [`ENTRY_SYMBOL`] (`ebb_plugin_entry`): a C function without arguments that returns a pointer to a

@@ -85,6 +85,11 @@ pub struct StatusResult {
     pub plugins: Vec<PluginStatus>,
     /// `null` until the first reload.
     pub last_reload: Option<LastReload>,
+    /// Problems the agent keeps running into and cannot fix alone, such as a drain command that
+    /// HAProxy keeps refusing; each says what failed, on what, and what to do. Absent when empty
+    /// (added in protocol 1 without a version bump: older agents never send it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The HAProxy process tree as the agent sees it.
@@ -341,6 +346,7 @@ mod tests {
                 duration_ms: 31,
                 error: None,
             }),
+            warnings: Vec::new(),
         }
     }
 

@@ -16,7 +16,7 @@ use futures::stream::{SelectAll, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::{Dedupe, Seen};
-use crate::node::Input;
+use crate::inbox::Input;
 
 /// Commands larger than this are refused (a pushed haproxy.cfg is the only large one).
 pub const MAX_COMMAND_BYTES: usize = 1 << 20;
@@ -127,20 +127,17 @@ impl CommandServer {
         };
         let (tx, rx) = oneshot::channel();
         let node = self.node.clone();
-        let inputs = self.inputs.clone();
         let done = done.clone();
-        // Carried out off this loop: a reload takes tens of milliseconds, a status none, and
-        // neither may hold up the next request.
+        // Handed to the node here, in arrival order: a drain and the undrain right behind it must
+        // reach the node in that order. Only the wait for the reply runs apart, since a reload
+        // takes tens of milliseconds and must not hold up the next request.
+        let sent = self
+            .inputs
+            .send(Input::Command { command, reply: tx })
+            .await
+            .is_ok();
         tokio::spawn(async move {
-            let reply = if inputs
-                .send(Input::Command { command, reply: tx })
-                .await
-                .is_err()
-            {
-                None
-            } else {
-                rx.await.ok()
-            };
+            let reply = if sent { rx.await.ok() } else { None };
             let reply = reply.unwrap_or_else(|| {
                 Reply::failure(
                     &node,

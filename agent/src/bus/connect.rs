@@ -1,4 +1,5 @@
-//! Connecting to NATS with any of the auth forms of DESIGN §8, retrying forever.
+//! Connecting to NATS with the auth form `[nats]` sets (creds file, nkey seed, token, or user
+//! and password; TLS with a CA and a client certificate on top), retrying forever.
 
 use std::time::Duration;
 

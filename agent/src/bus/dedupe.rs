@@ -1,5 +1,6 @@
-//! Request-id deduplication (DESIGN §5): a repeated `request_id` gets the first reply again and
-//! acts only once, even when the repeat arrives while the first is still being carried out.
+//! Request-id deduplication (docs/PROTOCOL.md, "Request fields"): a repeated `request_id` gets
+//! the first reply again and acts only once, even when the repeat arrives while the first is
+//! still being carried out.
 
 use std::collections::{HashMap, VecDeque};
 

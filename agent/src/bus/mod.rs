@@ -1,4 +1,4 @@
-//! The NATS bus (DESIGN §5): commands in, replies and events out, node state in KV.
+//! The NATS bus (docs/PROTOCOL.md): commands in, replies and events out, node state in KV.
 
 pub mod commands;
 pub mod connect;

@@ -15,7 +15,7 @@ use super::jetstream::{events_stream, node_bucket, Resolved};
 use super::outbox::Outbox;
 use crate::config::NatsConfig;
 use crate::events::rfc3339;
-use crate::node::Summary;
+use crate::inbox::Summary;
 
 enum Sink {
     Unresolved,

@@ -28,7 +28,8 @@ pub use args::{CtlArgs, CtlVerb};
 
 use crate::bus::connect;
 
-/// Exit codes of DESIGN §8.
+/// `ebb ctl`'s exit codes: 0 every node ok, 1 some node failed, 2 usage error, 3 timeout or a node
+/// unreachable (README.md, "Using it").
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FAILED: u8 = 1;
@@ -91,7 +92,7 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
             if let Some(path) = config {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --config {}", path.display()))?;
-                req.config_sha256 = Some(crate::haproxy::config_file::sha256_hex(text.as_bytes()));
+                req.config_sha256 = Some(crate::digest::sha256_hex(text.as_bytes()));
                 req.config = Some(text);
             }
             if let Some(parallel) = max_parallel {

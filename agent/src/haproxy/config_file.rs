@@ -2,12 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-/// Lowercase hex SHA-256 of the exact bytes, as the protocol's `config_sha256`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
+pub use crate::digest::sha256_hex;
 
 /// Finds the admin socket in the `global` section: a unix `stats socket` with `expose-fd listeners`
 /// (needed by `-x`) and admin level (needed for `set var` and the drain commands).

@@ -12,8 +12,8 @@ use rustix::process::Signal;
 use tokio::process::{Child, Command};
 
 use super::admin::AdminSocket;
-use super::config_file::sha256_hex;
 use super::worker::{self, Exit, Worker};
+use crate::digest::sha256_hex;
 
 /// Everything needed to start a worker.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! The plugin host (DESIGN §6): loads the `[[plugins]]` libraries at start, asks them whether the node is
+//! The plugin host (docs/PLUGINS.md): loads the `[[plugins]]` libraries at start, asks them whether the node is
 //! idle while it drains, and delivers the drain hooks.
 //!
 //! - **Before any plugin code runs**, the file must be owned by root or the agent's user, must not be
@@ -238,6 +238,17 @@ impl PluginHost {
     /// True when no plugin is configured.
     pub fn is_empty(&self) -> bool {
         self.inner.plugins.is_empty()
+    }
+
+    /// The plugins whose idle check a drain waits for, in config order (a plugin that failed to
+    /// load is one: it fails closed).
+    pub fn idle_checkers(&self) -> Vec<String> {
+        self.inner
+            .plugins
+            .iter()
+            .filter(|p| p.checks_idle())
+            .map(|p| p.name.clone())
+            .collect()
     }
 
     /// The notices of plugins being disabled. Returns the receiver once; `None` afterwards.

@@ -1,0 +1,1129 @@
+//! The node core, cell by cell (the lifecycle table in docs/ARCHITECTURE.md), then as a model:
+//! random input sequences against a simulated world of processes must never break the
+//! invariants.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use ebb_sdk::event::EventBody;
+use proptest::prelude::*;
+
+use super::*;
+
+const MIN_PERIOD: Duration = Duration::from_secs(10);
+
+fn cfg(plugins: &[&str]) -> CoreConfig {
+    let drain = DrainConfig {
+        min_period: crate::config::Dur(MIN_PERIOD),
+        ..DrainConfig::default()
+    };
+    CoreConfig {
+        node: "n1".into(),
+        groups: vec![],
+        boot_id: "b1".into(),
+        kernel_boot_id: "k1".into(),
+        config_path: "/etc/haproxy/haproxy.cfg".into(),
+        drain,
+        stop_timeout: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(3600),
+        coalesce: Duration::ZERO,
+        plugins: plugins.iter().map(|p| p.to_string()).collect(),
+        version: "test".into(),
+    }
+}
+
+fn record(pid: u32, at_ms: u64) -> WorkerRecord {
+    WorkerRecord {
+        id: ProcessId {
+            pid,
+            start_time: u64::from(pid),
+        },
+        started_at_ms: at_ms,
+        log: format!("/logs/worker-{pid}.log").into(),
+        config_sha256: "c0ffee".into(),
+    }
+}
+
+/// A core under test, its clock, and every effect it produced.
+struct Node {
+    core: NodeCore,
+    t0: Instant,
+    w0: SystemTime,
+    ms: u64,
+    effects: Vec<Effect>,
+    next_pid: u32,
+    next_reply: u64,
+}
+
+impl Node {
+    fn boot(cfg: CoreConfig, boot: Boot) -> Node {
+        let t0 = Instant::now();
+        let w0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        Node::boot_at(cfg, boot, t0, w0, 0)
+    }
+
+    /// A core that starts `ms` into the test's time.
+    fn boot_at(cfg: CoreConfig, boot: Boot, t0: Instant, w0: SystemTime, ms: u64) -> Node {
+        let at = Duration::from_millis(ms);
+        let core = NodeCore::new(
+            cfg,
+            boot,
+            Now {
+                mono: t0 + at,
+                wall: w0 + at,
+            },
+        );
+        let mut n = Node {
+            core,
+            t0,
+            w0,
+            ms,
+            effects: Vec::new(),
+            next_pid: 100,
+            next_reply: 0,
+        };
+        n.collect();
+        n
+    }
+
+    /// A node whose first worker (pid 100) serves.
+    fn serving_with(plugins: &[&str]) -> Node {
+        let mut n = Node::boot(cfg(plugins), Boot::default());
+        n.launch_ok();
+        assert_eq!(n.core.state(), NodeState::Serving);
+        n.take();
+        n
+    }
+
+    fn serving() -> Node {
+        Node::serving_with(&[])
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.t0 + Duration::from_millis(self.ms),
+            wall: self.w0 + Duration::from_millis(self.ms),
+        }
+    }
+
+    fn collect(&mut self) {
+        while let Some(e) = self.core.poll_effect() {
+            self.effects.push(e);
+        }
+    }
+
+    fn take(&mut self) -> Vec<Effect> {
+        self.collect();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Moves time on, firing every timeout on the way.
+    fn advance(&mut self, ms: u64) {
+        let end = self.ms + ms;
+        let mut fired = 0;
+        while let Some(at) = self.core.poll_timeout() {
+            let at_ms = at.saturating_duration_since(self.t0).as_millis() as u64;
+            if at_ms > end {
+                break;
+            }
+            fired += 1;
+            assert!(
+                fired < 10_000,
+                "the timeout does not move on: {at_ms} ms, state {:?}, {:?}",
+                self.core.state(),
+                self.core
+            );
+            self.ms = self.ms.max(at_ms);
+            let now = self.now();
+            self.core.handle_timeout(now);
+            self.collect();
+        }
+        self.ms = end;
+        let now = self.now();
+        self.core.handle_timeout(now);
+        self.collect();
+    }
+
+    fn pending_launch(&self) -> Option<(String, bool, bool)> {
+        let launched: HashSet<&str> = HashSet::new();
+        let _ = launched;
+        self.effects.iter().rev().find_map(|e| match e {
+            Effect::Launch {
+                reload_id,
+                takeover,
+                draining,
+                ..
+            } => Some((reload_id.clone(), *takeover, *draining)),
+            _ => None,
+        })
+    }
+
+    /// Completes the launch the core asked for; returns the new worker's pid.
+    fn launch_ok(&mut self) -> u32 {
+        self.collect();
+        let (reload_id, ..) = self.pending_launch().expect("a launch was asked for");
+        self.effects.retain(|e| !matches!(e, Effect::Launch { .. }));
+        let pid = self.next_pid;
+        self.next_pid += 1;
+        let now = self.now();
+        let worker = record(pid, drain::unix_ms(now.wall));
+        self.core.handle_launched(
+            now,
+            &reload_id,
+            Launched::Ready {
+                worker,
+                launch: Duration::from_millis(30),
+            },
+        );
+        self.collect();
+        pid
+    }
+
+    fn launch_fails(&mut self) {
+        self.collect();
+        let (reload_id, ..) = self.pending_launch().expect("a launch was asked for");
+        self.effects.retain(|e| !matches!(e, Effect::Launch { .. }));
+        let now = self.now();
+        self.core.handle_launched(
+            now,
+            &reload_id,
+            Launched::Failed {
+                config_invalid: false,
+                message: "boom".into(),
+            },
+        );
+        self.collect();
+    }
+
+    fn request(&mut self, request: Request) -> ReplyTo {
+        let to = ReplyTo(self.next_reply);
+        self.next_reply += 1;
+        let now = self.now();
+        self.core.handle_request(
+            now,
+            Origin {
+                to,
+                request_id: None,
+                cause: Cause::default(),
+            },
+            request,
+        );
+        self.collect();
+        to
+    }
+
+    fn reply(&self, to: ReplyTo) -> Option<Reply> {
+        self.effects.iter().find_map(|e| match e {
+            Effect::Reply { to: t, reply } if *t == to => Some((**reply).clone()),
+            _ => None,
+        })
+    }
+
+    /// Sends `request` and returns its immediate reply.
+    fn ask(&mut self, request: Request) -> Reply {
+        let to = self.request(request);
+        self.reply(to).expect("an immediate reply")
+    }
+
+    fn signal(&mut self, s: AgentSignal) {
+        let now = self.now();
+        self.core.handle_signal(now, s);
+        self.collect();
+    }
+
+    fn exit(&mut self, pid: u32) {
+        let now = self.now();
+        let id = ProcessId {
+            pid,
+            start_time: u64::from(pid),
+        };
+        self.core
+            .handle_worker_exit(now, id, ExitStatus::Code(0), None);
+        self.collect();
+    }
+
+    fn sample(&mut self, busy: u64) {
+        let pid = self.core.current().expect("a current worker").id.pid;
+        let now = self.now();
+        self.core.handle_sample(now, pid, Some(busy), 0);
+        self.collect();
+    }
+
+    fn drain(&mut self, min_ms: u64) -> Reply {
+        self.ask(Request::Drain(DrainRequest {
+            drain_id: Some("d1".into()),
+            min_period_ms: Some(min_ms),
+            ..DrainRequest::default()
+        }))
+    }
+
+    fn launches(&self) -> usize {
+        self.effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Launch { .. }))
+            .count()
+    }
+
+    fn signals(&self) -> Vec<(u32, WorkerSignal)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Signal { worker, signal } => Some((worker.pid, *signal)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(&self) -> Vec<&'static str> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Publish(ev) => Some(ev.kind()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn exited(&self) -> Option<Outcome> {
+        self.effects.iter().find_map(|e| match e {
+            Effect::Exit(o) => Some(*o),
+            _ => None,
+        })
+    }
+
+    // The states of the table.
+
+    fn draining() -> Node {
+        let mut n = Node::serving();
+        assert!(n.drain(60_000).ok);
+        assert_eq!(n.core.state(), NodeState::Draining);
+        n.take();
+        n
+    }
+
+    fn drained() -> Node {
+        let mut n = Node::serving();
+        assert!(n.drain(0).ok);
+        n.sample(0);
+        assert_eq!(n.core.state(), NodeState::Drained);
+        n.take();
+        n
+    }
+
+    /// Stopping, with the `stopping` hook done and the worker told to stop.
+    fn stopping() -> Node {
+        let mut n = Node::serving();
+        n.request(Request::Stop { timeout: None });
+        let now = n.now();
+        n.core.handle_stopping_hook_done(now);
+        n.collect();
+        assert_eq!(n.core.state(), NodeState::Stopping);
+        n.take();
+        n
+    }
+
+    fn stopped() -> Node {
+        let mut n = Node::stopping();
+        n.exit(100);
+        assert_eq!(n.core.state(), NodeState::Stopped);
+        n.take();
+        n
+    }
+
+    /// Its worker crashed and the restart waits for its backoff.
+    fn failed() -> Node {
+        let mut n = Node::serving();
+        n.exit(100);
+        assert_eq!(n.core.state(), NodeState::Failed);
+        n.take();
+        n
+    }
+}
+
+fn code(r: &Reply) -> Option<ErrorCode> {
+    r.error.as_ref().map(|e| e.code)
+}
+
+fn result(r: &Reply) -> serde_json::Value {
+    r.result.clone().unwrap_or_default()
+}
+
+// -------------------------------------------------------------------------------------------
+// The table, row by row.
+// -------------------------------------------------------------------------------------------
+
+#[test]
+fn reload_by_state() {
+    for (mut n, launches, draining) in [(Node::serving(), 1, false), (Node::draining(), 1, true)] {
+        let to = n.request(Request::Reload { pushed: None });
+        assert_eq!(n.launches(), launches);
+        assert_eq!(n.pending_launch().map(|l| l.2), Some(draining));
+        let pid = n.launch_ok();
+        assert!(n.reply(to).expect("reply after the launch").ok);
+        assert_eq!(n.signals(), vec![(100, WorkerSignal::SoftStop)]);
+        assert_eq!(n.core.current().map(|w| w.id.pid), Some(pid));
+    }
+    for mut n in [Node::drained(), Node::stopping(), Node::stopped()] {
+        let r = n.ask(Request::Reload { pushed: None });
+        assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+        assert_eq!(n.launches(), 0);
+        assert!(n.signals().is_empty());
+    }
+    let mut n = Node::failed();
+    let to = n.request(Request::Reload { pushed: None });
+    assert_eq!(
+        n.pending_launch().map(|l| l.1),
+        Some(false),
+        "no -x: nothing to take over"
+    );
+    n.launch_ok();
+    assert!(n.reply(to).expect("reply").ok);
+    assert_eq!(n.core.state(), NodeState::Serving);
+}
+
+#[test]
+fn sighup_by_state() {
+    for mut n in [Node::serving(), Node::draining(), Node::failed()] {
+        n.signal(AgentSignal::Reload);
+        assert_eq!(n.launches(), 1);
+    }
+    // The bugs: a SIGHUP on a drained or stopped node started a new worker.
+    for mut n in [Node::drained(), Node::stopping(), Node::stopped()] {
+        let before = n.core.state();
+        n.signal(AgentSignal::Reload);
+        n.advance(60_000);
+        assert_eq!(n.launches(), 0, "{before:?}");
+        assert!(
+            n.signals()
+                .iter()
+                .all(|(_, s)| *s != WorkerSignal::SoftStop)
+                || before == NodeState::Stopping
+        );
+        assert_eq!(n.core.state(), before);
+    }
+}
+
+#[test]
+fn drain_by_state() {
+    let mut n = Node::serving();
+    let r = n.drain(60_000);
+    assert!(r.ok);
+    assert_eq!(result(&r)["already_draining"], false);
+    assert_eq!(n.core.state(), NodeState::Draining);
+
+    let mut n = Node::draining();
+    let r = n.drain(0);
+    assert_eq!(result(&r)["already_draining"], true);
+    assert_eq!(result(&r)["drained_at"], serde_json::Value::Null);
+
+    let mut n = Node::drained();
+    let r = n.drain(0);
+    assert_eq!(result(&r)["already_draining"], true);
+    assert!(result(&r)["drained_at"].is_string());
+
+    for mut n in [Node::stopping(), Node::stopped(), Node::failed()] {
+        let r = n.drain(0);
+        assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+    }
+
+    // Stopped by the drain's own stop_when_drained: the drain is still the answer.
+    let mut n = Node::serving();
+    let r = n.ask(Request::Drain(DrainRequest {
+        drain_id: Some("d1".into()),
+        min_period_ms: Some(0),
+        stop_when_drained: Some(true),
+        ..DrainRequest::default()
+    }));
+    assert!(r.ok);
+    n.sample(0);
+    let now = n.now();
+    n.core.handle_stopping_hook_done(now);
+    n.exit(100);
+    assert_eq!(n.core.state(), NodeState::Stopped);
+    let r = n.drain(0);
+    assert_eq!(result(&r)["already_draining"], true, "{r:?}");
+    assert!(result(&r)["drained_at"].is_string());
+}
+
+#[test]
+fn undrain_by_state() {
+    let mut n = Node::serving();
+    let r = n.ask(Request::Undrain(UndrainRequest::default()));
+    assert!(r.ok);
+    assert_eq!(result(&r)["drain_id"], serde_json::Value::Null);
+
+    for mut n in [Node::draining(), Node::drained()] {
+        let r = n.ask(Request::Undrain(UndrainRequest::default()));
+        assert!(r.ok);
+        assert_eq!(n.core.state(), NodeState::Serving);
+        assert!(n.events().contains(&"undrained"));
+        assert!(n
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Commands(j) if j.kind == CommandKind::Stop)));
+    }
+
+    let mut n = Node::stopping();
+    let r = n.ask(Request::Undrain(UndrainRequest::default()));
+    assert_eq!(code(&r), Some(ErrorCode::Conflict));
+
+    let mut n = Node::stopped();
+    let r = n.ask(Request::Undrain(UndrainRequest::default()));
+    assert!(r.ok);
+    assert_eq!(n.launches(), 1, "undrain starts HAProxy again");
+    n.launch_ok();
+    assert_eq!(n.core.state(), NodeState::Serving);
+
+    let mut n = Node::failed();
+    let r = n.ask(Request::Undrain(UndrainRequest::default()));
+    assert_eq!(code(&r), Some(ErrorCode::Conflict));
+}
+
+#[test]
+fn stop_by_state() {
+    for (mut n, state) in [
+        (Node::serving(), NodeState::Serving),
+        (Node::draining(), NodeState::Draining),
+        (Node::drained(), NodeState::Drained),
+    ] {
+        let to = n.request(Request::Stop { timeout: None });
+        assert_eq!(n.core.state(), NodeState::Stopping, "from {state:?}");
+        // The `stopping` hook comes first; nothing is signalled before it returned.
+        assert!(n.effects.contains(&Effect::StoppingHook));
+        assert!(n.signals().is_empty());
+        let now = n.now();
+        n.core.handle_stopping_hook_done(now);
+        n.collect();
+        assert_eq!(n.signals(), vec![(100, WorkerSignal::SoftStop)]);
+        assert_eq!(n.core.drain_id(), None, "a stop ends the drain");
+        n.exit(100);
+        let r = n.reply(to).expect("reply once stopped");
+        assert_eq!(result(&r)["connections_cut"], 0);
+        assert_eq!(n.core.state(), NodeState::Stopped);
+    }
+
+    let mut n = Node::stopping();
+    let to = n.request(Request::Stop { timeout: None });
+    assert!(n.reply(to).is_none(), "joins the running stop");
+    n.exit(100);
+    assert!(n.reply(to).expect("answered with the stop").ok);
+
+    let mut n = Node::stopped();
+    let r = n.ask(Request::Stop { timeout: None });
+    assert_eq!(result(&r)["connections_cut"], 0);
+
+    let mut n = Node::failed();
+    let r = n.ask(Request::Stop { timeout: None });
+    assert!(r.ok);
+    assert_eq!(n.core.state(), NodeState::Stopped);
+    n.advance(60_000);
+    assert_eq!(n.launches(), 0, "a stopped node does not restart");
+}
+
+#[test]
+fn sigterm_by_state() {
+    for mut n in [Node::serving(), Node::draining(), Node::drained()] {
+        n.signal(AgentSignal::Stop);
+        assert_eq!(n.exited(), None);
+        let now = n.now();
+        n.core.handle_stopping_hook_done(now);
+        n.exit(100);
+        assert_eq!(n.exited(), Some(Outcome::Stopped { connections_cut: 0 }));
+    }
+    let mut n = Node::stopping();
+    n.signal(AgentSignal::Stop);
+    assert_eq!(n.exited(), None, "finishes the stop first");
+    n.exit(100);
+    assert!(n.exited().is_some());
+    for mut n in [Node::stopped(), Node::failed()] {
+        n.signal(AgentSignal::Stop);
+        assert!(n.exited().is_some());
+        assert!(n.signals().is_empty());
+    }
+}
+
+#[test]
+fn sigusr2_by_state() {
+    for mut n in [
+        Node::serving(),
+        Node::draining(),
+        Node::drained(),
+        Node::failed(),
+    ] {
+        n.signal(AgentSignal::Detach);
+        assert_eq!(n.exited(), Some(Outcome::Detached));
+        assert!(n.signals().is_empty(), "HAProxy is left for adoption");
+        // The state is durable before the exit.
+        let persisted = n
+            .effects
+            .iter()
+            .rposition(|e| matches!(e, Effect::Persist(_)));
+        let exit = n.effects.iter().position(|e| matches!(e, Effect::Exit(_)));
+        assert!(persisted < exit);
+    }
+    let mut n = Node::stopping();
+    n.signal(AgentSignal::Detach);
+    assert_eq!(n.exited(), None);
+    n.exit(100);
+    assert!(matches!(n.exited(), Some(Outcome::Stopped { .. })));
+    let mut n = Node::stopped();
+    n.signal(AgentSignal::Detach);
+    assert!(n.exited().is_some());
+}
+
+#[test]
+fn current_worker_dies_by_state() {
+    let mut n = Node::serving();
+    n.exit(100);
+    assert!(n.events().contains(&"proxy_crashed"));
+    assert_eq!(n.launches(), 0, "not before the backoff");
+    n.advance(1_000);
+    assert_eq!(n.launches(), 1);
+
+    let mut n = Node::draining();
+    n.exit(100);
+    n.advance(1_000);
+    assert_eq!(
+        n.pending_launch().map(|l| l.2),
+        Some(true),
+        "the restarted worker drains"
+    );
+    let pid = n.launch_ok();
+    assert!(n.effects.iter().any(
+        |e| matches!(e, Effect::Commands(j) if j.worker.pid == pid && j.kind == CommandKind::Start)
+    ));
+
+    let mut n = Node::drained();
+    n.exit(100);
+    n.advance(600_000);
+    assert_eq!(n.launches(), 0, "stays drained; no restart");
+    assert_eq!(n.core.state(), NodeState::Drained);
+
+    let mut n = Node::stopping();
+    n.exit(100);
+    assert_eq!(n.core.state(), NodeState::Stopped);
+    assert_eq!(n.launches(), 0);
+
+    let mut n = Node::failed();
+    n.advance(200);
+    n.launch_fails();
+    assert_eq!(n.core.state(), NodeState::Failed);
+    n.advance(10_000);
+    assert_eq!(n.launches(), 1, "backoff retry");
+}
+
+#[test]
+fn old_worker_exits_by_state() {
+    let mut n = Node::serving();
+    n.request(Request::Reload { pushed: None });
+    n.launch_ok();
+    n.take();
+    n.exit(100);
+    assert_eq!(n.events(), vec!["worker_exited"]);
+
+    // Draining: the old worker holds the drain until it exits.
+    let mut n = Node::serving();
+    n.request(Request::Reload { pushed: None });
+    n.launch_ok();
+    n.drain(0);
+    n.sample(0);
+    assert_eq!(n.core.state(), NodeState::Draining);
+    n.exit(100);
+    assert_eq!(n.core.state(), NodeState::Drained);
+
+    let mut n = Node::stopping();
+    n.request(Request::Reload { pushed: None });
+    assert_eq!(n.launches(), 0);
+}
+
+// -------------------------------------------------------------------------------------------
+// Adoption
+// -------------------------------------------------------------------------------------------
+
+#[test]
+fn an_unreachable_admin_socket_never_makes_a_live_worker_old() {
+    // The bug: every verified worker was classed as old, the healthy one got SIGUSR1, and a
+    // fresh HAProxy started without -x.
+    let boot = Boot {
+        workers: vec![(record(100, 0), true), (record(90, 0), false)],
+        answering: None,
+        ..Boot::default()
+    };
+    let mut n = Node::boot(cfg(&[]), boot);
+    assert_eq!(n.launches(), 0);
+    assert!(n.signals().is_empty());
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(100));
+    assert_eq!(n.core.state(), NodeState::Serving);
+    assert!(n.effects.contains(&Effect::ConfirmCurrent));
+    assert!(!n.core.status(n.now(), vec![]).warnings.is_empty());
+    n.advance(60_000);
+    assert_eq!(n.launches(), 0);
+    assert!(n.signals().is_empty());
+    // Once it answers, the old worker is told to stop, and only it.
+    let now = n.now();
+    n.core.handle_admin_answers(now, &[100]);
+    n.collect();
+    assert_eq!(n.signals(), vec![(90, WorkerSignal::SoftStop)]);
+}
+
+#[test]
+fn the_newest_answering_worker_is_current() {
+    // An agent died after a new worker was ready but before it recorded it.
+    let boot = Boot {
+        workers: vec![(record(100, 0), true), (record(120, 0), false)],
+        answering: Some(vec![100, 120]),
+        ..Boot::default()
+    };
+    let n = Node::boot(cfg(&[]), boot);
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(120));
+    assert_eq!(n.signals(), vec![(100, WorkerSignal::SoftStop)]);
+}
+
+#[test]
+fn nothing_verified_starts_a_worker() {
+    let mut n = Node::boot(cfg(&[]), Boot::default());
+    assert_eq!(n.core.state(), NodeState::Starting);
+    assert_eq!(n.pending_launch().map(|l| l.1), Some(false));
+    n.launch_ok();
+    assert!(n.events().contains(&"agent_started"));
+}
+
+#[test]
+fn a_resumed_drain_waits_for_every_plugin_again() {
+    // The bug: a drain resumed after kill -9 forgot its plugins had not answered, and declared
+    // drained before the ALB deregistration delay.
+    let mut first = Node::serving_with(&["alb"]);
+    first.drain(0);
+    let state = first
+        .take()
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            Effect::Persist(s) => Some(*s),
+            _ => None,
+        })
+        .expect("persisted");
+    let boot = Boot {
+        drain: state.drain.clone(),
+        workers: vec![(state.current.clone().expect("current"), true)],
+        answering: Some(vec![100]),
+        ..Boot::default()
+    };
+    let mut n = Node::boot(cfg(&["alb"]), boot);
+    n.sample(0);
+    n.advance(1_000);
+    assert_eq!(n.core.state(), NodeState::Draining);
+    assert!(n
+        .core
+        .blockers(n.now())
+        .iter()
+        .any(|b| matches!(b, Blocker::Plugin { name, .. } if name == "alb")));
+    let now = n.now();
+    n.core
+        .handle_verdicts(now, "d1", vec![("alb".into(), Verdict::Idle)]);
+    assert_eq!(n.core.state(), NodeState::Drained);
+}
+
+#[test]
+fn a_stale_verdict_cannot_end_a_newer_drain() {
+    let mut n = Node::serving_with(&["alb"]);
+    n.drain(0);
+    n.ask(Request::Undrain(UndrainRequest::default()));
+    n.ask(Request::Drain(DrainRequest {
+        drain_id: Some("d2".into()),
+        min_period_ms: Some(0),
+        ..DrainRequest::default()
+    }));
+    n.sample(0);
+    let now = n.now();
+    n.core
+        .handle_verdicts(now, "d1", vec![("alb".into(), Verdict::Idle)]);
+    assert_eq!(n.core.state(), NodeState::Draining, "d1's verdict is stale");
+    n.core
+        .handle_verdicts(now, "d2", vec![("alb".into(), Verdict::Idle)]);
+    assert_eq!(n.core.state(), NodeState::Drained);
+}
+
+#[test]
+fn drained_is_persisted_before_it_is_published() {
+    let mut n = Node::serving();
+    n.drain(0);
+    n.take();
+    n.sample(0);
+    let effects = n.take();
+    let publish = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Publish(ev) if ev.kind() == "drained"))
+        .expect("drained");
+    let persist = effects[..publish]
+        .iter()
+        .rposition(|e| matches!(e, Effect::Persist(s) if s.drained_event.is_some()))
+        .expect("persisted with the event before it is published");
+    assert!(persist < publish);
+}
+
+#[test]
+fn drain_started_reaches_plugins_after_the_start_commands_ran() {
+    let mut n = Node::serving_with(&["alb"]);
+    n.drain(60_000);
+    let hook = |n: &Node| {
+        n.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Hook(h) if matches!(**h, HookEvent::DrainStarted(_))))
+    };
+    assert!(!hook(&n));
+    let job = n
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Commands(j) => Some(j.clone()),
+            _ => None,
+        })
+        .expect("start commands");
+    let now = n.now();
+    n.core.handle_commands_done(now, &job, Ok(()));
+    n.collect();
+    assert!(hook(&n));
+}
+
+#[test]
+fn a_failing_admin_command_shows_in_status() {
+    let mut n = Node::draining();
+    let job = CommandJob {
+        worker: record(100, 0).id,
+        drain_id: "d1".into(),
+        kind: CommandKind::Start,
+        commands: vec![],
+    };
+    let now = n.now();
+    n.core
+        .handle_commands_done(now, &job, Err("Permission denied".into()));
+    let warnings = n.core.status(n.now(), vec![]).warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("Permission denied")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_reload_in_flight_holds_the_drain() {
+    // A worker on its way in would become current after `drained`, with the previous one old.
+    let mut n = Node::draining();
+    n.request(Request::Reload { pushed: None });
+    n.advance(120_000);
+    n.sample(0);
+    assert_eq!(n.core.state(), NodeState::Draining);
+    n.launch_ok();
+    n.exit(100);
+    n.sample(0);
+    assert_eq!(n.core.state(), NodeState::Drained);
+}
+
+// -------------------------------------------------------------------------------------------
+// The model: random inputs against a simulated world.
+// -------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Step {
+    Reload,
+    Hup,
+    Drain {
+        min_ms: u64,
+        stop: bool,
+    },
+    Undrain,
+    Stop,
+    Term,
+    Usr2,
+    LaunchOk,
+    LaunchFails,
+    /// The n-th live process exits (0 = the newest).
+    Exits(usize),
+    Sample(u64),
+    Verdict {
+        idle: bool,
+        stale: bool,
+    },
+    CommandsDone,
+    HookDone,
+    AdminAnswers,
+    Advance(u64),
+    /// The agent is killed (-9) and a new one starts from the state file.
+    Crash {
+        socket_answers: bool,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Reload),
+        1 => Just(Step::Hup),
+        3 => (prop_oneof![Just(0u64), Just(500), Just(5_000)], any::<bool>())
+            .prop_map(|(min_ms, stop)| Step::Drain { min_ms, stop }),
+        2 => Just(Step::Undrain),
+        1 => Just(Step::Stop),
+        1 => Just(Step::Term),
+        1 => Just(Step::Usr2),
+        4 => Just(Step::LaunchOk),
+        1 => Just(Step::LaunchFails),
+        4 => (0usize..3).prop_map(Step::Exits),
+        4 => (0u64..2).prop_map(Step::Sample),
+        3 => (any::<bool>(), any::<bool>()).prop_map(|(idle, stale)| Step::Verdict { idle, stale }),
+        3 => Just(Step::CommandsDone),
+        2 => Just(Step::HookDone),
+        1 => Just(Step::AdminAnswers),
+        4 => (0u64..20_000).prop_map(Step::Advance),
+        1 => any::<bool>().prop_map(|socket_answers| Step::Crash { socket_answers }),
+    ]
+}
+
+/// The processes that exist, whatever any agent thinks.
+#[derive(Default)]
+struct World {
+    alive: BTreeMap<u32, WorkerRecord>,
+    persisted: Option<State>,
+    /// Every `drained` ever published: drain id → Msg-Ids.
+    drained: HashMap<String, HashSet<String>>,
+    /// Per drain id, the furthest state seen (draining < drained < stopping < stopped).
+    progress: HashMap<String, u8>,
+    next_drain: u32,
+    pending: Option<String>,
+    jobs: Vec<CommandJob>,
+    stopping_hook: bool,
+    confirm: bool,
+}
+
+fn rank(s: NodeState) -> Option<u8> {
+    match s {
+        NodeState::Draining => Some(0),
+        NodeState::Drained => Some(1),
+        NodeState::Stopping => Some(2),
+        NodeState::Stopped => Some(3),
+        _ => None,
+    }
+}
+
+/// Carries out the core's effects in the world, checking what each may do.
+fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
+    let mut exited = false;
+    for e in n.take() {
+        match e {
+            Effect::Launch { reload_id, .. } => {
+                prop_assert!(w.pending.is_none(), "one launch at a time");
+                w.pending = Some(reload_id);
+            }
+            Effect::Signal { worker, .. } => {
+                prop_assert!(
+                    n.core.is_recorded(worker),
+                    "signalled {worker:?}, which is not recorded"
+                );
+            }
+            Effect::Commands(job) => w.jobs.push(job),
+            Effect::Persist(s) => w.persisted = Some(*s),
+            Effect::Publish(ev) => {
+                if let EventBody::Drained {
+                    drain_id, forced, ..
+                } = &ev.body
+                {
+                    w.drained
+                        .entry(drain_id.clone())
+                        .or_default()
+                        .insert(ev.msg_id());
+                    if !forced {
+                        // drained ⇒ no old worker, no worker on its way in.
+                        prop_assert!(n.core.workers().count() <= 1, "drained with an old worker");
+                        prop_assert!(w.pending.is_none(), "drained during a launch");
+                    }
+                    // Persisted before published.
+                    let kept = w.persisted.as_ref().and_then(|s| s.drained_event.as_ref());
+                    prop_assert_eq!(kept.map(|e| e.msg_id()), Some(ev.msg_id()));
+                }
+            }
+            Effect::StoppingHook => w.stopping_hook = true,
+            Effect::ConfirmCurrent => w.confirm = true,
+            Effect::Exit(_) => exited = true,
+            Effect::Reply { .. } | Effect::Hook(_) | Effect::Sample(_) | Effect::Check(_) => {}
+        }
+    }
+    // Every live process is one the core records (or the launch it is waiting for).
+    if !exited {
+        for (pid, r) in &w.alive {
+            prop_assert!(
+                n.core.is_recorded(r.id),
+                "live process {pid} is not recorded"
+            );
+        }
+        let ids: HashSet<ProcessId> = n.core.workers().map(|w| w.id).collect();
+        prop_assert_eq!(
+            ids.len(),
+            n.core.workers().count(),
+            "one record per process"
+        );
+        for (id, ids) in &w.drained {
+            prop_assert!(ids.len() <= 1, "drain {id} declared drained twice: {ids:?}");
+        }
+        if let Some(id) = n.core.drain_id() {
+            if let Some(r) = rank(n.core.state()) {
+                let seen = w.progress.entry(id.to_string()).or_insert(r);
+                prop_assert!(r >= *seen, "drain {id} went back from {seen} to {r}");
+                *seen = r;
+            }
+        }
+    }
+    Ok(exited)
+}
+
+fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
+    let state = w.persisted.clone().unwrap_or_default();
+    // Every live process passes verification (it is ours); which one was recorded current.
+    let current = state.current.as_ref().map(|r| r.id);
+    let workers: Vec<(WorkerRecord, bool)> = w
+        .alive
+        .values()
+        .map(|r| (r.clone(), Some(r.id) == current))
+        .collect();
+    let newest = w.alive.values().map(|r| r.id.pid).max();
+    let boot = Boot {
+        restarts: state.restarts,
+        last_reload: state.last_reload.clone(),
+        drain: state.drain.clone(),
+        drained_event: state.drained_event.clone(),
+        stopping: state.stopping,
+        workers,
+        answering: socket_answers.then(|| newest.into_iter().collect()),
+    };
+    let mut c = cfg(&["alb"]);
+    c.boot_id = format!("b{}", n.ms);
+    let mut next = Node::boot_at(c, boot, n.t0, n.w0, n.ms);
+    next.next_pid = n.next_pid;
+    next
+}
+
+fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let mut n = Node::boot(cfg(&["alb"]), Boot::default());
+    let mut w = World::default();
+    apply(&mut n, &mut w)?;
+    for s in steps {
+        let now = n.now();
+        match s {
+            Step::Reload => {
+                n.request(Request::Reload { pushed: None });
+            }
+            Step::Hup => n.signal(AgentSignal::Reload),
+            Step::Drain { min_ms, stop } => {
+                w.next_drain += 1;
+                n.request(Request::Drain(DrainRequest {
+                    drain_id: Some(format!("d{}", w.next_drain)),
+                    min_period_ms: Some(min_ms),
+                    stop_when_drained: Some(stop),
+                    ..DrainRequest::default()
+                }));
+            }
+            Step::Undrain => {
+                n.request(Request::Undrain(UndrainRequest::default()));
+            }
+            Step::Stop => {
+                n.request(Request::Stop { timeout: None });
+            }
+            Step::Term => n.signal(AgentSignal::Stop),
+            Step::Usr2 => n.signal(AgentSignal::Detach),
+            Step::LaunchOk | Step::LaunchFails => {
+                if let Some(reload_id) = w.pending.take() {
+                    if matches!(s, Step::LaunchOk) {
+                        let pid = n.next_pid;
+                        n.next_pid += 1;
+                        let r = record(pid, drain::unix_ms(now.wall));
+                        w.alive.insert(pid, r.clone());
+                        n.core.handle_launched(
+                            now,
+                            &reload_id,
+                            Launched::Ready {
+                                worker: r,
+                                launch: Duration::from_millis(30),
+                            },
+                        );
+                    } else {
+                        n.core.handle_launched(
+                            now,
+                            &reload_id,
+                            Launched::Failed {
+                                config_invalid: false,
+                                message: "boom".into(),
+                            },
+                        );
+                    }
+                }
+            }
+            Step::Exits(i) => {
+                if let Some(pid) = w.alive.keys().rev().nth(i).copied() {
+                    let r = w.alive.remove(&pid).expect("alive");
+                    n.core
+                        .handle_worker_exit(now, r.id, ExitStatus::Code(0), None);
+                }
+            }
+            Step::Sample(busy) => {
+                if let Some(pid) = n.core.current().map(|c| c.id.pid) {
+                    n.core.handle_sample(now, pid, Some(busy), 0);
+                }
+            }
+            Step::Verdict { idle, stale } => {
+                let id = if stale {
+                    "stale".to_string()
+                } else {
+                    n.core.drain_id().unwrap_or("none").to_string()
+                };
+                let v = if idle {
+                    Verdict::Idle
+                } else {
+                    Verdict::Busy("deregistering".into())
+                };
+                n.core.handle_verdicts(now, &id, vec![("alb".into(), v)]);
+            }
+            Step::CommandsDone => {
+                if !w.jobs.is_empty() {
+                    let job = w.jobs.remove(0);
+                    n.core.handle_commands_done(now, &job, Ok(()));
+                }
+            }
+            Step::HookDone => {
+                if std::mem::take(&mut w.stopping_hook) {
+                    n.core.handle_stopping_hook_done(now);
+                }
+            }
+            Step::AdminAnswers => {
+                if std::mem::take(&mut w.confirm) {
+                    let pids: Vec<u32> = w.alive.keys().copied().collect();
+                    n.core.handle_admin_answers(now, &pids);
+                }
+            }
+            Step::Advance(ms) => n.advance(ms),
+            Step::Crash { socket_answers } => {
+                w.pending = None;
+                w.jobs.clear();
+                w.stopping_hook = false;
+                w.confirm = false;
+                n = restart(&n, &w, socket_answers);
+                // A worker whose launch was in flight may be alive but unrecorded: the scan
+                // of /proc finds it, which `restart` models by passing every live process.
+            }
+        }
+        if apply(&mut n, &mut w)? {
+            // The agent exited: the next one starts from what it left.
+            w.pending = None;
+            w.jobs.clear();
+            w.stopping_hook = false;
+            w.confirm = false;
+            n = restart(&n, &w, true);
+            apply(&mut n, &mut w)?;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_inputs_never_break_the_invariants(steps in prop::collection::vec(step(), 1..60)) {
+        run(steps)?;
+    }
+}

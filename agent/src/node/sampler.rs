@@ -1,0 +1,147 @@
+//! The sampler: a background service that polls the current worker's stats while a drain needs
+//! them, and reports each sample to the node. It reads HAProxy's answers; the node core only sees
+//! the numbers.
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{DrainConfig, IdleRule};
+use crate::haproxy::admin::{AdminSocket, RowKind, StatRow};
+
+/// One stats sample of worker `pid`, by the idle rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub pid: u32,
+    /// `None` when the answer could not be read by the rule.
+    pub busy: Option<u64>,
+    /// Connections the watched frontends accepted so far (for `quiet_period`).
+    pub accepted: u64,
+}
+
+/// The running sampler. Dropping it (or the node's end of `target`) stops it.
+pub struct Sampler {
+    target: watch::Sender<Option<u32>>,
+}
+
+impl Sampler {
+    /// Starts the service; it samples nothing until [`Sampler::target`] names a worker.
+    pub fn spawn(admin: AdminSocket, cfg: DrainConfig, samples: mpsc::Sender<Sample>) -> Sampler {
+        let (target, rx) = watch::channel(None);
+        tokio::spawn(run(admin, cfg, rx, samples));
+        Sampler { target }
+    }
+
+    /// Samples worker `pid` from now on (`None`: stop sampling).
+    pub fn target(&self, pid: Option<u32>) {
+        self.target
+            .send_if_modified(|t| std::mem::replace(t, pid) != pid);
+    }
+}
+
+async fn run(
+    admin: AdminSocket,
+    cfg: DrainConfig,
+    mut target: watch::Receiver<Option<u32>>,
+    samples: mpsc::Sender<Sample>,
+) {
+    loop {
+        let pid = *target.borrow_and_update();
+        let Some(pid) = pid else {
+            if target.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        match admin.sample(pid).await {
+            Ok((info, rows)) => {
+                let sample = Sample {
+                    pid,
+                    busy: busy_count(cfg.idle, &cfg.ignore_frontends, &info, &rows),
+                    accepted: accepted_total(&cfg.ignore_frontends, &rows),
+                };
+                // A full channel means the node is behind: this sample would be stale anyway.
+                match samples.try_send(sample) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            Err(e) => tracing::debug!(pid, "stats sample failed: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.poll_interval.0) => {}
+            changed = target.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The current worker's busy count by the idle rule, from `show info` and `show stat`.
+///
+/// - `connections`: `CurrConns` (the CLI's own connections are not in it), or, when frontends are
+///   ignored, the sum of `scur` over the other FRONTEND rows.
+/// - `sessions`: the sum of `scur + qcur` over BACKEND rows (server rows miss the backend queue).
+pub fn busy_count(
+    rule: IdleRule,
+    ignore_frontends: &[String],
+    info: &str,
+    rows: &[StatRow],
+) -> Option<u64> {
+    match rule {
+        IdleRule::Connections if ignore_frontends.is_empty() => info
+            .lines()
+            .find_map(|l| l.strip_prefix("CurrConns:"))
+            .and_then(|v| v.trim().parse().ok()),
+        IdleRule::Connections => Some(
+            rows.iter()
+                .filter(|r| r.kind == RowKind::Frontend && !ignore_frontends.contains(&r.proxy))
+                .map(|r| r.scur)
+                .sum(),
+        ),
+        IdleRule::Sessions => Some(
+            rows.iter()
+                .filter(|r| r.kind == RowKind::Backend)
+                .map(|r| r.scur + r.qcur)
+                .sum(),
+        ),
+    }
+}
+
+/// Total connections accepted by the watched frontends, for `quiet_period`.
+pub fn accepted_total(ignore_frontends: &[String], rows: &[StatRow]) -> u64 {
+    rows.iter()
+        .filter(|r| r.kind == RowKind::Frontend && !ignore_frontends.contains(&r.proxy))
+        .map(|r| r.stot)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_counts_by_rule() {
+        let row = |proxy: &str, kind, scur, qcur, stot| StatRow {
+            proxy: proxy.into(),
+            kind,
+            scur,
+            qcur,
+            stot,
+        };
+        let rows = vec![
+            row("web", RowKind::Frontend, 2, 0, 10),
+            row("stats", RowKind::Frontend, 1, 0, 5),
+            row("app", RowKind::Backend, 1, 2, 9),
+            row("app", RowKind::Server, 1, 0, 9),
+        ];
+        let info = "Name: HAProxy\nCurrConns: 3\n";
+        assert_eq!(busy_count(IdleRule::Connections, &[], info, &rows), Some(3));
+        assert_eq!(
+            busy_count(IdleRule::Connections, &["stats".into()], info, &rows),
+            Some(2)
+        );
+        assert_eq!(busy_count(IdleRule::Sessions, &[], info, &rows), Some(3));
+        assert_eq!(
+            busy_count(IdleRule::Connections, &[], "garbage", &rows),
+            None
+        );
+        assert_eq!(accepted_total(&["stats".into()], &rows), 10);
+    }
+}

@@ -1,0 +1,543 @@
+//! The shell around the node core: it feeds the core what happened (commands, signals, worker
+//! exits, launches, samples, verdicts, admin command results) and carries out what the core
+//! decided (spawn, signal through pidfds, admin commands, persist, publish, hooks, replies).
+//!
+//! It decides nothing itself. Everything it learns goes to the core first; everything it does
+//! comes out of [`NodeCore::poll_effect`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ebb_sdk::command::Command;
+use ebb_sdk::event::Event;
+use ebb_sdk::plugin::{self as hooks, HookEvent};
+use ebb_sdk::reply::{ErrorCode, Reply};
+use rustix::process::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::admin_queue::AdminQueues;
+use super::adoption;
+use super::checker::{Checker, Verdicts};
+use super::core::{
+    CommandJob, CoreConfig, Effect, Launched, NodeCore, Now, Origin, Outcome, ReplyTo, Request,
+    WorkerSignal,
+};
+use super::launcher::{self, ReloadError};
+use super::sampler::{Sample, Sampler};
+use crate::config::Settings;
+use crate::digest::sha256_hex;
+use crate::events::Cause;
+use crate::haproxy::admin::AdminSocket;
+use crate::haproxy::launch::LaunchSpec;
+use crate::haproxy::procfs;
+use crate::haproxy::worker::{self, Exit, Worker};
+use crate::inbox::{Input, Summary};
+use crate::plugins::{PluginDisabled, PluginHost};
+use crate::record::ProcessId;
+use crate::reload::PushedConfig;
+use crate::state_file;
+
+/// What background tasks report to the node's task.
+#[derive(Debug)]
+enum Report {
+    Exited(ProcessId, Exit),
+    Launched {
+        reload_id: String,
+        result: Box<Result<crate::haproxy::launch::Launched, ReloadError>>,
+    },
+    Ports(u32, HashSet<u16>),
+    Verdicts(Verdicts),
+    CommandsDone(CommandJob, Result<(), String>),
+    StoppingHookDone,
+    AdminAnswers(Vec<u32>),
+}
+
+/// How many samples may wait for the node task; older ones are worth nothing once a newer exists.
+const SAMPLE_QUEUE: usize = 16;
+
+pub struct Shell {
+    settings: Arc<Settings>,
+    core: NodeCore,
+    spec: LaunchSpec,
+    admin: AdminSocket,
+    /// The OS handles of the workers the core records: pidfds to signal them by.
+    workers: HashMap<ProcessId, Worker>,
+    replies: HashMap<ReplyTo, oneshot::Sender<Reply>>,
+    next_reply: u64,
+    events: mpsc::UnboundedSender<Event>,
+    summary: watch::Sender<Summary>,
+    plugins: PluginHost,
+    sampler: Sampler,
+    checker: Checker,
+    queues: AdminQueues,
+    /// Ports HAProxy listens on, to tell client connections from server ones.
+    client_ports: HashSet<u16>,
+    confirming: bool,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    samples: mpsc::Receiver<Sample>,
+    disabled: mpsc::UnboundedReceiver<PluginDisabled>,
+}
+
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+impl Shell {
+    /// Finds what a previous agent left (state file, verified HAProxy processes) and builds the
+    /// core from it. Fails only when `state_dir` is unusable or the state file must not be
+    /// overwritten.
+    pub async fn start(
+        settings: Arc<Settings>,
+        boot_id: String,
+        events: mpsc::UnboundedSender<Event>,
+        summary: watch::Sender<Summary>,
+        plugins: PluginHost,
+    ) -> anyhow::Result<Shell> {
+        let hp = &settings.config.haproxy;
+        std::fs::create_dir_all(&hp.state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create haproxy.state_dir {}: {e}; create it or point state_dir elsewhere",
+                hp.state_dir.display()
+            )
+        })?;
+        let spec = LaunchSpec {
+            binary: settings.haproxy_binary.clone(),
+            config: hp.config.clone(),
+            admin_socket: settings.admin_socket.clone(),
+            log_dir: hp.state_dir.join("logs"),
+            startup_timeout: hp.startup_timeout.0,
+        };
+        let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let (samples_tx, samples) = mpsc::channel(SAMPLE_QUEUE);
+        let sampler = Sampler::spawn(admin.clone(), settings.config.drain.clone(), samples_tx);
+        let checker = {
+            let tx = reports_tx.clone();
+            Checker::spawn(
+                plugins.clone(),
+                settings.config.drain.poll_interval.0,
+                move |v| tx.send(Report::Verdicts(v)).is_ok(),
+            )
+        };
+        let queues = {
+            let tx = reports_tx.clone();
+            AdminQueues::new(
+                admin.clone(),
+                Arc::new(move |job, result| {
+                    let _ = tx.send(Report::CommandsDone(job, result));
+                }),
+            )
+        };
+        // Without a receiver (taken already), the closed channel just never yields a notice.
+        let disabled = plugins
+            .take_disabled()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
+
+        let found = adoption::find(&settings, &spec, &admin).await?;
+        let cfg = CoreConfig {
+            node: settings.node_id().to_string(),
+            groups: settings.config.node.groups.clone(),
+            boot_id,
+            kernel_boot_id: procfs::kernel_boot_id(),
+            config_path: hp.config.display().to_string(),
+            drain: settings.config.drain.clone(),
+            stop_timeout: hp.stop_timeout.0,
+            heartbeat: settings.config.nats.heartbeat.0,
+            coalesce: settings.config.reload.coalesce.0,
+            plugins: plugins.idle_checkers(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let core = NodeCore::new(cfg, found.boot, now());
+        let mut shell = Shell {
+            settings,
+            core,
+            spec,
+            admin,
+            workers: HashMap::new(),
+            replies: HashMap::new(),
+            next_reply: 0,
+            events,
+            summary,
+            plugins,
+            sampler,
+            checker,
+            queues,
+            client_ports: HashSet::new(),
+            confirming: false,
+            reports_tx,
+            reports,
+            samples,
+            disabled,
+        };
+        for w in found.workers {
+            w.watch_exit(None, shell.exit_reporter());
+            shell.workers.insert(w.id, w);
+        }
+        if let Some(pid) = shell.core.current().map(|w| w.id.pid) {
+            shell.client_ports = procfs::listening_ports(pid);
+        }
+        Ok(shell)
+    }
+
+    /// Runs until HAProxy is stopped for good or the agent detaches.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
+        loop {
+            if let Some(outcome) = self.carry_out() {
+                return outcome;
+            }
+            let summary = Summary {
+                state: self.core.state(),
+                drain_id: self.core.drain_id().map(str::to_string),
+            };
+            self.summary
+                .send_if_modified(|s| std::mem::replace(s, summary.clone()) != summary);
+            let wake = self.core.poll_timeout();
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Command { command, reply }) => self.on_command(command, reply),
+                    Some(Input::Signal(signal)) => self.core.handle_signal(now(), signal),
+                    // Every sender is gone: nothing can command the node anymore.
+                    None => self.core.handle_signal(now(), crate::inbox::AgentSignal::Stop),
+                },
+                Some(report) = self.reports.recv() => self.on_report(report),
+                Some(sample) = self.samples.recv() => {
+                    self.core.handle_sample(now(), sample.pid, sample.busy, sample.accepted);
+                }
+                Some(d) = self.disabled.recv() => {
+                    tracing::error!(plugin = %d.name, "{d}");
+                    self.core.handle_plugin_disabled(now(), d.name, d.reason, d.blocks_drains);
+                }
+                _ = sleep_until(wake) => self.core.handle_timeout(now()),
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+        let node = self.settings.node_id().to_string();
+        let request_id = command.request_id().map(str::to_string);
+        let to = ReplyTo(self.next_reply);
+        self.next_reply += 1;
+        let origin = Origin {
+            to,
+            request_id: request_id.clone(),
+            cause: Cause {
+                requester: command.requester().map(str::to_string),
+                reason: command.reason().map(str::to_string),
+            },
+        };
+        let request = match command {
+            Command::Status(_) => {
+                self.count_connections();
+                let status = self.core.status(now(), self.plugins.status());
+                let _ = reply.send(Reply::success(&node, request_id, status));
+                return;
+            }
+            Command::Reload(req) => match self.check_reload(req.config, req.config_sha256) {
+                Ok(pushed) => Request::Reload { pushed },
+                Err((code, message)) => {
+                    let _ = reply.send(Reply::failure(&node, request_id, code, message));
+                    return;
+                }
+            },
+            Command::Drain(req) => Request::Drain(req),
+            Command::Undrain(req) => Request::Undrain(req),
+            Command::Stop(req) => Request::Stop {
+                timeout: req.timeout_ms.map(Duration::from_millis),
+            },
+        };
+        self.replies.insert(to, reply);
+        self.core.handle_request(now(), origin, request);
+    }
+
+    /// Validates a reload's own fields; returns the pushed config, if any.
+    fn check_reload(
+        &self,
+        config: Option<String>,
+        sha: Option<String>,
+    ) -> Result<Option<PushedConfig>, (ErrorCode, String)> {
+        match config {
+            Some(text) => {
+                if !self.settings.config.reload.allow_config_push {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "config push is disabled on this node; set reload.allow_config_push = true to allow it".into(),
+                    ));
+                }
+                let actual = sha256_hex(text.as_bytes());
+                if let Some(expected) = sha {
+                    if expected != actual {
+                        return Err((
+                            ErrorCode::InvalidRequest,
+                            format!("config_sha256 {expected} does not match the pushed config (sha256 {actual}); send the lowercase hex SHA-256 of the exact bytes"),
+                        ));
+                    }
+                }
+                Ok(Some(PushedConfig {
+                    sha256: actual,
+                    text,
+                }))
+            }
+            None => {
+                if let Some(expected) = sha {
+                    let on_disk = std::fs::read(&self.spec.config)
+                        .map(|b| sha256_hex(&b))
+                        .map_err(|e| {
+                            (
+                                ErrorCode::Internal,
+                                format!("cannot read {}: {e}", self.spec.config.display()),
+                            )
+                        })?;
+                    if on_disk != expected {
+                        return Err((
+                            ErrorCode::Conflict,
+                            format!("{} has sha256 {on_disk}, not the expected {expected}; the file changed since you looked", self.spec.config.display()),
+                        ));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Exited(id, exit) => self.on_exit(id, exit),
+            Report::Launched { reload_id, result } => {
+                let launched = match *result {
+                    Ok(l) => {
+                        let crate::haproxy::launch::Launched {
+                            worker,
+                            child,
+                            duration,
+                        } = l;
+                        worker.watch_exit(Some(child), self.exit_reporter());
+                        let record = worker.record();
+                        self.spawn_ports(worker.pid());
+                        self.workers.insert(worker.id, worker);
+                        Launched::Ready {
+                            worker: record,
+                            launch: duration,
+                        }
+                    }
+                    Err(e) => Launched::Failed {
+                        config_invalid: matches!(e, ReloadError::ConfigInvalid(_)),
+                        message: e.to_string(),
+                    },
+                };
+                self.core.handle_launched(now(), &reload_id, launched);
+            }
+            Report::Ports(pid, ports) => {
+                // Until they arrive, the previous worker's ports stand in: a reload rarely
+                // changes them.
+                if self.core.current().map(|w| w.id.pid) == Some(pid) && !ports.is_empty() {
+                    self.client_ports = ports;
+                }
+            }
+            Report::Verdicts(v) => self.core.handle_verdicts(now(), &v.drain_id, v.verdicts),
+            Report::CommandsDone(job, result) => {
+                self.core.handle_commands_done(now(), &job, result)
+            }
+            Report::StoppingHookDone => self.core.handle_stopping_hook_done(now()),
+            Report::AdminAnswers(pids) => {
+                self.confirming = false;
+                self.core.handle_admin_answers(now(), &pids);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: ProcessId, exit: Exit) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        self.queues.forget(id);
+        let log = worker::log_tail(&w.log, 64 * 1024);
+        let hard_stopped = worker::hard_stopped_connections(&log);
+        match exit {
+            Exit::Code(c) if c != 0 && self.core.current().is_some_and(|c| c.id == id) => {
+                tracing::error!(
+                    pid = id.pid,
+                    "worker {} exited ({exit}): {}",
+                    id.pid,
+                    worker::startup_error(&log)
+                );
+            }
+            _ => tracing::info!(pid = id.pid, "worker {} exited ({exit})", id.pid),
+        }
+        worker::remove_own_log(&w.log, &self.spec.log_dir);
+        let status = match exit {
+            Exit::Code(c) => ebb_sdk::event::ExitStatus::Code(c),
+            Exit::Unknown => ebb_sdk::event::ExitStatus::Unknown,
+        };
+        self.core
+            .handle_worker_exit(now(), id, status, hard_stopped);
+    }
+
+    /// Carries out every effect the core has ready; returns the outcome once the node is done.
+    fn carry_out(&mut self) -> Option<Outcome> {
+        while let Some(effect) = self.core.poll_effect() {
+            match effect {
+                Effect::Launch {
+                    reload_id,
+                    takeover,
+                    draining,
+                    config,
+                } => self.launch(reload_id, takeover, draining, config),
+                Effect::Signal { worker, signal } => self.signal(worker, signal),
+                Effect::Commands(job) => self.queues.push(job),
+                Effect::Persist(state) => {
+                    if let Err(e) =
+                        state_file::save(&self.settings.config.haproxy.state_dir, &state)
+                    {
+                        tracing::error!("{e}");
+                    }
+                }
+                Effect::Publish(event) => {
+                    let json = serde_json::to_string(&event).unwrap_or_default();
+                    tracing::info!(target: "ebb::event", kind = event.kind(), seq = event.seq, event = %json, "event {}", event.kind());
+                    // The publisher only goes away when the agent shuts down; the log line stays.
+                    let _ = self.events.send(*event);
+                }
+                Effect::Reply { to, reply } => {
+                    if let Some(tx) = self.replies.remove(&to) {
+                        let _ = tx.send(*reply);
+                    }
+                }
+                Effect::Hook(event) => self.plugins.hook(&event),
+                Effect::StoppingHook => {
+                    let plugins = self.plugins.clone();
+                    let tx = self.reports_tx.clone();
+                    tokio::spawn(async move {
+                        let hook = HookEvent::Stopping(hooks::Stopping {});
+                        for (name, result) in plugins.hook_wait(&hook).await {
+                            if let Err(e) = result {
+                                tracing::warn!(plugin = %name, "plugin {name}: {e}");
+                            }
+                        }
+                        let _ = tx.send(Report::StoppingHookDone);
+                    });
+                }
+                Effect::Sample(pid) => self.sampler.target(pid),
+                Effect::Check(ctx) => self.checker.target(ctx.map(|c| *c)),
+                Effect::ConfirmCurrent => self.confirm_current(),
+                Effect::Exit(outcome) => return Some(outcome),
+            }
+        }
+        None
+    }
+
+    fn launch(
+        &mut self,
+        reload_id: String,
+        takeover: bool,
+        draining: bool,
+        config: Option<PushedConfig>,
+    ) {
+        let spec = self.spec.clone();
+        let backup = self.settings.config.haproxy.state_dir.join("last-good.cfg");
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            let result = launcher::launch_with(&spec, takeover, draining, config, &backup).await;
+            let _ = tx.send(Report::Launched {
+                reload_id,
+                result: Box::new(result),
+            });
+        });
+    }
+
+    fn spawn_ports(&self, pid: u32) {
+        // The ports come from /proc/net/tcp, which takes milliseconds on a busy host: read after
+        // the node has the new worker, so the reload is not held up by it.
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(ports) =
+                tokio::task::spawn_blocking(move || procfs::listening_ports(pid)).await
+            {
+                let _ = tx.send(Report::Ports(pid, ports));
+            }
+        });
+    }
+
+    fn signal(&mut self, id: ProcessId, signal: WorkerSignal) {
+        let Some(w) = self.workers.get(&id) else {
+            // The core signals only what it records, and every record has a handle: a missing
+            // one is a bug, never a reason to signal a bare pid.
+            tracing::error!(
+                pid = id.pid,
+                "no handle for worker {}: not signalled",
+                id.pid
+            );
+            return;
+        };
+        let sig = match signal {
+            WorkerSignal::SoftStop => Signal::USR1,
+            WorkerSignal::HardStop => {
+                let open = procfs::client_connections(id.pid, &self.client_ports);
+                tracing::warn!(
+                    pid = id.pid,
+                    open,
+                    "hard-stopping worker {} with {open} open connections",
+                    id.pid
+                );
+                self.core.handle_connections_cut(now(), open);
+                Signal::TERM
+            }
+            WorkerSignal::Kill => Signal::KILL,
+        };
+        if let Err(e) = w.signal(sig) {
+            tracing::error!(pid = id.pid, "cannot signal worker {}: {e}", id.pid);
+        }
+    }
+
+    /// Asks the admin socket who answers, with backoff, until someone does.
+    fn confirm_current(&mut self) {
+        if self.confirming {
+            return;
+        }
+        self.confirming = true;
+        let admin = self.admin.clone();
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(20);
+            loop {
+                tokio::time::sleep(wait).await;
+                let pids = adoption::answering(&admin).await;
+                if !pids.is_empty() {
+                    let _ = tx.send(Report::AdminAnswers(pids));
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
+
+    /// Each old worker's open client connections, from /proc, for status.
+    fn count_connections(&mut self) {
+        let pids: Vec<u32> = self
+            .core
+            .workers()
+            .skip(usize::from(self.core.current().is_some()))
+            .map(|w| w.id.pid)
+            .collect();
+        let counts = procfs::client_connections_of(&pids, &self.client_ports);
+        self.core.handle_connection_counts(counts);
+    }
+
+    fn exit_reporter(&self) -> impl FnOnce(ProcessId, Exit) + Send + 'static {
+        let reports = self.reports_tx.clone();
+        move |id, exit| {
+            let _ = reports.send(Report::Exited(id, exit));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
