@@ -286,7 +286,12 @@ impl Node {
                 node.drained_event = s.drained_event.clone();
             }
         }
-        let adopted = adopt::adopt(state.as_ref(), &hp.config, &node.admin).await;
+        let records = state
+            .as_ref()
+            .map(State::worker_records)
+            .unwrap_or_default();
+        let boot_id = state.as_ref().map(|s| s.kernel_boot_id.as_str());
+        let adopted = adopt::adopt(&records, boot_id, &node.spec, &node.admin).await;
         for why in &adopted.refused {
             tracing::info!("{why}");
         }

@@ -1,11 +1,16 @@
-//! Facts about processes read from /proc: identity (pid + start time), liveness, and the TCP
-//! connections a worker holds.
+//! Facts about processes read from /proc: identity (pid + start time), liveness, what a process
+//! runs and as whom, and the TCP connections a worker holds.
 //!
 //! A pid alone is not an identity: pids are recycled. ebb identifies a worker by its pid and its
 //! start time (field 22 of /proc/<pid>/stat, in clock ticks since boot) under one kernel boot id.
+//!
+//! The checks (`check`, `check_exe`, `check_uid`, `check_config`) are pure: they judge what
+//! `observe` and `inspect` read, so that they can be tested with any observation.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 pub use crate::record::ProcessId;
@@ -16,8 +21,25 @@ pub struct Observed {
     pub start_time: u64,
     /// The one-letter state of /proc/<pid>/stat (R, S, D, Z, …).
     pub state: char,
-    /// The file name of /proc/<pid>/exe, without a " (deleted)" suffix.
-    pub exe_name: Option<String>,
+}
+
+/// What adoption looks at, read in one go by [`inspect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    /// The start time is read last, after everything else: if it still matches, the rest was read
+    /// from that same process and not from a later user of the pid.
+    pub id: ProcessId,
+    pub state: char,
+    /// The target of /proc/<pid>/exe as the kernel gives it (absolute, symlinks resolved, with a
+    /// " (deleted)" suffix once the file was removed or replaced), or why it could not be read.
+    pub exe: Result<PathBuf, io::ErrorKind>,
+    /// The real uid, from /proc/<pid>/status.
+    pub real_uid: Option<u32>,
+    /// The config files named on its command line (`-f FILE`, and the files after `--`), made
+    /// absolute against its working directory and canonicalized where they exist.
+    pub configs: Vec<PathBuf>,
+    /// Its stderr, when that is a regular file that still has a name.
+    pub stderr: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,11 +54,43 @@ pub enum Mismatch {
     },
     #[error("process {0} has exited (zombie)")]
     Zombie(u32),
-    #[error("process {pid} runs {exe:?}, not haproxy")]
-    NotHaproxy { pid: u32, exe: String },
+    #[error("process {pid} runs {}, not the configured haproxy binary {}", exe.display(), expected.display())]
+    WrongBinary {
+        pid: u32,
+        exe: PathBuf,
+        expected: PathBuf,
+    },
+    #[error(
+        "cannot read /proc/{pid}/exe ({reason}), so which binary process {pid} runs is unknown; \
+         run the agent as root or as HAProxy's user, without file capabilities on the haproxy \
+         binary (they make /proc/<pid>/exe unreadable)"
+    )]
+    ExeUnreadable { pid: u32, reason: io::ErrorKind },
+    #[error("process {pid} runs as uid {}, not as {}", uid.map_or("unknown".to_string(), |u| u.to_string()), uid_list(expected))]
+    WrongUser {
+        pid: u32,
+        uid: Option<u32>,
+        expected: Vec<u32>,
+    },
+    #[error("process {pid} was not started with -f {}", config.display())]
+    WrongConfig { pid: u32, config: PathBuf },
 }
 
-/// The pure part of verifying a recorded process: does what /proc shows match the record?
+fn uid_list(uids: &[u32]) -> String {
+    match uids {
+        [] => "any expected uid (none is known)".to_string(),
+        [one] => format!("uid {one}"),
+        many => format!(
+            "uid {}",
+            many.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
+    }
+}
+
+/// The pure part of verifying a recorded process: is what /proc shows the same, live process?
 pub fn check(record: ProcessId, observed: Option<&Observed>) -> Result<(), Mismatch> {
     let Some(o) = observed else {
         return Err(Mismatch::Gone(record.pid));
@@ -51,14 +105,64 @@ pub fn check(record: ProcessId, observed: Option<&Observed>) -> Result<(), Misma
     if o.state == 'Z' || o.state == 'X' {
         return Err(Mismatch::Zombie(record.pid));
     }
-    match &o.exe_name {
-        // Without permission to read the link, the start time match stands on its own.
-        None => Ok(()),
-        Some(exe) if exe.starts_with("haproxy") => Ok(()),
-        Some(exe) => Err(Mismatch::NotHaproxy {
-            pid: record.pid,
+    Ok(())
+}
+
+/// The kernel's mark on /proc/<pid>/exe for a binary whose file was unlinked, which is what a
+/// package upgrade does to the binary of a running HAProxy.
+const DELETED: &[u8] = b" (deleted)";
+
+/// Does `exe` (the target of /proc/<pid>/exe) name `binary` (the configured binary,
+/// canonicalized)? A binary replaced since the process started still counts: it is the same
+/// install, one version older.
+pub fn exe_matches(exe: &Path, binary: &Path) -> bool {
+    let bytes = exe.as_os_str().as_bytes();
+    let live = bytes.strip_suffix(DELETED).unwrap_or(bytes);
+    Path::new(OsStr::from_bytes(live)) == binary
+}
+
+/// Checks that process `pid` runs the configured binary (`binary`, canonicalized).
+pub fn check_exe(
+    pid: u32,
+    exe: &Result<PathBuf, io::ErrorKind>,
+    binary: &Path,
+) -> Result<(), Mismatch> {
+    match exe {
+        Ok(exe) if exe_matches(exe, binary) => Ok(()),
+        Ok(exe) => Err(Mismatch::WrongBinary {
+            pid,
             exe: exe.clone(),
+            expected: binary.to_path_buf(),
         }),
+        // Unknown is not a match: a process ebb cannot identify is never taken over.
+        Err(reason) => Err(Mismatch::ExeUnreadable {
+            pid,
+            reason: *reason,
+        }),
+    }
+}
+
+/// Checks that process `pid` runs as one of `expected` (real uids).
+pub fn check_uid(pid: u32, uid: Option<u32>, expected: &[u32]) -> Result<(), Mismatch> {
+    match uid {
+        Some(u) if expected.contains(&u) => Ok(()),
+        _ => Err(Mismatch::WrongUser {
+            pid,
+            uid,
+            expected: expected.to_vec(),
+        }),
+    }
+}
+
+/// Checks that process `pid` was started with `config` (canonicalized) among its config files.
+pub fn check_config(pid: u32, configs: &[PathBuf], config: &Path) -> Result<(), Mismatch> {
+    if configs.iter().any(|c| c == config) {
+        Ok(())
+    } else {
+        Err(Mismatch::WrongConfig {
+            pid,
+            config: config.to_path_buf(),
+        })
     }
 }
 
@@ -70,17 +174,30 @@ fn proc_path(pid: u32, file: &str) -> PathBuf {
 pub fn observe(pid: u32) -> Option<Observed> {
     let stat = std::fs::read_to_string(proc_path(pid, "stat")).ok()?;
     let (state, start_time) = parse_stat(&stat)?;
-    let exe_name = std::fs::read_link(proc_path(pid, "exe")).ok().map(|p| {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.trim_end_matches(" (deleted)").to_string()
-    });
-    Some(Observed {
-        start_time,
-        state,
-        exe_name,
+    Some(Observed { start_time, state })
+}
+
+/// Reads what adoption judges a process by; `None` when it does not exist (or exited while being
+/// read).
+pub fn inspect(pid: u32) -> Option<Inspected> {
+    let exe = std::fs::read_link(proc_path(pid, "exe")).map_err(|e| e.kind());
+    let real_uid = std::fs::read_to_string(proc_path(pid, "status"))
+        .ok()
+        .and_then(|s| parse_real_uid(&s));
+    let configs = config_files(pid);
+    let stderr = stderr_path(pid);
+    // Last, so that a pid recycled during the reads above shows up as a different start time.
+    let observed = observe(pid)?;
+    Some(Inspected {
+        id: ProcessId {
+            pid,
+            start_time: observed.start_time,
+        },
+        state: observed.state,
+        exe,
+        real_uid,
+        configs,
+        stderr,
     })
 }
 
@@ -93,6 +210,65 @@ fn parse_stat(stat: &str) -> Option<(char, u64)> {
     // Field 3 is the state; field 22 is the start time.
     let start_time = fields.get(22 - 3)?.parse().ok()?;
     Some((state, start_time))
+}
+
+/// The real uid from the text of /proc/<pid>/status (`Uid: real effective saved fs`).
+fn parse_real_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The config files HAProxy reads given these arguments: each `-f FILE`, and every argument after
+/// `--`. As written: relative paths are relative to the process's working directory.
+pub fn config_args(args: &[&OsStr]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        if *arg == "-f" {
+            if let Some(file) = rest.next() {
+                out.push(PathBuf::from(file));
+            }
+        } else if *arg == "--" {
+            out.extend(rest.by_ref().map(PathBuf::from));
+        }
+    }
+    out
+}
+
+/// The config files on process `pid`'s command line, absolute and canonicalized where possible.
+pub fn config_files(pid: u32) -> Vec<PathBuf> {
+    let Ok(cmdline) = std::fs::read(proc_path(pid, "cmdline")) else {
+        return Vec::new();
+    };
+    // NUL-terminated arguments; an empty one in the middle is still an argument.
+    let args: Vec<&OsStr> = cmdline
+        .strip_suffix(&[0])
+        .unwrap_or(&cmdline)
+        .split(|b| *b == 0)
+        .map(OsStr::from_bytes)
+        .collect();
+    let files = config_args(&args);
+    if files.is_empty() {
+        return files;
+    }
+    let cwd = std::fs::read_link(proc_path(pid, "cwd")).ok();
+    files
+        .into_iter()
+        .filter_map(|f| {
+            let f = if f.is_absolute() {
+                f
+            } else {
+                // Without its working directory a relative path means nothing here.
+                cwd.as_ref()?.join(f)
+            };
+            Some(std::fs::canonicalize(&f).unwrap_or(f))
+        })
+        .collect()
 }
 
 pub fn start_time(pid: u32) -> io::Result<u64> {
@@ -113,44 +289,36 @@ pub fn kernel_boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Live haproxy processes started with `-f <config>`: the workers of this node, recorded or not.
-pub fn find_haproxy(config: &Path) -> Vec<ProcessId> {
-    let want = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+/// Every pid in /proc right now.
+pub fn pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| {
-            let Ok(cmdline) = std::fs::read(proc_path(pid, "cmdline")) else {
-                return false;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.windows(2).any(|w| {
-                w[0] == b"-f" && {
-                    let p = Path::new(std::str::from_utf8(w[1]).unwrap_or_default());
-                    p == want || std::fs::canonicalize(p).is_ok_and(|c| c == want)
-                }
-            })
-        })
-        .filter_map(|pid| {
-            let o = observe(pid)?;
-            let haproxy = o
-                .exe_name
-                .as_deref()
-                .is_none_or(|n| n.starts_with("haproxy"));
-            (haproxy && !matches!(o.state, 'Z' | 'X')).then_some(ProcessId {
-                pid,
-                start_time: o.start_time,
-            })
-        })
         .collect()
 }
 
-/// Where a process's stderr goes, if it is a file.
+/// Live processes whose command line names `config` (canonicalized) as a config file: the only
+/// ones worth a closer look when searching for workers nobody recorded. Nothing else is checked
+/// here; see [`check_exe`], [`check_uid`].
+pub fn running_config(config: &Path) -> Vec<u32> {
+    pids()
+        .into_iter()
+        .filter(|&pid| config_files(pid).iter().any(|c| c == config))
+        .collect()
+}
+
+/// Where a process's stderr goes, if it is a regular file that still has a name: a terminal, a
+/// pipe, a socket or /dev/null is no log to read.
 pub fn stderr_path(pid: u32) -> Option<PathBuf> {
-    std::fs::read_link(proc_path(pid, "fd/2"))
+    let fd = proc_path(pid, "fd/2");
+    // metadata() follows the magic link to the open file itself, even if it was deleted.
+    if !std::fs::metadata(&fd).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    std::fs::read_link(&fd)
         .ok()
-        .filter(|p| p.is_absolute())
+        .filter(|p| p.is_absolute() && !p.as_os_str().as_bytes().ends_with(DELETED))
 }
 
 const TCP_LISTEN: u8 = 0x0A;
@@ -254,7 +422,7 @@ pub fn client_connections_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -276,11 +444,10 @@ mod tests {
         assert!(listening_ports(me).contains(&port));
     }
 
-    fn obs(start: u64, state: char, exe: Option<&str>) -> Observed {
+    fn obs(start: u64, state: char) -> Observed {
         Observed {
             start_time: start,
             state,
-            exe_name: exe.map(str::to_string),
         }
     }
 
@@ -291,21 +458,99 @@ mod tests {
 
     #[test]
     fn verification_accepts_only_the_recorded_process() {
-        assert_eq!(check(REC, Some(&obs(1000, 'S', Some("haproxy")))), Ok(()));
+        assert_eq!(check(REC, Some(&obs(1000, 'S'))), Ok(()));
         assert_eq!(check(REC, None), Err(Mismatch::Gone(42)));
         assert!(matches!(
-            check(REC, Some(&obs(1001, 'S', Some("haproxy")))),
+            check(REC, Some(&obs(1001, 'S'))),
             Err(Mismatch::Recycled { .. })
         ));
+        assert_eq!(check(REC, Some(&obs(1000, 'Z'))), Err(Mismatch::Zombie(42)));
+    }
+
+    #[test]
+    fn the_exe_must_be_the_configured_binary_even_after_an_upgrade_replaced_it() {
+        let bin = Path::new("/usr/sbin/haproxy");
+        let exe = |p: &str| Ok(PathBuf::from(p));
+        assert_eq!(check_exe(1, &exe("/usr/sbin/haproxy"), bin), Ok(()));
+        // The package manager replaced the file under the running process.
         assert_eq!(
-            check(REC, Some(&obs(1000, 'Z', Some("haproxy")))),
-            Err(Mismatch::Zombie(42))
+            check_exe(1, &exe("/usr/sbin/haproxy (deleted)"), bin),
+            Ok(())
         );
+        // Another binary with the same name is another binary.
+        for other in [
+            "/tmp/haproxy",
+            "/usr/sbin/haproxy2",
+            "/usr/sbin/haproxy (deleted) (deleted)",
+            "/usr/bin/bash",
+        ] {
+            let err = check_exe(1, &exe(other), bin).expect_err(other);
+            assert!(
+                matches!(err, Mismatch::WrongBinary { .. }),
+                "{other}: {err:?}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(other) && message.contains("/usr/sbin/haproxy"),
+                "{message}"
+            );
+        }
+        // Unknown is never taken for a match; the message says how to make it known.
+        let err = check_exe(1, &Err(io::ErrorKind::PermissionDenied), bin).expect_err("unknown");
+        assert!(matches!(err, Mismatch::ExeUnreadable { .. }), "{err:?}");
+        assert!(err.to_string().contains("/proc/1/exe"), "{err}");
+    }
+
+    #[test]
+    fn the_uid_must_be_an_expected_one() {
+        assert_eq!(check_uid(1, Some(0), &[0, 99]), Ok(()));
+        assert_eq!(check_uid(1, Some(99), &[0, 99]), Ok(()));
+        let err = check_uid(1, Some(1000), &[0, 99]).expect_err("other user");
+        assert_eq!(
+            err.to_string(),
+            "process 1 runs as uid 1000, not as uid 0 or 99"
+        );
+        assert!(check_uid(1, None, &[0]).is_err());
+        assert!(check_uid(1, Some(0), &[]).is_err());
+    }
+
+    #[test]
+    fn the_config_must_be_among_the_command_line_config_files() {
+        let cfg = Path::new("/etc/haproxy/haproxy.cfg");
+        let files = vec![PathBuf::from("/etc/haproxy/a.cfg"), cfg.to_path_buf()];
+        assert_eq!(check_config(1, &files, cfg), Ok(()));
         assert!(matches!(
-            check(REC, Some(&obs(1000, 'S', Some("bash")))),
-            Err(Mismatch::NotHaproxy { .. })
+            check_config(1, &files[..1], cfg),
+            Err(Mismatch::WrongConfig { .. })
         ));
-        assert_eq!(check(REC, Some(&obs(1000, 'S', None))), Ok(()));
+        assert!(check_config(1, &[], cfg).is_err());
+    }
+
+    #[test]
+    fn config_files_are_read_from_dash_f_and_after_double_dash() {
+        let args = |a: &[&'static str]| -> Vec<PathBuf> {
+            let a: Vec<&OsStr> = a.iter().map(OsStr::new).collect();
+            config_args(&a)
+        };
+        assert_eq!(
+            args(&["haproxy", "-db", "-f", "/a.cfg", "-x", "/s", "-f", "b.cfg"]),
+            vec![PathBuf::from("/a.cfg"), PathBuf::from("b.cfg")]
+        );
+        assert_eq!(
+            args(&["haproxy", "-db", "--", "/a.cfg", "-f"]),
+            vec![PathBuf::from("/a.cfg"), PathBuf::from("-f")]
+        );
+        // The program name is not an argument, and a trailing -f names nothing.
+        assert_eq!(args(&["-f", "x", "y"]), Vec::<PathBuf>::new());
+        assert_eq!(args(&["haproxy", "-f"]), Vec::<PathBuf>::new());
+        assert_eq!(args(&[]), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn status_gives_the_real_uid() {
+        let status = "Name:\thaproxy\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t99\t0\t0\t0\nGid:\t99\t99\t99\t99\n";
+        assert_eq!(parse_real_uid(status), Some(99));
+        assert_eq!(parse_real_uid("Name:\tx\n"), None);
     }
 
     #[test]
@@ -316,25 +561,67 @@ mod tests {
     }
 
     #[test]
+    fn this_process_is_inspected_as_it_is() {
+        let me = std::process::id();
+        let seen = inspect(me).expect("this process exists");
+        assert_eq!(Some(seen.id.start_time), observe(me).map(|o| o.start_time));
+        // The kernel's own path for this binary, less the mark a concurrent rebuild of the test
+        // binary would add.
+        let exe = std::env::current_exe().expect("current_exe");
+        let exe = exe.as_os_str().as_bytes();
+        let exe = Path::new(OsStr::from_bytes(exe.strip_suffix(DELETED).unwrap_or(exe)));
+        assert_eq!(check_exe(me, &seen.exe, exe), Ok(()));
+        let uid = rustix::process::getuid().as_raw();
+        assert_eq!(seen.real_uid, Some(uid));
+        assert_eq!(check_uid(me, seen.real_uid, &[uid]), Ok(()));
+    }
+
+    /// Waits until a process just spawned shows its arguments: the kernel lets the parent go on
+    /// during the exec, a moment before /proc/<pid>/cmdline has anything to show.
+    pub(crate) fn wait_for_argv(pid: u32) {
+        for _ in 0..1000 {
+            if std::fs::read(proc_path(pid, "cmdline")).is_ok_and(|c| !c.is_empty()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("process {pid} shows no command line");
+    }
+
+    #[test]
     fn a_live_process_is_observed_and_a_recycled_record_refused() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, "global\n").expect("write cfg");
+        let cfg = std::fs::canonicalize(&cfg).expect("canonical cfg");
+        // A relative -f, resolved against the process's own working directory. The shell waits
+        // on its stdin (a builtin), so killing it leaves nothing behind.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x", "sh", "-f", "haproxy.cfg"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("err.log")).expect("log"))
             .spawn()
-            .expect("spawn sleep");
+            .expect("spawn sh");
         let pid = child.id();
-        let seen = observe(pid).expect("observed");
-        let record = ProcessId {
-            pid,
-            start_time: seen.start_time,
-        };
-        // `sleep` is no haproxy: identity matches but the binary check refuses it.
-        assert!(matches!(
-            check(record, Some(&seen)),
-            Err(Mismatch::NotHaproxy { .. })
-        ));
+        wait_for_argv(pid);
+        let seen = inspect(pid).expect("inspected");
+        let record = seen.id;
+        assert_eq!(check(record, observe(pid).as_ref()), Ok(()));
+        assert_eq!(seen.configs, vec![cfg.clone()]);
+        assert_eq!(check_config(pid, &seen.configs, &cfg), Ok(()));
+        assert!(running_config(&cfg).contains(&pid));
+        assert_eq!(
+            seen.stderr.as_deref(),
+            std::fs::canonicalize(dir.path().join("err.log"))
+                .ok()
+                .as_deref()
+        );
+        let sh = std::fs::canonicalize("/bin/sh").expect("canonical sh");
+        assert_eq!(check_exe(pid, &seen.exe, &sh), Ok(()));
         let stale = ProcessId {
             pid,
-            start_time: seen.start_time.wrapping_sub(1),
+            start_time: seen.id.start_time.wrapping_sub(1),
         };
         assert!(matches!(
             check(stale, observe(pid).as_ref()),
@@ -346,6 +633,8 @@ mod tests {
             check(record, observe(pid).as_ref()),
             Err(Mismatch::Gone(pid))
         );
+        assert_eq!(inspect(pid), None);
+        assert!(!running_config(&cfg).contains(&pid));
     }
 
     #[test]

@@ -253,6 +253,62 @@ pub fn hard_stopped_connections(log: &str) -> Option<u64> {
     found.then_some(total)
 }
 
+/// Deletes a worker's log, but only if it is ebb's own: a regular file directly inside `log_dir`,
+/// named as `launch` names its files (`worker-<pid>-<start>.log`, `starting-*.log`). Anything else
+/// is left alone, however it got into a record: the stderr of a HAProxy found running (which ebb
+/// only reads), a symlink, a file in a subdirectory or elsewhere.
+pub fn remove_own_log(log: &Path, log_dir: &Path) {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let Some(name) = log.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let own_name = match name.strip_suffix(".log") {
+        Some(stem) => {
+            stem.strip_prefix("worker-")
+                .and_then(|ids| ids.split_once('-'))
+                .is_some_and(|(pid, start)| digits(pid) && digits(start))
+                || stem
+                    .strip_prefix("starting-")
+                    .is_some_and(|s| !s.is_empty())
+        }
+        None => false,
+    };
+    let in_log_dir = log.parent().is_some_and(|parent| {
+        parent == log_dir
+            || matches!(
+                (std::fs::canonicalize(parent), std::fs::canonicalize(log_dir)),
+                (Ok(a), Ok(b)) if a == b
+            )
+    });
+    if !own_name || !in_log_dir {
+        tracing::debug!("not deleting {}: not a log ebb created", log.display());
+        return;
+    }
+    // By name inside the opened directory: what is checked is what is deleted, even if a path
+    // component is swapped for a symlink meanwhile. unlinkat never follows the last component.
+    let Ok(dir) = rustix::fs::open(
+        log_dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    let is_file = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+    if !is_file {
+        return;
+    }
+    match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!(
+            "cannot delete worker log {}: {e}; delete it yourself, and check that {} is writable by the agent",
+            log.display(),
+            log_dir.display()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +349,48 @@ mod tests {
             Exit::Code(137)
         );
         assert_eq!(Exit::Code(137).to_string(), "killed by signal 9");
+    }
+
+    #[test]
+    fn only_ebbs_own_logs_are_ever_deleted() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let logs = root.path().join("logs");
+        std::fs::create_dir_all(logs.join("sub")).expect("mkdir");
+        let write = |p: &Path| std::fs::write(p, b"log").expect("write");
+        let outside = root.path().join("worker-7-8.log");
+        write(&outside);
+        let own = [logs.join("worker-1-2.log"), logs.join("starting-9-123.log")];
+        let foreign = [
+            logs.join("other.log"),
+            logs.join("worker-x-2.log"),
+            logs.join("worker-1-2.log.bak"),
+            logs.join("starting-.log"),
+            logs.join("sub/worker-5-6.log"),
+        ];
+        for p in own.iter().chain(&foreign) {
+            write(p);
+        }
+        std::os::unix::fs::symlink(&outside, logs.join("worker-3-4.log")).expect("symlink");
+        std::fs::create_dir(logs.join("worker-8-9.log")).expect("dir");
+
+        for p in &own {
+            remove_own_log(p, &logs);
+            assert!(!p.exists(), "{} is ebb's and goes", p.display());
+        }
+        for p in &foreign {
+            remove_own_log(p, &logs);
+            assert!(p.exists(), "{} is not ebb's", p.display());
+        }
+        // Out of the log dir by name or by symlink: nothing is touched.
+        remove_own_log(&logs.join("../worker-7-8.log"), &logs);
+        remove_own_log(&outside, &logs);
+        remove_own_log(&logs.join("worker-3-4.log"), &logs);
+        assert!(outside.exists());
+        assert!(logs.join("worker-3-4.log").symlink_metadata().is_ok());
+        remove_own_log(&logs.join("worker-8-9.log"), &logs);
+        assert!(logs.join("worker-8-9.log").is_dir());
+        remove_own_log(Path::new(""), &logs);
+        // Already gone: nothing to do, nothing to report.
+        remove_own_log(&own[0], &logs);
     }
 }
