@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::{Client, ConnectOptions};
@@ -19,7 +18,6 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::*;
-use tokio::sync::Notify;
 
 const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 /// Default timeout of every wait.
@@ -179,201 +177,23 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Helpers: events
+// Helpers: events and nodes
 // ---------------------------------------------------------------------------------------------
 
-/// One event as received on a core subscription.
-#[derive(Clone, Debug)]
-struct Ev {
-    subject: String,
-    msg_id: Option<String>,
-    body: Value,
-}
-
-impl Ev {
-    fn kind(&self) -> &str {
-        self.body["kind"].as_str().unwrap_or("")
-    }
-}
-
-/// Every message of a core subscription, kept in arrival order by a background task.
-struct Events {
-    seen: Arc<Mutex<Vec<Ev>>>,
-    notify: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Events {
-    /// Subscribes (and flushes, so the subscription is in place on return).
-    async fn subscribe(nc: &Client, subject: &str) -> Events {
-        let mut sub = nc
-            .subscribe(subject.to_string())
-            .await
-            .expect("subscribe to events");
-        nc.flush().await.expect("flush");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let seen = seen.clone();
-            let notify = notify.clone();
-            async move {
-                while let Some(msg) = sub.next().await {
-                    let body = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
-                    });
-                    let msg_id = msg
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.as_str().to_string());
-                    seen.lock().expect("events lock").push(Ev {
-                        subject: msg.subject.to_string(),
-                        msg_id,
-                        body,
-                    });
-                    notify.notify_waiters();
-                }
-            }
-        });
-        Events { seen, notify, task }
-    }
-
-    fn all(&self) -> Vec<Ev> {
-        self.seen.lock().expect("events lock").clone()
-    }
-
-    fn count(&self, pred: impl Fn(&Ev) -> bool) -> usize {
-        self.seen
-            .lock()
-            .expect("events lock")
-            .iter()
-            .filter(|e| pred(e))
-            .count()
-    }
-
-    /// Waits for the first event that satisfies `pred`; returns its index and the event.
-    async fn wait_indexed(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Ev) -> bool,
-    ) -> (usize, Ev) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(found) = self
-                .seen
-                .lock()
-                .expect("events lock")
-                .iter()
-                .enumerate()
-                .find(|(_, e)| pred(e))
-                .map(|(i, e)| (i, e.clone()))
-            {
-                return found;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let kinds: Vec<String> = self
-                    .all()
-                    .iter()
-                    .map(|e| format!("{}#{}", e.kind(), e.body["seq"]))
-                    .collect();
-                panic!("timed out after {timeout:?} waiting for {what}; events seen: {kinds:?}");
-            }
-        }
-    }
-
-    async fn wait(&self, what: &str, pred: impl Fn(&Ev) -> bool) -> Ev {
-        self.wait_indexed(what, T, pred).await.1
-    }
-
-    async fn wait_kind(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Ev {
-        self.wait(&format!("a {kind} event"), |e| {
-            e.kind() == kind && pred(&e.body)
-        })
-        .await
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Kinds that appear on their own schedule and say nothing about a command.
-fn is_background(e: &Ev) -> bool {
+fn is_background(e: &Event) -> bool {
     matches!(e.kind(), "heartbeat" | "agent_started")
 }
 
-// ---------------------------------------------------------------------------------------------
-// Helpers: nodes
-// ---------------------------------------------------------------------------------------------
-
-/// An agent with its own haproxy config (in its own dir).
-struct TestNode {
-    haproxy: HaproxyConfig,
-    config: AgentConfig,
-    agent: Agent,
-}
-
-impl TestNode {
-    fn config_bytes(&self) -> Vec<u8> {
-        std::fs::read(self.haproxy.path()).expect("read haproxy.cfg")
-    }
-
-    fn serving_pid(&self) -> Option<u32> {
-        show_info_pid(&self.haproxy.admin_socket())
-    }
-}
-
-/// Writes haproxy.cfg and agent.toml in `dir` (node id `id`), lets `tweak` adjust the agent
-/// config, and starts the agent.
-fn start_node(
-    dir: &Path,
-    url: &str,
-    backend: &Backend,
-    id: &str,
-    tweak: impl FnOnce(&mut AgentConfig),
-) -> TestNode {
-    std::fs::create_dir_all(dir).expect("node dir");
-    let haproxy = HaproxyConfig::new(dir, backend.addr());
-    haproxy.write().expect("write haproxy.cfg");
-    let mut config = AgentConfig::new(dir, url, &haproxy);
-    config.node_id(id);
-    tweak(&mut config);
-    let path = config.write().expect("write agent.toml");
-    let agent = Agent::start(EBB, &path).expect("start the agent");
-    TestNode {
-        haproxy,
-        config,
-        agent,
-    }
-}
-
-/// Waits until `node` answers `status` as serving; returns the reply.
-async fn wait_ready(nc: &Client, node: &str) -> Value {
-    let subject = format!("ebb.node.{node}.status");
-    eventually(
-        &format!("node {node} to answer status"),
-        Duration::from_secs(30),
-        || {
-            let nc = nc.clone();
-            let subject = subject.clone();
-            async move {
-                let msg =
-                    tokio::time::timeout(Duration::from_secs(2), nc.request(subject, Bytes::new()))
-                        .await
-                        .ok()?
-                        .ok()?;
-                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
-                (v["ok"] == true && v["result"]["state"] == "serving").then_some(v)
-            }
-        },
-    )
-    .await
+/// A node on the test's own nats-server (`url`, reached through `nc`), its files in `dir`, the
+/// demo backend behind its haproxy, and its event tap on `nc`.
+fn node_on<'a>(nc: &Client, url: &str, dir: &Path, id: &str) -> NodeFixtureBuilder<'a> {
+    NodeFixture::builder()
+        .timeout(T)
+        .node_id(id)
+        .nats_url(url)
+        .client(nc.clone())
+        .dir(dir.join(id))
 }
 
 /// What must not change when a command is refused.
@@ -548,21 +368,21 @@ async fn stream_messages(nc: &Client, stream: &str) -> Vec<(String, Option<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_verb_answers_with_the_documented_json() {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
-    let nc = connect(&nats.url()).await;
-    let events = Events::subscribe(&nc, "ebb.event.web-1.>").await;
-    let node = start_node(&dir.join("web-1"), &nats.url(), &backend, "web-1", |c| {
-        c.groups(&["web"]);
-    });
-    wait_ready(&nc, "web-1").await;
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .node_id("web-1")
+        .agent(|c| {
+            c.groups(&["web"]);
+        })
+        .start()
+        .await;
+    let (nc, events) = (node.nc.clone(), &node.events);
     let port = node.haproxy.frontend_port();
 
     // status
     let reply = command(&nc, "web-1", "status", json!({"request_id": "s-1"})).await;
     let r = assert_ok(&reply, "web-1", json!("s-1"));
-    let pid0 = node.serving_pid().expect("haproxy answers show info");
+    let pid0 = node.serving_pid().await.expect("haproxy answers show info");
     assert_eq!(r["state"], "serving", "{r}");
     assert_eq!(r["node"], "web-1");
     assert_eq!(r["groups"], json!(["web"]));
@@ -601,7 +421,11 @@ async fn every_verb_answers_with_the_documented_json() {
     assert!(!reload_id.is_empty());
     let pid1 = r["pid"].as_u64().expect("pid") as u32;
     assert_ne!(pid1, pid0);
-    assert_eq!(node.serving_pid(), Some(pid1), "the new worker serves");
+    assert_eq!(
+        node.serving_pid().await,
+        Some(pid1),
+        "the new worker serves"
+    );
     assert_eq!(r["old_pids"], json!([pid0]));
     assert!(r["duration_ms"].is_u64(), "{r}");
     assert_eq!(r["config_sha256"], file_sha, "sha256 of the file's bytes");
@@ -715,10 +539,7 @@ async fn every_verb_answers_with_the_documented_json() {
     let s = assert_ok(&reply, "web-1", Value::Null);
     assert_eq!(s["state"], "stopped");
     assert!(s["haproxy"]["pid"].is_null(), "{s}");
-    assert!(
-        haproxy_pids_for(&dir.join("web-1")).is_empty(),
-        "no haproxy left"
-    );
+    assert!(haproxy_pids_for(node.dir()).is_empty(), "no haproxy left");
     assert_eq!(http_status(port, "/").await, None, "nothing listens");
 }
 
@@ -732,15 +553,13 @@ async fn every_verb_answers_with_the_documented_json() {
 async fn refused_requests_get_their_error_code_and_change_nothing() {
     let dir = TestDir::new();
     let nats = nats_with_config(&dir.join("nats"), "max_payload: 4194304\n");
-    let backend = Backend::start().expect("backend");
     let nc = connect(&nats.url()).await;
     assert!(
         nc.server_info().max_payload >= 4 << 20,
         "raised max_payload"
     );
-    let events = Events::subscribe(&nc, "ebb.event.err-1.>").await;
-    let node = start_node(&dir.join("err-1"), &nats.url(), &backend, "err-1", |_| {});
-    wait_ready(&nc, "err-1").await;
+    let node = node_on(&nc, &nats.url(), dir.path(), "err-1").start().await;
+    let events = &node.events;
     let before = status_snapshot(&nc, "err-1").await;
     let disk = node.config_bytes();
     let hour_ago = rfc3339(SystemTime::now() - Duration::from_secs(3600));
@@ -933,23 +752,27 @@ async fn refused_requests_get_their_error_code_and_change_nothing() {
 /// pushed config whose hash does not match.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_reloads_leave_the_running_worker_serving() {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
-    let nc = connect(&nats.url()).await;
-    let events = Events::subscribe(&nc, "ebb.event.cfg-1.>").await;
-    let node = start_node(&dir.join("cfg-1"), &nats.url(), &backend, "cfg-1", |c| {
-        c.set("reload", "allow_config_push", "true");
-    });
-    wait_ready(&nc, "cfg-1").await;
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .node_id("cfg-1")
+        .agent(|c| {
+            c.set("reload", "allow_config_push", "true");
+        })
+        .start()
+        .await;
+    let (nc, events) = (node.nc.clone(), &node.events);
     let port = node.haproxy.frontend_port();
     let good = node.config_bytes();
-    let pid0 = node.serving_pid().expect("serving");
+    let pid0 = node.serving_pid().await.expect("serving");
     let still_serving = |what: &'static str| {
         let node = &node;
         let good = &good;
         async move {
-            assert_eq!(node.serving_pid(), Some(pid0), "{what}: old worker serves");
+            assert_eq!(
+                node.serving_pid().await,
+                Some(pid0),
+                "{what}: old worker serves"
+            );
             assert_eq!(http_status(port, "/").await, Some(200), "{what}: GET / ok");
             assert_eq!(
                 &node.config_bytes(),
@@ -1048,7 +871,10 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let r = assert_ok(&reply, "cfg-1", json!("push"));
     assert_eq!(r["config_sha256"], sha256_hex(v2.as_bytes()));
     assert_eq!(node.config_bytes(), v2.as_bytes(), "pushed config on disk");
-    assert_eq!(node.serving_pid(), r["pid"].as_u64().map(|p| p as u32));
+    assert_eq!(
+        node.serving_pid().await,
+        r["pid"].as_u64().map(|p| p as u32)
+    );
     let response = http_request(port, "/", true, T).await.expect("GET /");
     assert_eq!(response.header("x-ebb-config"), Some("v2"));
 
@@ -1082,13 +908,12 @@ async fn failed_reloads_leave_the_running_worker_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_request_id_replays_the_first_reply_and_acts_once() {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
-    let nc = connect(&nats.url()).await;
-    let events = Events::subscribe(&nc, "ebb.event.dup-1.>").await;
-    let _node = start_node(&dir.join("dup-1"), &nats.url(), &backend, "dup-1", |_| {});
-    wait_ready(&nc, "dup-1").await;
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .node_id("dup-1")
+        .start()
+        .await;
+    let (nc, events) = (node.nc.clone(), &node.events);
 
     // One after the other.
     let body = json!({"request_id": "same"}).to_string();
@@ -1156,26 +981,25 @@ async fn a_repeated_request_id_replays_the_first_reply_and_acts_once() {
 async fn events_carry_the_envelope_and_land_in_the_stream_and_kv() {
     let dir = TestDir::new();
     let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
     let nc = connect(&nats.url()).await;
     let info = request_json(&nc, "$JS.API.STREAM.INFO.EBB_EVENTS", "").await;
     assert_eq!(
         info["error"]["err_code"], 10059,
         "no stream before the agent: {info}"
     );
-    let events = Events::subscribe(&nc, "ebb.event.>").await;
     let start = SystemTime::now();
-    let mut node = start_node(&dir.join("ev-1"), &nats.url(), &backend, "ev-1", |c| {
-        c.set_str("nats", "heartbeat", "1s");
-    });
-    let ready = wait_ready(&nc, "ev-1").await;
-    let boot_id = ready["result"]["boot_id"]
-        .as_str()
-        .expect("boot_id")
-        .to_string();
-    let pid0 = node.serving_pid().expect("serving");
+    let mut node = node_on(&nc, &nats.url(), dir.path(), "ev-1")
+        .events_subject("ebb.event.>")
+        .agent(|c| {
+            c.set_str("nats", "heartbeat", "1s");
+        })
+        .spawn()
+        .await;
+    let ready = node.wait_serving().await;
+    let boot_id = ready["boot_id"].as_str().expect("boot_id").to_string();
+    let pid0 = node.serving_pid().await.expect("serving");
 
-    let started = events.wait_kind("agent_started", |_| true).await;
+    let started = node.events.wait_kind("agent_started", |_| true).await;
     let b = &started.body;
     assert_eq!(started.subject, "ebb.event.ev-1.agent_started");
     assert_eq!(b["v"], 1);
@@ -1193,19 +1017,19 @@ async fn events_carry_the_envelope_and_land_in_the_stream_and_kv() {
 
     let reply = command(&nc, "ev-1", "reload", json!({"reason": "ev"})).await;
     let reload_id = assert_ok(&reply, "ev-1", Value::Null)["reload_id"].clone();
-    events
+    node.events
         .wait_kind("reloaded", |b| b["reload_id"] == reload_id)
         .await;
-    events
+    node.events
         .wait_kind("worker_exited", |b| b["pid"] == pid0)
         .await;
-    events
+    node.events
         .wait_kind("heartbeat", |b| b["state"] == "serving")
         .await;
     let end = SystemTime::now();
 
     // Envelope of every event so far; seq grows by one in arrival order.
-    let all = events.all();
+    let all = node.events.all();
     for (i, e) in all.iter().enumerate() {
         let b = &e.body;
         let seq = b["seq"].as_u64().expect("seq");
@@ -1302,13 +1126,17 @@ async fn events_carry_the_envelope_and_land_in_the_stream_and_kv() {
     .await;
 
     // A new agent process (adopting the running haproxy) has a new boot_id; seq starts again at 1.
-    let worker = node.serving_pid().expect("serving");
+    let worker = node.serving_pid().await.expect("serving");
     node.agent.signal(Signal::USR2).expect("SIGUSR2");
     assert!(node.agent.wait_exit(T).success());
-    assert_eq!(node.serving_pid(), Some(worker), "haproxy kept running");
-    let path = node.config.write().expect("agent.toml");
-    node.agent = Agent::start(EBB, &path).expect("restart the agent");
-    let again = events
+    assert_eq!(
+        node.serving_pid().await,
+        Some(worker),
+        "haproxy kept running"
+    );
+    node.restart_agent();
+    let again = node
+        .events
         .wait("agent_started of the second agent", |e| {
             e.kind() == "agent_started" && e.body["boot_id"] != boot_id.as_str()
         })
@@ -1371,18 +1199,17 @@ impl Hup<'_> {
 async fn a_nats_restart_loses_and_duplicates_no_event() {
     let dir = TestDir::new();
     let mut nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
     let nc = connect(&nats.url()).await;
-    let events = Events::subscribe(&nc, "ebb.event.rs-1.>").await;
-    let node = start_node(&dir.join("rs-1"), &nats.url(), &backend, "rs-1", |c| {
-        c.set_str("nats", "heartbeat", "1s");
-    });
-    let ready = wait_ready(&nc, "rs-1").await;
-    let boot_id = ready["result"]["boot_id"]
-        .as_str()
-        .expect("boot_id")
-        .to_string();
-    let reloaded = |e: &Ev| e.kind() == "reloaded";
+    let node = node_on(&nc, &nats.url(), dir.path(), "rs-1")
+        .agent(|c| {
+            c.set_str("nats", "heartbeat", "1s");
+        })
+        .spawn()
+        .await;
+    let events = &node.events;
+    let ready = node.wait_serving().await;
+    let boot_id = ready["boot_id"].as_str().expect("boot_id").to_string();
+    let reloaded = |e: &Event| e.kind() == "reloaded";
 
     // SIGHUP reloads every 40 ms (a load generator's pace, not a wait) around two outages.
     let mut hup = Hup {
@@ -1506,23 +1333,18 @@ async fn a_nats_restart_loses_and_duplicates_no_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_agents_answer_fleet_requests_and_ctl() {
     const N: usize = 20;
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
-    let nc = connect(&nats.url()).await;
     let ids: Vec<String> = (0..N).map(|i| format!("n{i:02}")).collect();
     let started = Instant::now();
-    let nodes: Vec<TestNode> = ids
-        .iter()
-        .map(|id| {
-            start_node(&dir.join(id), &nats.url(), &backend, id, |c| {
-                c.groups(&["g"])
-                    .set_str("nats", "heartbeat", "2s")
-                    .log_level("warn");
-            })
+    let fleet = Fleet::start(&ids, |_, node| {
+        node.timeout(T).agent(|c| {
+            c.groups(&["g"])
+                .set_str("nats", "heartbeat", "2s")
+                .log_level("warn");
         })
-        .collect();
-    futures::future::join_all(ids.iter().map(|id| wait_ready(&nc, id))).await;
+    })
+    .await;
+    fleet.wait_serving().await;
+    let nc = fleet.nc.clone();
     eprintln!("{N} agents ready in {:?}", started.elapsed());
     let want: BTreeSet<String> = ids.iter().cloned().collect();
 
@@ -1570,7 +1392,7 @@ async fn twenty_agents_answer_fleet_requests_and_ctl() {
     })
     .await;
 
-    let url = nats.url();
+    let url = fleet.nats_url();
     let (code, out, err) = ctl(&["--nats", &url, "status", "--all", "--json"]).await;
     assert_eq!(code, 0, "ebb ctl status --all --json: {out}\n{err}");
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl JSON ({e}): {out}"));
@@ -1617,7 +1439,7 @@ async fn twenty_agents_answer_fleet_requests_and_ctl() {
     ])
     .await;
     assert_eq!(code, 3, "unknown node: timeout exit code\n{out}\n{err}");
-    drop(nodes);
+    drop(fleet);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1631,18 +1453,19 @@ async fn user_and_password_auth() {
         &dir.join("nats"),
         "authorization {\n  user: \"ebb\"\n  password: \"s3cret pw\"\n}\n",
     );
-    let backend = Backend::start().expect("backend");
-    let _node = start_node(&dir.join("up-1"), &nats.url(), &backend, "up-1", |c| {
-        c.set_str("nats", "user", "ebb")
-            .set_str("nats", "password", "s3cret pw");
-    });
     let nc = connect_with(
         ConnectOptions::with_user_and_password("ebb".into(), "s3cret pw".into()),
         &nats.url(),
     )
     .await;
-    wait_ready(&nc, "up-1").await;
-    let events = Events::subscribe(&nc, "ebb.event.up-1.>").await;
+    let node = node_on(&nc, &nats.url(), dir.path(), "up-1")
+        .agent(|c| {
+            c.set_str("nats", "user", "ebb")
+                .set_str("nats", "password", "s3cret pw");
+        })
+        .start()
+        .await;
+    let events = &node.events;
     let reply = command(&nc, "up-1", "reload", json!({})).await;
     let id = assert_ok(&reply, "up-1", Value::Null)["reload_id"].clone();
     events.wait_kind("reloaded", |b| b["reload_id"] == id).await;
@@ -1682,12 +1505,14 @@ async fn token_auth() {
         &dir.join("nats"),
         "authorization {\n  token: \"tok-8e1f\"\n}\n",
     );
-    let backend = Backend::start().expect("backend");
-    let _node = start_node(&dir.join("tk-1"), &nats.url(), &backend, "tk-1", |c| {
-        c.set_str("nats", "token", "tok-8e1f");
-    });
     let nc = connect_with(ConnectOptions::with_token("tok-8e1f".into()), &nats.url()).await;
-    let status = wait_ready(&nc, "tk-1").await;
+    let _node = node_on(&nc, &nats.url(), dir.path(), "tk-1")
+        .agent(|c| {
+            c.set_str("nats", "token", "tok-8e1f");
+        })
+        .start()
+        .await;
+    let status = request_json(&nc, "ebb.node.tk-1.status", "").await;
     assert_ok(&status, "tk-1", Value::Null);
     let refused = tokio::time::timeout(T, ConnectOptions::new().connect(nats.url())).await;
     assert!(matches!(refused, Ok(Err(_))), "no token, no connection");
@@ -1803,12 +1628,6 @@ async fn tls_with_client_certificates() {
         ),
     );
     let url = format!("tls://127.0.0.1:{}", nats.port());
-    let backend = Backend::start().expect("backend");
-    let _node = start_node(&dir.join("tls-1"), &url, &backend, "tls-1", |c| {
-        c.set_path("nats", "tls_ca", &certs.join("ca.pem"))
-            .set_path("nats", "tls_cert", &certs.join("client.pem"))
-            .set_path("nats", "tls_key", &certs.join("client.key"));
-    });
     let tls = || {
         ConnectOptions::new()
             .require_tls(true)
@@ -1816,7 +1635,14 @@ async fn tls_with_client_certificates() {
             .add_client_certificate(certs.join("client.pem"), certs.join("client.key"))
     };
     let nc = connect_with(tls(), &url).await;
-    wait_ready(&nc, "tls-1").await;
+    let _node = node_on(&nc, &url, dir.path(), "tls-1")
+        .agent(|c| {
+            c.set_path("nats", "tls_ca", &certs.join("ca.pem"))
+                .set_path("nats", "tls_cert", &certs.join("client.pem"))
+                .set_path("nats", "tls_key", &certs.join("client.key"));
+        })
+        .start()
+        .await;
     let reply = command(&nc, "tls-1", "reload", json!({"request_id": "tls"})).await;
     assert_ok(&reply, "tls-1", json!("tls"));
 
@@ -1956,12 +1782,13 @@ async fn nkey_auth() {
         &dir.join("nats"),
         &format!("authorization {{\n  users: [ {{ nkey: \"{public}\" }} ]\n}}\n"),
     );
-    let backend = Backend::start().expect("backend");
-    let _node = start_node(&dir.join("nk-1"), &nats.url(), &backend, "nk-1", |c| {
-        c.set_path("nats", "nkey_seed", &seed_file);
-    });
     let nc = connect_with(ConnectOptions::with_nkey(seed.clone()), &nats.url()).await;
-    wait_ready(&nc, "nk-1").await;
+    let _node = node_on(&nc, &nats.url(), dir.path(), "nk-1")
+        .agent(|c| {
+            c.set_path("nats", "nkey_seed", &seed_file);
+        })
+        .start()
+        .await;
     let refused = tokio::time::timeout(T, ConnectOptions::new().connect(nats.url())).await;
     assert!(matches!(refused, Ok(Err(_))), "no nkey, no connection");
 }
@@ -2053,10 +1880,6 @@ async fn creds_file_auth() {
             sys = system.public_key(),
         ),
     );
-    let backend = Backend::start().expect("backend");
-    let _node = start_node(&dir.join("cr-1"), &nats.url(), &backend, "cr-1", |c| {
-        c.set_path("nats", "creds", &creds);
-    });
     let nc = connect_with(
         ConnectOptions::with_credentials_file(&creds)
             .await
@@ -2064,7 +1887,12 @@ async fn creds_file_auth() {
         &nats.url(),
     )
     .await;
-    wait_ready(&nc, "cr-1").await;
+    let _node = node_on(&nc, &nats.url(), dir.path(), "cr-1")
+        .agent(|c| {
+            c.set_path("nats", "creds", &creds);
+        })
+        .start()
+        .await;
     let reply = command(&nc, "cr-1", "status", json!({})).await;
     assert_ok(&reply, "cr-1", Value::Null);
 
@@ -2085,16 +1913,19 @@ async fn creds_file_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_is_discoverable_as_micro_service_ebb() {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("backend");
-    let nc = connect(&nats.url()).await;
-    let _a = start_node(&dir.join("sd-1"), &nats.url(), &backend, "sd-1", |c| {
-        c.groups(&["g1", "g2"]);
-    });
-    let _b = start_node(&dir.join("sd-2"), &nats.url(), &backend, "sd-2", |_| {});
-    wait_ready(&nc, "sd-1").await;
-    wait_ready(&nc, "sd-2").await;
+    let fleet = Fleet::start(&["sd-1", "sd-2"], |id, node| {
+        let node = node.timeout(T);
+        if id == "sd-1" {
+            node.agent(|c| {
+                c.groups(&["g1", "g2"]);
+            })
+        } else {
+            node
+        }
+    })
+    .await;
+    fleet.wait_serving().await;
+    let nc = fleet.nc.clone();
     for _ in 0..3 {
         assert_ok(
             &command(&nc, "sd-1", "status", json!({})).await,
@@ -2216,7 +2047,6 @@ async fn the_agent_is_discoverable_as_micro_service_ebb() {
 async fn without_jetstream_events_are_core_messages() {
     let dir = TestDir::new();
     let nats = PlainNats::start(&dir.join("nats"));
-    let backend = Backend::start().expect("backend");
     let nc = connect(&nats.url()).await;
     assert!(
         tokio::time::timeout(T, nc.request("$JS.API.INFO", Bytes::new()))
@@ -2225,15 +2055,15 @@ async fn without_jetstream_events_are_core_messages() {
             .is_err(),
         "no JetStream on this server"
     );
-    let events = Events::subscribe(&nc, "ebb.event.nojs-1.>").await;
-    let node = start_node(&dir.join("nojs-1"), &nats.url(), &backend, "nojs-1", |c| {
-        c.set_str("nats", "heartbeat", "1s");
-    });
-    let ready = wait_ready(&nc, "nojs-1").await;
-    let boot_id = ready["result"]["boot_id"]
-        .as_str()
-        .expect("boot_id")
-        .to_string();
+    let node = node_on(&nc, &nats.url(), dir.path(), "nojs-1")
+        .agent(|c| {
+            c.set_str("nats", "heartbeat", "1s");
+        })
+        .spawn()
+        .await;
+    let events = &node.events;
+    let ready = node.wait_serving().await;
+    let boot_id = ready["boot_id"].as_str().expect("boot_id").to_string();
     let started = events.wait_kind("agent_started", |_| true).await;
     assert_eq!(started.body["seq"], 1);
     assert_eq!(

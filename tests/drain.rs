@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -21,280 +20,31 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
-const NODE: &str = "node-1";
+const NODE: &str = NODE_ID;
 /// Default timeout of every wait. Generous: the tests share a small machine with other work.
 const T: Duration = Duration::from_secs(30);
 /// How long a `drained` may trail the event that cleared its last blocker.
 const DRAINED_GAP: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
-// Events, with the instant each one was received
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-struct Ev {
-    /// When the subscriber received it.
-    at: Instant,
-    msg_id: Option<String>,
-    body: Value,
-}
-
-impl Ev {
-    fn kind(&self) -> &str {
-        self.body["kind"].as_str().unwrap_or("")
-    }
-
-    fn seq(&self) -> u64 {
-        self.body["seq"].as_u64().unwrap_or(0)
-    }
-}
-
-/// Every message of a core subscription, in arrival order, stamped on receipt.
-struct Events {
-    seen: Arc<Mutex<Vec<Ev>>>,
-    notify: Arc<Notify>,
-    task: JoinHandle<()>,
-}
-
-impl Events {
-    async fn subscribe(nc: &Client, subject: &str) -> Events {
-        let mut sub = nc
-            .subscribe(subject.to_string())
-            .await
-            .expect("subscribe to events");
-        nc.flush().await.expect("flush");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let seen = seen.clone();
-            let notify = notify.clone();
-            async move {
-                while let Some(msg) = sub.next().await {
-                    let at = Instant::now();
-                    let body = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
-                    });
-                    let msg_id = msg
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get("Nats-Msg-Id"))
-                        .map(|v| v.as_str().to_string());
-                    seen.lock()
-                        .expect("events lock")
-                        .push(Ev { at, msg_id, body });
-                    notify.notify_waiters();
-                }
-            }
-        });
-        Events { seen, notify, task }
-    }
-
-    fn all(&self) -> Vec<Ev> {
-        self.seen.lock().expect("events lock").clone()
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<Ev> {
-        self.all()
-            .into_iter()
-            .filter(|e| e.kind() == kind)
-            .collect()
-    }
-
-    /// Waits for the first event that satisfies `pred`.
-    async fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Ev) -> bool) -> Ev {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(found) = self
-                .seen
-                .lock()
-                .expect("events lock")
-                .iter()
-                .find(|e| pred(e))
-                .cloned()
-            {
-                return found;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let kinds: Vec<String> = self
-                    .all()
-                    .iter()
-                    .filter(|e| e.kind() != "heartbeat")
-                    .map(|e| format!("{}#{} {}", e.kind(), e.seq(), e.body))
-                    .collect();
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}; events seen:\n{}",
-                    kinds.join("\n")
-                );
-            }
-        }
-    }
-
-    /// Waits for an event of `kind` whose body satisfies `pred`.
-    async fn wait_kind(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Ev {
-        self.wait(&format!("a {kind} event"), T, |e| {
-            e.kind() == kind && pred(&e.body)
-        })
-        .await
-    }
-
-    /// Waits for the `drained` event of drain `id`.
-    async fn drained(&self, id: &str) -> Ev {
-        self.wait_kind("drained", |b| b["drain_id"] == id).await
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // One node: nats-server, backend, haproxy config, agent
 // ---------------------------------------------------------------------------------------------
 
-struct Ctx {
-    // Field order is drop order: the agent goes before the servers and the dir.
-    events: Events,
-    nc: Client,
-    agent: Agent,
-    config: AgentConfig,
-    haproxy: HaproxyConfig,
-    _backend: Backend,
-    _nats: NatsServer,
-    dir: TestDir,
+/// A serving node with `tweak` applied to its agent config (`[drain] min_period = "0s"` and
+/// `poll_interval = "10ms"` by default); its event tap was in place before the agent started.
+async fn setup(tweak: impl FnOnce(&mut AgentConfig)) -> NodeFixture {
+    NodeFixture::builder().timeout(T).agent(tweak).start().await
 }
 
-/// Starts everything, with `tweak` applied to the agent config (`[drain] min_period = "0s"` and
-/// `poll_interval = "10ms"` by default), and subscribes to the node's events before the agent
-/// starts. Returns once the node answers `status` as serving.
-async fn setup(tweak: impl FnOnce(&mut AgentConfig)) -> Ctx {
-    setup_with(|h| h, tweak).await
-}
-
-async fn setup_with(
-    haproxy_tweak: impl FnOnce(HaproxyConfig) -> HaproxyConfig,
-    tweak: impl FnOnce(&mut AgentConfig),
-) -> Ctx {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let backend = Backend::start().expect("start the backend");
-    let haproxy = haproxy_tweak(HaproxyConfig::new(dir.path(), backend.addr()));
-    haproxy.write().expect("write haproxy.cfg");
-    let mut config = AgentConfig::new(dir.path(), &nats.url(), &haproxy);
-    config.node_id(NODE);
-    tweak(&mut config);
-    let path = config.write().expect("write agent.toml");
-    let nc = support::nats_client(&nats.url(), T).await;
-    let events = Events::subscribe(&nc, &format!("ebb.event.{NODE}.>")).await;
-    let agent = Agent::start(EBB, &path).expect("start the agent");
-    let ctx = Ctx {
-        events,
-        nc,
-        agent,
-        config,
-        haproxy,
-        _backend: backend,
-        _nats: nats,
-        dir,
-    };
-    ctx.wait_state("serving").await;
-    ctx
-}
-
-impl Ctx {
-    fn port(&self) -> u16 {
-        self.haproxy.frontend_port()
-    }
-
-    /// The raw reply to `verb` with `body`.
-    async fn command(&self, verb: &str, body: Value) -> Value {
-        support::node_command(&self.nc, NODE, verb, &body, T).await
-    }
-
-    /// `verb` must succeed; returns its result.
-    async fn ok(&self, verb: &str, body: Value) -> Value {
-        let reply = self.command(verb, body.clone()).await;
-        assert_eq!(reply["ok"], true, "{verb} {body} failed: {reply}");
-        reply["result"].clone()
-    }
-
-    async fn status(&self) -> Value {
-        self.ok("status", json!({})).await
-    }
-
-    /// Polls `status` until its state is `state`; returns that status.
-    async fn wait_state(&self, state: &str) -> Value {
-        let subject = format!("ebb.node.{NODE}.status");
-        wait_for_async(T, &format!("node state {state}"), || {
-            let nc = self.nc.clone();
-            let subject = subject.clone();
-            async move {
-                let msg = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    nc.request(subject, Bytes::from_static(b"{}")),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
-                (v["ok"] == true && v["result"]["state"] == state).then(|| v["result"].clone())
-            }
-        })
-        .await
-    }
-
-    /// Polls `status` until `pred` holds for it; returns that status.
-    async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            let status = self.status().await;
-            if pred(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {T:?} waiting for {what}; last status: {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// `CurrConns` of the worker that answers on the admin socket.
-    async fn curr_conns(&self) -> Option<u64> {
-        let sock = self.haproxy.admin_socket();
-        tokio::task::spawn_blocking(move || show_info(&sock))
-            .await
-            .ok()?
-            .ok()?
-            .get("CurrConns")?
-            .parse()
-            .ok()
-    }
-
-    /// Waits until the serving worker counts at least `n` client connections.
-    async fn wait_conns(&self, n: u64) {
-        wait_until_async(T, &format!("CurrConns >= {n}"), || async {
-            self.curr_conns().await.is_some_and(|c| c >= n)
-        })
-        .await;
-    }
-
-    /// Starts a drain; returns its result (checked as a fresh drain).
-    async fn drain(&self, body: Value) -> Value {
-        let result = self.ok("drain", body.clone()).await;
-        assert_eq!(result["already_draining"], false, "{body}: {result}");
-        assert_eq!(result["state"], "draining", "{body}: {result}");
-        assert_eq!(result["drained_at"], Value::Null, "{body}: {result}");
-        result
-    }
+/// Starts a drain; returns its result (checked as a fresh drain).
+async fn start_drain(ctx: &NodeFixture, body: Value) -> Value {
+    let result = ctx.ok("drain", body.clone()).await;
+    assert_eq!(result["already_draining"], false, "{body}: {result}");
+    assert_eq!(result["state"], "draining", "{body}: {result}");
+    assert_eq!(result["drained_at"], Value::Null, "{body}: {result}");
+    result
 }
 
 /// `GET path` with `Connection: close` in a task of its own: the response and the instant it was
@@ -378,9 +128,7 @@ async fn a_long_request_on_an_old_worker_holds_the_drain_until_it_completes() {
         .wait_kind("reloaded", |b| b["pid"] == w1 && b["draining"] == false)
         .await;
 
-    let drain = ctx
-        .drain(json!({"drain_id": "seed", "min_period_ms": 200}))
-        .await;
+    let drain = start_drain(&ctx, json!({"drain_id": "seed", "min_period_ms": 200})).await;
     let drain_replied = Instant::now();
     assert_eq!(drain["drain_id"], "seed");
     ctx.events
@@ -479,8 +227,7 @@ async fn a_long_request_on_the_current_worker_holds_the_drain_until_it_completes
     let slow = spawn_get(ctx.port(), "/slow?ms=3000");
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "current", "min_period_ms": 200}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "current", "min_period_ms": 200})).await;
     let status = ctx
         .wait_status("the min period to end", |s| {
             !blocker_kinds(s).contains("min_period")
@@ -531,8 +278,7 @@ async fn an_idle_keep_alive_connection_holds_a_connections_drain_until_it_closes
     assert!(!first.connection_close(), "kept alive before the drain");
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "ka", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "ka", "min_period_ms": 0})).await;
     // The idle connection is open, and status says it blocks, for as long as it stays open:
     // HAProxy does not close an idle keep-alive connection when the drain starts (only the next
     // response carries `Connection: close`, or the keep-alive timeout closes it: 30 s here).
@@ -575,19 +321,19 @@ async fn an_idle_keep_alive_connection_holds_a_connections_drain_until_it_closes
 async fn the_keep_alive_timeout_closes_an_idle_connection_and_ends_the_drain() {
     // An operator who wants drains to end without the client's help sets a short keep-alive
     // timeout: HAProxy then closes the idle connection itself.
-    let ctx = setup_with(
-        |h| h.frontend_line("timeout http-keep-alive 3s"),
-        |c| {
+    let ctx = NodeFixture::builder()
+        .timeout(T)
+        .haproxy(|h| h.frontend_line("timeout http-keep-alive 3s"))
+        .agent(|c| {
             c.set_str("drain", "idle", "connections");
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let mut client = KeepAliveClient::connect(ctx.port()).await.expect("connect");
     let first = client.get("/").await.expect("first request");
     assert!(!first.connection_close());
     let idle_since = Instant::now();
-    ctx.drain(json!({"drain_id": "ka-timeout", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "ka-timeout", "min_period_ms": 0})).await;
     let status = ctx.status().await;
     if idle_since.elapsed() < Duration::from_millis(2500) {
         assert_eq!(
@@ -629,8 +375,7 @@ async fn a_sessions_drain_does_not_wait_for_an_idle_keep_alive_connection() {
         .connection_close());
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "sessions", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "sessions", "min_period_ms": 0})).await;
     let drained = ctx.events.drained("sessions").await;
     assert_eq!(drained.body["forced"], false);
     // Drained while the idle connection is still open: Ray's rule does not see it.
@@ -655,8 +400,7 @@ async fn a_partial_request_holds_a_connections_drain_until_it_is_finished() {
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "partial", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "partial", "min_period_ms": 0})).await;
     let status = ctx
         .wait_status("the drain to run for 500 ms", |s| {
             s["drain"]["elapsed_ms"].as_u64() >= Some(500)
@@ -690,8 +434,11 @@ async fn a_partial_request_closed_by_the_client_ends_a_connections_drain() {
     let ctx = setup(|_| {}).await;
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
-    ctx.drain(json!({"drain_id": "partial-gone", "min_period_ms": 0}))
-        .await;
+    start_drain(
+        &ctx,
+        json!({"drain_id": "partial-gone", "min_period_ms": 0}),
+    )
+    .await;
     ctx.wait_status("a connections blocker", |s| {
         blockers(s) == vec![json!({"kind": "connections", "count": 1})]
     })
@@ -713,8 +460,7 @@ async fn a_sessions_drain_cannot_see_a_partial_request() {
     .await;
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
-    ctx.drain(json!({"drain_id": "blind", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "blind", "min_period_ms": 0})).await;
     ctx.events.drained("blind").await;
     assert_eq!(
         ctx.curr_conns().await,
@@ -739,8 +485,7 @@ async fn a_reload_during_a_drain_turns_the_busy_worker_into_an_old_worker_blocke
     let slow = spawn_get(ctx.port(), "/slow?ms=8000");
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "mid", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "mid", "min_period_ms": 0})).await;
     let status = ctx
         .wait_status("a connections blocker", |s| !blockers(s).is_empty())
         .await;
@@ -817,8 +562,7 @@ async fn healthz_is_503_while_draining_even_across_reloads() {
 
     // A long min period keeps the node draining (a drained node refuses reloads).
     let started = Instant::now();
-    ctx.drain(json!({"drain_id": "hc", "min_period_ms": 600_000}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "hc", "min_period_ms": 600_000})).await;
     wait_until_async(T, "/healthz to answer 503", || async {
         matches!(http_get(port, "/healthz", true).await, Ok((503, _)))
     })
@@ -899,8 +643,11 @@ async fn a_deadline_with_report_publishes_the_blockers_and_does_not_declare_drai
     .await;
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
-    ctx.drain(json!({"drain_id": "late", "min_period_ms": 0, "deadline_ms": 500}))
-        .await;
+    start_drain(
+        &ctx,
+        json!({"drain_id": "late", "min_period_ms": 0, "deadline_ms": 500}),
+    )
+    .await;
     let exceeded = ctx
         .events
         .wait_kind("drain_deadline_exceeded", |b| b["drain_id"] == "late")
@@ -940,8 +687,11 @@ async fn a_deadline_with_force_declares_drained_forced() {
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
     let started = Instant::now();
-    ctx.drain(json!({"drain_id": "forced", "min_period_ms": 0, "deadline_ms": 500}))
-        .await;
+    start_drain(
+        &ctx,
+        json!({"drain_id": "forced", "min_period_ms": 0, "deadline_ms": 500}),
+    )
+    .await;
     let exceeded = ctx
         .events
         .wait_kind("drain_deadline_exceeded", |b| b["drain_id"] == "forced")
@@ -965,18 +715,21 @@ async fn a_deadline_with_force_declares_drained_forced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_when_drained_stops_haproxy_gracefully_after_drained() {
     let ctx = setup(|_| {}).await;
-    assert!(!haproxy_pids_for(ctx.dir.path()).is_empty());
+    assert!(!haproxy_pids_for(ctx.dir()).is_empty());
     let slow = spawn_get(ctx.port(), "/slow?ms=1000");
     ctx.wait_conns(1).await;
-    ctx.drain(json!({"drain_id": "bye", "min_period_ms": 0, "stop_when_drained": true}))
-        .await;
+    start_drain(
+        &ctx,
+        json!({"drain_id": "bye", "min_period_ms": 0, "stop_when_drained": true}),
+    )
+    .await;
     let done = full_200(slow, "slept 1000 ms\n").await;
     let drained = ctx.events.drained("bye").await;
     assert!(drained.at > done);
     let stopped = ctx.events.wait_kind("stopped", |_| true).await;
     assert!(stopped.seq() > drained.seq(), "stopped after drained");
     assert_eq!(stopped.body["connections_cut"], 0, "{}", stopped.body);
-    let pids = haproxy_pids_for(ctx.dir.path());
+    let pids = haproxy_pids_for(ctx.dir());
     assert!(
         pids.is_empty(),
         "haproxy still running after stopped: {pids:?}"
@@ -1037,8 +790,7 @@ async fn a_drain_survives_a_kill_9_of_the_agent_and_is_drained_once() {
     let mut ctx = setup(|_| {}).await;
     let slow = spawn_get(ctx.port(), "/slow?ms=6000");
     ctx.wait_conns(1).await;
-    ctx.drain(json!({"drain_id": "crash", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "crash", "min_period_ms": 0})).await;
     ctx.events
         .wait_kind("drain_started", |b| b["drain_id"] == "crash")
         .await;
@@ -1048,8 +800,7 @@ async fn a_drain_survives_a_kill_9_of_the_agent_and_is_drained_once() {
     let first_boot = before["boot_id"].clone();
 
     ctx.agent.kill9().expect("kill -9 the agent");
-    let agent = Agent::start(EBB, &ctx.config.path()).expect("restart the agent");
-    ctx.agent = agent;
+    ctx.restart_agent();
     let started = ctx
         .events
         .wait_kind("agent_started", |b| b["boot_id"] != first_boot)
@@ -1102,8 +853,7 @@ async fn a_drain_survives_a_kill_9_of_the_agent_and_is_drained_once() {
     // Msg-Id, and the stream still holds it once.
     let second_boot = status["boot_id"].clone();
     ctx.agent.kill9().expect("kill -9 the agent again");
-    let agent = Agent::start(EBB, &ctx.config.path()).expect("restart the agent");
-    ctx.agent = agent;
+    ctx.restart_agent();
     ctx.events
         .wait_kind("agent_started", |b| {
             b["boot_id"] != first_boot && b["boot_id"] != second_boot
@@ -1145,8 +895,7 @@ async fn drain_replies_and_conflicts_follow_the_state() {
     let partial = partial_request(ctx.port()).await.expect("partial request");
     ctx.wait_conns(1).await;
 
-    ctx.drain(json!({"drain_id": "first", "min_period_ms": 0}))
-        .await;
+    start_drain(&ctx, json!({"drain_id": "first", "min_period_ms": 0})).await;
     let again = ctx
         .ok("drain", json!({"drain_id": "second", "min_period_ms": 0}))
         .await;
@@ -1208,8 +957,7 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
     let port = ctx.port();
     for attempt in 0..10 {
         let id = format!("race-{attempt}");
-        ctx.drain(json!({"drain_id": id, "min_period_ms": 600_000}))
-            .await;
+        start_drain(&ctx, json!({"drain_id": id, "min_period_ms": 600_000})).await;
         wait_until_async(T, "/healthz to answer 503", || async {
             matches!(http_get(port, "/healthz", true).await, Ok((503, _)))
         })
@@ -1233,8 +981,8 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
             .expect("publish reload");
         ctx.nc.flush().await.expect("flush");
         // Undrain once the new haproxy process exists, before it is ready and installed.
-        let before: BTreeSet<u32> = haproxy_pids_for(ctx.dir.path()).into_iter().collect();
-        let dir = ctx.dir.path().to_path_buf();
+        let before: BTreeSet<u32> = haproxy_pids_for(ctx.dir()).into_iter().collect();
+        let dir = ctx.dir().to_path_buf();
         tokio::task::spawn_blocking(move || {
             wait_until(T, "the reload's new haproxy process", || {
                 haproxy_pids_for(&dir).iter().any(|p| !before.contains(p))

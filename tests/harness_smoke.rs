@@ -1,5 +1,5 @@
 //! Checks the end-to-end harness itself against the real binaries (nats-server, haproxy, the demo
-//! backend). It needs nothing from the `ebb` binary.
+//! backend). Only the node fixture's check runs the `ebb` binary.
 
 mod support;
 
@@ -399,4 +399,140 @@ fn load_gen_counts_refusals_and_stops_by_itself() {
         report.failed(),
         "{report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_tap_records_every_message_and_wakes_its_waiters() {
+    use futures::FutureExt;
+    use serde_json::json;
+
+    let dir = TestDir::new();
+    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
+    let nc = nats_client(&nats.url(), T).await;
+    let tap = EventTap::subscribe(&nc, "ebb.event.tap-1.>")
+        .await
+        .with_timeout(T);
+    assert!(tap.is_empty());
+
+    // The waiter starts before its event is published: only the notification can wake it.
+    let publisher = nc.clone();
+    let publish = async move {
+        let events = [
+            ("agent_started", json!({"kind": "agent_started", "seq": 1})),
+            ("heartbeat", json!({"kind": "heartbeat", "seq": 2})),
+            (
+                "drained",
+                json!({"kind": "drained", "seq": 3, "drain_id": "d"}),
+            ),
+            ("heartbeat", json!({"kind": "heartbeat", "seq": 4})),
+        ];
+        for (kind, body) in events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("tap-1.boot.{}", body["seq"]).as_str(),
+            );
+            publisher
+                .publish_with_headers(
+                    format!("ebb.event.tap-1.{kind}"),
+                    headers,
+                    body.to_string().into(),
+                )
+                .await
+                .expect("publish");
+        }
+        publisher
+            .publish("ebb.event.tap-1.junk", "not json".into())
+            .await
+            .expect("publish");
+        publisher.flush().await.expect("flush");
+    };
+    let (drained, ()) = tokio::join!(tap.drained("d"), publish);
+    assert_eq!(drained.subject, "ebb.event.tap-1.drained");
+    assert_eq!(drained.msg_id.as_deref(), Some("tap-1.boot.3"));
+    assert_eq!((drained.kind(), drained.seq()), ("drained", 3));
+
+    let junk = tap.wait("the junk message", |e| e.kind().is_empty()).await;
+    assert_eq!(junk.body, json!("not json"), "kept as a string");
+    assert_eq!(junk.msg_id, None);
+    let (index, _) = tap
+        .wait_indexed("the second heartbeat", T, |e| e.seq() == 4)
+        .await;
+    assert_eq!(index, 3, "arrival order");
+    let all = tap.all();
+    assert_eq!(all.len(), 5);
+    assert!(
+        all.windows(2).all(|w| w[0].at <= w[1].at),
+        "stamped on receipt"
+    );
+    assert_eq!(tap.count(|e| e.kind() == "heartbeat"), 2);
+    assert_eq!(tap.of_kind("heartbeat").len(), 2);
+    assert_eq!(tap.wait_n("heartbeat", 2, |_| true).await.len(), 2);
+    let started = tap.wait_kind("agent_started", |b| b["seq"] == 1).await;
+    assert_eq!(started.msg_id.as_deref(), Some("tap-1.boot.1"));
+
+    // A wait that nothing satisfies ends at its timeout, and says what it waited for.
+    let short = Duration::from_millis(200);
+    assert!(tap
+        .try_wait(short, |e| e.kind() == "stopped")
+        .await
+        .is_none());
+    let timed_out = std::panic::AssertUnwindSafe(
+        tap.wait_for("a stopped event", short, |e| e.kind() == "stopped"),
+    )
+    .catch_unwind()
+    .await
+    .expect_err("no stopped event was published");
+    let message = timed_out
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("waiting for a stopped event") && message.contains("drained#3"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_fixture_serves_and_leaves_nothing_running_after_a_panic() {
+    use futures::FutureExt;
+
+    let mut node = NodeFixture::builder()
+        .node_id("fx-1")
+        .timeout(T)
+        .haproxy(|h| h.tag("fixture"))
+        .agent(|c| {
+            c.groups(&["fx"]);
+        })
+        .start()
+        .await;
+    let status = node.status().await;
+    assert_eq!(status["node"], "fx-1", "{status}");
+    assert_eq!(status["groups"], serde_json::json!(["fx"]), "{status}");
+    let worker = node.serving_pid().await.expect("a worker serves");
+    assert_eq!(node.haproxy_pids().await, vec![worker]);
+    node.assert_serves().await;
+    let started = node.events.wait_kind("agent_started", |_| true).await;
+    assert_eq!(started.body["pid"], worker, "{}", started.body);
+
+    let dir = node.dir().to_owned();
+    let pids = [
+        node.agent.pid(),
+        worker,
+        node.nats()
+            .expect("the fixture's own nats-server")
+            .pid()
+            .expect("running"),
+    ];
+    let failed = std::panic::AssertUnwindSafe(async move {
+        let _node = node;
+        panic!("a test fails while its node runs");
+    })
+    .catch_unwind()
+    .await;
+    assert!(failed.is_err());
+    for pid in pids {
+        assert!(!is_alive(pid), "process {pid} outlived its fixture");
+    }
+    assert!(!dir.exists(), "{} outlived its fixture", dir.display());
 }

@@ -16,7 +16,7 @@ use ebb_agent::config::{Dur, OnError, PluginConfig};
 use ebb_agent::plugins::{CheckContext, HookEvent, PluginHost, Verdict};
 use ebb_sdk::plugin::{DrainStarted, Drained, Reloaded, Stopping, Undrained};
 use serde_json::{json, Value};
-use support::{free_port, wait_for_async, ChildGuard, TestDir};
+use support::{free_port, wait_for_async, ChildGuard, NodeFixture, TestDir};
 
 /// Longest any host call may take in these tests: far above every plugin timeout used here.
 const BOUND: Duration = Duration::from_secs(10);
@@ -122,10 +122,10 @@ fn drain_started(id: &str) -> HookEvent {
 fn build_c(dir: &TestDir, name: &str, source: &str) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, source).unwrap();
-    build_c_file(dir, name, &src)
+    build_c_file(dir.path(), name, &src)
 }
 
-fn build_c_file(dir: &TestDir, name: &str, src: &Path) -> PathBuf {
+fn build_c_file(dir: &Path, name: &str, src: &Path) -> PathBuf {
     let out = dir.join(format!("lib{name}.so"));
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/include");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -670,7 +670,7 @@ async fn exec_check_is_idle_when_its_command_exits_zero() {
 async fn the_c_example_plugin_works() {
     let dir = TestDir::new();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/c-plugin/busy_file.c");
-    let so = build_c_file(&dir, "ebb_busy_file", &src);
+    let so = build_c_file(dir.path(), "ebb_busy_file", &src);
     let e = load_error(&[plugin("maint", &so, json!({}))]);
     assert!(
         e.contains("invalid config: set config = { busy_file"),
@@ -902,19 +902,8 @@ async fn alb_api_mode_deregisters_waits_and_registers_again_against_moto() {
 // In a real drain: nats-server, `ebb agent` with its own haproxy, the demo backend. `drained` waits for
 // every plugin, status shows their messages, and misbehaving plugins never stop the agent from serving.
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
-const NODE: &str = "node-1";
+const NODE: &str = support::NODE_ID;
 const T: Duration = Duration::from_secs(30);
-
-struct Node {
-    // Field order is drop order: the agent goes before the servers and the dir.
-    nc: async_nats::Client,
-    agent: support::Agent,
-    haproxy: support::HaproxyConfig,
-    _backend: support::Backend,
-    _nats: support::NatsServer,
-    _dir: TestDir,
-}
 
 /// A TOML string (JSON's escaping is valid TOML for what serde_json writes).
 fn toml_str(s: impl AsRef<str>) -> String {
@@ -931,89 +920,29 @@ fn plugin_toml(name: &str, path: &Path, timeout: &str, config: &str) -> String {
     )
 }
 
-impl Node {
-    /// Starts a node whose agent loads the `[[plugins]]` that `plugins` writes (given the test dir).
-    async fn start(plugins: impl FnOnce(&TestDir) -> String) -> Node {
-        let dir = TestDir::new();
-        let nats = support::NatsServer::start(&dir.join("nats")).expect("start nats-server");
-        let backend = support::Backend::start().expect("start the backend");
-        let haproxy = support::HaproxyConfig::new(dir.path(), backend.addr());
-        haproxy.write().expect("write haproxy.cfg");
-        let mut config = support::AgentConfig::new(dir.path(), &nats.url(), &haproxy);
-        config.node_id(NODE).raw(&plugins(&dir));
-        let path = config.write().expect("write agent.toml");
-        let nc = support::nats_client(&nats.url(), T).await;
-        let agent = support::Agent::start(EBB, &path).expect("start the agent");
-        let node = Node {
-            nc,
-            agent,
-            haproxy,
-            _backend: backend,
-            _nats: nats,
-            _dir: dir,
-        };
-        node.wait_status("the node to serve", |s| s["state"] == "serving")
-            .await;
-        node
-    }
-
-    /// `verb` must succeed (a reply within `T`: the agent must keep serving); returns its result.
-    async fn command(&self, verb: &str, body: Value) -> Value {
-        let v = support::node_command(&self.nc, NODE, verb, &body, T).await;
-        assert_eq!(v["ok"], true, "{verb}: {v}");
-        v["result"].clone()
-    }
-
-    /// Undrains and waits until the node serves again.
-    async fn undrain(&self) {
-        self.command("undrain", json!({})).await;
-        self.wait_status("serving again", |s| s["state"] == "serving")
-            .await;
-    }
-
-    /// Polls `status` (each answer within 2s: the agent stays responsive) until `pred` holds.
-    async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let subject = format!("ebb.node.{NODE}.status");
-        wait_for_async(T, what, || {
-            let nc = self.nc.clone();
-            let subject = subject.clone();
-            let pred = &pred;
-            async move {
-                let msg =
-                    tokio::time::timeout(Duration::from_secs(2), nc.request(subject, "{}".into()))
-                        .await
-                        .ok()?
-                        .ok()?;
-                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
-                (v["ok"] == true && pred(&v["result"])).then(|| v["result"].clone())
-            }
-        })
+/// A serving node whose agent loads the `[[plugins]]` that `plugins` writes (given the node's dir).
+async fn start_node(plugins: impl FnOnce(&Path) -> String) -> NodeFixture {
+    NodeFixture::builder()
+        .timeout(T)
+        .plugins_toml(plugins)
+        .start()
         .await
-    }
+}
 
-    /// The message of plugin `name`'s blocker in a status, if it blocks.
-    fn blocker(status: &Value, name: &str) -> Option<String> {
-        status["drain"]["blockers"]
-            .as_array()?
-            .iter()
-            .find(|b| b["kind"] == "plugin" && b["name"] == name)
-            .map(|b| b["message"].as_str().unwrap_or("").to_string())
-    }
-
-    /// HAProxy still answers through this node: the status of `/healthz` (503 while draining).
-    async fn health(&self) -> u16 {
-        let (status, _) = support::http_get(self.haproxy.frontend_port(), "/healthz", true)
-            .await
-            .expect("a request through haproxy");
-        status
-    }
+/// The message of plugin `name`'s blocker in a status, if it blocks.
+fn blocker(status: &Value, name: &str) -> Option<String> {
+    status["drain"]["blockers"]
+        .as_array()?
+        .iter()
+        .find(|b| b["kind"] == "plugin" && b["name"] == name)
+        .map(|b| b["message"].as_str().unwrap_or("").to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
     let exec_flag = std::cell::RefCell::new(PathBuf::new());
     let c_flag = std::cell::RefCell::new(PathBuf::new());
-    let node = Node::start(|dir| {
+    let node = start_node(|dir| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/c-plugin/busy_file.c");
         let c_so = build_c_file(dir, "ebb_busy_file", &src);
         *exec_flag.borrow_mut() = dir.join("exec-busy");
@@ -1055,7 +984,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
     std::fs::write(&exec_flag, "").unwrap();
     std::fs::write(&c_flag, "").unwrap();
 
-    let status = node.command("status", json!({})).await;
+    let status = node.ok("status", json!({})).await;
     let plugins: Vec<(String, String, bool)> = status["plugins"]
         .as_array()
         .unwrap()
@@ -1077,16 +1006,15 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
         ]
     );
 
-    let drain = node.command("drain", json!({})).await;
+    let drain = node.ok("drain", json!({})).await;
     let id = drain["drain_id"].as_str().unwrap().to_string();
     // Every plugin's own message shows as its blocker.
     let status = node
         .wait_status("every plugin's blocker", |s| {
-            Node::blocker(s, "jobs").is_some_and(|m| m.starts_with("2 jobs running"))
-                && Node::blocker(s, "maint")
+            blocker(s, "jobs").is_some_and(|m| m.starts_with("2 jobs running"))
+                && blocker(s, "maint")
                     .is_some_and(|m| m.ends_with(&format!("exists (since drain {id})")))
-                && Node::blocker(s, "alb")
-                    .is_some_and(|m| m.ends_with("s of deregistration delay left"))
+                && blocker(s, "alb").is_some_and(|m| m.ends_with("s of deregistration delay left"))
         })
         .await;
     assert_eq!(status["state"], "draining", "{status}");
@@ -1095,14 +1023,14 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
     std::fs::remove_file(&exec_flag).unwrap();
     let status = node
         .wait_status("the alb and exec blockers to clear", |s| {
-            Node::blocker(s, "jobs").is_none() && Node::blocker(s, "alb").is_none()
+            blocker(s, "jobs").is_none() && blocker(s, "alb").is_none()
         })
         .await;
     assert_eq!(
         status["state"], "draining",
         "the C plugin still holds the drain: {status}"
     );
-    assert!(Node::blocker(&status, "maint").is_some(), "{status}");
+    assert!(blocker(&status, "maint").is_some(), "{status}");
 
     std::fs::remove_file(&c_flag).unwrap();
     let status = node
@@ -1110,7 +1038,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
         .await;
     assert_eq!(status["drain"]["blockers"], json!([]), "{status}");
     assert_eq!(
-        node.health().await,
+        node.healthz().await,
         503,
         "a drained node fails its health check"
     );
@@ -1120,7 +1048,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_serving() {
     let p = test_plugin();
-    let mut node = Node::start(|_| {
+    let mut node = start_node(|_| {
         [
             plugin_toml(
                 "slow",
@@ -1134,18 +1062,18 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
         .join("\n")
     })
     .await;
-    let mut disabled = node
-        .nc
-        .subscribe(format!("ebb.event.{NODE}.plugin_disabled"))
-        .await
-        .unwrap();
-    node.nc.flush().await.unwrap();
-    node.command("drain", json!({})).await;
-    let event = tokio::time::timeout(T, futures::StreamExt::next(&mut disabled))
-        .await
-        .expect("a plugin_disabled event for the hung plugin")
-        .expect("the subscription stays open");
-    let event: Value = serde_json::from_slice(&event.payload).unwrap();
+    node.ok("drain", json!({})).await;
+    let disabled = node
+        .events
+        .wait("a plugin_disabled event for the hung plugin", |e| {
+            e.kind() == "plugin_disabled"
+        })
+        .await;
+    assert_eq!(
+        disabled.subject,
+        format!("ebb.event.{NODE}.plugin_disabled")
+    );
+    let event = disabled.body;
     assert_eq!(event["kind"], "plugin_disabled", "{event}");
     assert_eq!(event["node"], NODE, "{event}");
     assert_eq!(event["name"], "slow", "{event}");
@@ -1156,18 +1084,18 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
     assert_eq!(event["blocks_drains"], true, "{event}");
     let status = node
         .wait_status("the hung plugin to be disabled", |s| {
-            Node::blocker(s, "slow").is_some_and(|m| {
+            blocker(s, "slow").is_some_and(|m| {
                 m.starts_with("disabled: no answer within 200ms, 3 times in a row")
             })
         })
         .await;
-    let crashy = Node::blocker(&status, "crashy").unwrap();
+    let crashy = blocker(&status, "crashy").unwrap();
     assert!(
         crashy.starts_with("error: the plugin panicked: test plugin: panic in check_idle"),
         "{crashy}"
     );
     // A panicking hook costs nothing: that plugin's checks still answer idle.
-    assert_eq!(Node::blocker(&status, "hooks"), None, "{status}");
+    assert_eq!(blocker(&status, "hooks"), None, "{status}");
     let healthy: Vec<bool> = status["plugins"]
         .as_array()
         .unwrap()
@@ -1184,12 +1112,12 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
     });
     assert_eq!(line["level"], "ERROR", "{line}");
     assert_eq!(
-        node.health().await,
+        node.healthz().await,
         503,
         "a draining node fails its health check, from haproxy"
     );
     node.undrain().await;
-    assert_eq!(node.health().await, 200);
+    assert_eq!(node.healthz().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1199,7 +1127,7 @@ async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto()
     };
     let url = moto_server.url.clone();
     let arn = tokio::task::block_in_place(|| moto(&url, &["setup"]));
-    let node = Node::start(|_| {
+    let node = start_node(|_| {
         plugin_toml(
             "alb",
             &cdylib("ebb_plugin_alb"),
@@ -1218,14 +1146,14 @@ async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto()
         tokio::task::block_in_place(|| moto(&url, &["state", &arn])),
         "healthy"
     );
-    node.command("drain", json!({})).await;
+    node.ok("drain", json!({})).await;
     node.wait_status("drained", |s| s["state"] == "drained")
         .await;
     assert_eq!(
         tokio::task::block_in_place(|| moto(&url, &["state", &arn])),
         "unused"
     );
-    node.command("undrain", json!({})).await;
+    node.ok("undrain", json!({})).await;
     // The undrained hook registers the target again (delivered in the background).
     wait_for_async(T, "the target to be registered again", || {
         let url = url.clone();

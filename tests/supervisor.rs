@@ -15,22 +15,18 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
-use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 const EBB: &str = env!("CARGO_BIN_EXE_ebb");
-const NODE: &str = "node-1";
+const NODE: &str = NODE_ID;
 /// Default timeout of every wait. Generous: the tests share a 2-core machine.
 const T: Duration = Duration::from_secs(30);
 /// Reloads per load test (DESIGN §7 asks 1000 of the benchmark; 200 keep the test short).
@@ -39,283 +35,24 @@ const RELOADS: usize = 200;
 const CONCURRENCY: usize = 8;
 
 // ---------------------------------------------------------------------------------------------
-// Events, stamped with the instant each one was received
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Debug)]
-struct Ev {
-    at: Instant,
-    body: Value,
-}
-
-impl Ev {
-    fn kind(&self) -> &str {
-        self.body["kind"].as_str().unwrap_or("")
-    }
-}
-
-/// Every event of the node on a core subscription, in arrival order.
-struct Events {
-    seen: Arc<Mutex<Vec<Ev>>>,
-    notify: Arc<Notify>,
-    task: JoinHandle<()>,
-}
-
-impl Events {
-    async fn subscribe(nc: &Client) -> Events {
-        let mut sub = nc
-            .subscribe(format!("ebb.event.{NODE}.>"))
-            .await
-            .expect("subscribe to events");
-        nc.flush().await.expect("flush");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let (seen, notify) = (seen.clone(), notify.clone());
-            async move {
-                while let Some(msg) = sub.next().await {
-                    let at = Instant::now();
-                    let body = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
-                    });
-                    seen.lock().expect("events lock").push(Ev { at, body });
-                    notify.notify_waiters();
-                }
-            }
-        });
-        Events { seen, notify, task }
-    }
-
-    fn all(&self) -> Vec<Ev> {
-        self.seen.lock().expect("events lock").clone()
-    }
-
-    /// Waits for the first event of `kind` whose body satisfies `pred`.
-    async fn wait(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Ev {
-        self.wait_n(kind, 1, pred).await.pop().expect("one event")
-    }
-
-    /// Waits until `n` events of `kind` satisfy `pred`; returns them.
-    async fn wait_n(&self, kind: &str, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Ev> {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let found: Vec<Ev> = self
-                .all()
-                .into_iter()
-                .filter(|e| e.kind() == kind && pred(&e.body))
-                .collect();
-            if found.len() >= n {
-                return found;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let seen: Vec<String> = self
-                    .all()
-                    .iter()
-                    .filter(|e| e.kind() != "heartbeat")
-                    .map(|e| e.body.to_string())
-                    .collect();
-                panic!(
-                    "timed out after {T:?} waiting for {n} {kind} events (got {}); events seen:\n{}",
-                    found.len(),
-                    seen.join("\n")
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // One node: nats-server, backend, haproxy.cfg, agent
 // ---------------------------------------------------------------------------------------------
 
-struct Node {
-    // Field order is drop order: the agent goes before the servers, the dir (which reaps every
-    // haproxy left) goes last.
-    events: Events,
-    nc: Client,
-    agent: Agent,
-    agent_config: PathBuf,
-    haproxy: HaproxyConfig,
-    _backend: Option<Backend>,
-    _nats: NatsServer,
-    dir: TestDir,
+/// A serving node: nats-server, the demo backend, an agent (which starts haproxy), and a tap on
+/// the node's events from before the agent started.
+async fn start_node() -> NodeFixture {
+    NodeFixture::builder().timeout(T).start().await
 }
 
-/// Starts nats-server, the demo backend and an agent (which starts haproxy), subscribes to the
-/// node's events first, and returns once the node serves.
-async fn start_node() -> Node {
-    start_node_with(None, |_, _| {}).await
-}
-
-/// Like [`start_node`], with lines added to haproxy's frontend.
-async fn start_node_with_frontend(lines: &[&str]) -> Node {
-    start_node_full(None, lines, |_, _| {}).await
-}
-
-/// Like [`start_node`], with haproxy's backend at `backend` (else the demo backend); `prepare`
-/// runs on the test dir and the agent config before the agent starts (to write a state file).
-async fn start_node_with(
-    backend: Option<SocketAddr>,
-    prepare: impl FnOnce(&Path, &mut AgentConfig),
-) -> Node {
-    start_node_full(backend, &[], prepare).await
-}
-
-async fn start_node_full(
-    backend: Option<SocketAddr>,
-    frontend_lines: &[&str],
-    prepare: impl FnOnce(&Path, &mut AgentConfig),
-) -> Node {
-    let dir = TestDir::new();
-    let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-    let demo = match backend {
-        Some(_) => None,
-        None => Some(Backend::start().expect("start the backend")),
-    };
-    let backend_addr = backend.unwrap_or_else(|| demo.as_ref().expect("demo backend").addr());
-    let haproxy = frontend_lines
-        .iter()
-        .fold(HaproxyConfig::new(dir.path(), backend_addr), |h, line| {
-            h.frontend_line(line)
-        });
-    haproxy.write().expect("write haproxy.cfg");
-    let mut config = AgentConfig::new(dir.path(), &nats.url(), &haproxy);
-    config.node_id(NODE);
-    prepare(dir.path(), &mut config);
-    let agent_config = config.write().expect("write agent.toml");
-    let nc = support::nats_client(&nats.url(), T).await;
-    let events = Events::subscribe(&nc).await;
-    let agent = Agent::start(EBB, &agent_config).expect("start the agent");
-    let node = Node {
-        events,
-        nc,
-        agent,
-        agent_config,
-        haproxy,
-        _backend: demo,
-        _nats: nats,
-        dir,
-    };
-    node.wait_serving().await;
-    node
-}
-
-impl Node {
-    fn port(&self) -> u16 {
-        self.haproxy.frontend_port()
-    }
-
-    /// Starts a second agent on the same config (after the first one died or detached).
-    fn restart_agent(&mut self) {
-        self.agent = Agent::start(EBB, &self.agent_config).expect("start the agent again");
-    }
-
-    /// The raw reply to `verb` with `body`.
-    async fn command(&self, verb: &str, body: Value) -> Value {
-        support::node_command(&self.nc, NODE, verb, &body, T).await
-    }
-
-    /// `verb` must succeed; returns its result.
-    async fn ok(&self, verb: &str, body: Value) -> Value {
-        let reply = self.command(verb, body.clone()).await;
-        assert_eq!(reply["ok"], true, "{verb} {body} failed: {reply}");
-        reply["result"].clone()
-    }
-
-    async fn status(&self) -> Value {
-        self.ok("status", json!({})).await
-    }
-
-    /// A reload that must succeed: checks its result and returns (new pid, result).
-    async fn reload(&self) -> (u32, Value) {
-        let result = self.ok("reload", json!({})).await;
-        let pid = as_pid(&result["pid"]);
-        assert!(
-            result["duration_ms"].is_u64() && result["config_sha256"].is_string(),
-            "{result}"
-        );
-        (pid, result)
-    }
-
-    /// Polls `status` until the node serves (the agent may still be connecting); returns it.
-    async fn wait_serving(&self) -> Value {
-        let subject = format!("ebb.node.{NODE}.status");
-        wait_for_async(T, "the node to serve", || {
-            let (nc, subject) = (self.nc.clone(), subject.clone());
-            async move {
-                let msg = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    nc.request(subject, Bytes::from_static(b"{}")),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
-                (v["ok"] == true && v["result"]["state"] == "serving").then(|| v["result"].clone())
-            }
-        })
-        .await
-    }
-
-    /// Polls `status` until `pred` holds for it; returns that status.
-    async fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            let status = self.status().await;
-            if pred(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {T:?} waiting for {what}; last status: {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// The pid that answers `show info` on the admin socket (the serving worker).
-    async fn serving_pid(&self) -> Option<u32> {
-        let sock = self.haproxy.admin_socket();
-        blocking(move || show_info_pid(&sock)).await
-    }
-
-    /// `CurrConns` of the serving worker.
-    async fn curr_conns(&self) -> Option<u64> {
-        let sock = self.haproxy.admin_socket();
-        blocking(move || show_info(&sock))
-            .await
-            .ok()?
-            .get("CurrConns")?
-            .parse()
-            .ok()
-    }
-
-    /// Every live haproxy of this test.
-    async fn haproxy_pids(&self) -> Vec<u32> {
-        let dir = self.dir.path().to_owned();
-        blocking(move || haproxy_pids_for(&dir)).await
-    }
-
-    /// `GET /` through haproxy must answer 200 `ok`.
-    async fn assert_serves(&self) {
-        let response = http_request(self.port(), "/", true, T)
-            .await
-            .unwrap_or_else(|e| panic!("GET / through haproxy failed: {e}"));
-        assert_eq!(
-            (response.status, response.body.as_str()),
-            (200, "ok\n"),
-            "{response:?}"
-        );
-    }
+/// A reload that must succeed: checks its result and returns (new pid, result).
+async fn reload(node: &NodeFixture) -> (u32, Value) {
+    let result = node.ok("reload", json!({})).await;
+    let pid = as_pid(&result["pid"]);
+    assert!(
+        result["duration_ms"].is_u64() && result["config_sha256"].is_string(),
+        "{result}"
+    );
+    (pid, result)
 }
 
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
@@ -478,7 +215,7 @@ async fn a_slow_request_survives_a_reload_and_its_old_worker_exits_right_after()
     .await;
 
     // ...then a reload: W1 takes over the listeners and serves new requests at once.
-    let (w1, result) = node.reload().await;
+    let (w1, result) = reload(&node).await;
     assert_ne!(w1, w0);
     assert_eq!(result["old_pids"], json!([w0]), "{result}");
     assert_eq!(node.serving_pid().await, Some(w1));
@@ -499,7 +236,10 @@ async fn a_slow_request_survives_a_reload_and_its_old_worker_exits_right_after()
     // The request gets its full answer, and only then does W0 exit, at once.
     let done = full_200(slow, "slept 3000 ms\n").await;
     assert!(done - sent >= Duration::from_millis(3000));
-    let exited = node.events.wait("worker_exited", |b| b["pid"] == w0).await;
+    let exited = node
+        .events
+        .wait_kind("worker_exited", |b| b["pid"] == w0)
+        .await;
     assert_eq!(exited.body["role"], "old", "{}", exited.body);
     assert_eq!(exited.body["status"], 0, "{}", exited.body);
     assert_eq!(exited.body["hard_stopped"], false, "{}", exited.body);
@@ -528,7 +268,15 @@ async fn a_slow_request_survives_a_reload_and_its_old_worker_exits_right_after()
 /// requests; returns the load report once every old worker has exited.
 async fn reloads_under_load(mode: LoadMode, frontend_lines: &[&str]) -> LoadReport {
     let _alone = MACHINE.write().await;
-    let node = start_node_with_frontend(frontend_lines).await;
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .haproxy(|h| {
+            frontend_lines
+                .iter()
+                .fold(h, |h, line| h.frontend_line(line))
+        })
+        .start()
+        .await;
     let load = LoadGen::builder(node.port())
         .concurrency(CONCURRENCY)
         .mode(mode)
@@ -647,7 +395,7 @@ async fn a_failed_reload_leaves_the_running_worker_serving() {
         "the message must carry HAProxy's alert: {message}"
     );
     node.events
-        .wait("reload_failed", |b| {
+        .wait_kind("reload_failed", |b| {
             b["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("this-is-not-a-keyword"))
@@ -687,7 +435,7 @@ async fn a_failed_reload_leaves_the_running_worker_serving() {
 
     // Once the config is fixed, reloads work again.
     node.haproxy.write().expect("write the good config");
-    let (w1, result) = node.reload().await;
+    let (w1, result) = reload(&node).await;
     assert_eq!(result["old_pids"], json!([w0]), "{result}");
     assert_eq!(node.serving_pid().await, Some(w1));
     node.assert_serves().await;
@@ -700,7 +448,11 @@ async fn a_failed_reload_leaves_the_running_worker_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
     let gate = Gate::start().await;
-    let mut node = start_node_with(Some(gate.addr()), |_, _| {}).await;
+    let mut node = NodeFixture::builder()
+        .timeout(T)
+        .backend(Some(gate.addr()))
+        .start()
+        .await;
     let w0 = node.serving_pid().await.expect("a worker serves");
 
     // W0 holds a slow request (answered when the test releases it) and is displaced by W1.
@@ -709,7 +461,7 @@ async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
         node.curr_conns().await == Some(1)
     })
     .await;
-    let (w1, _) = node.reload().await;
+    let (w1, _) = reload(&node).await;
 
     // The agent crashes; HAProxy does not notice.
     node.agent.kill9().expect("kill -9 the agent");
@@ -720,7 +472,7 @@ async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
     node.restart_agent();
     let started = node
         .events
-        .wait("agent_started", |b| b["adopted"] == true)
+        .wait_kind("agent_started", |b| b["adopted"] == true)
         .await;
     assert_eq!(started.body["pid"], w1, "{}", started.body);
     node.wait_serving().await;
@@ -743,7 +495,10 @@ async fn a_restarted_agent_adopts_haproxy_and_keeps_tracking_its_old_worker() {
     // The request completes, and W0's exit is noticed even though this agent is not its parent.
     gate.release();
     let done = full_200(slow, "released\n").await;
-    let exited = node.events.wait("worker_exited", |b| b["pid"] == w0).await;
+    let exited = node
+        .events
+        .wait_kind("worker_exited", |b| b["pid"] == w0)
+        .await;
     assert_eq!(exited.body["status"], "unknown", "{}", exited.body);
     assert_eq!(exited.body["role"], "old", "{}", exited.body);
     println!(
@@ -765,7 +520,10 @@ async fn a_crashed_worker_is_restarted_and_sigterm_stops_everything() {
     let w0 = node.serving_pid().await.expect("a worker serves");
 
     send_signal(w0, Signal::KILL);
-    let crashed = node.events.wait("proxy_crashed", |b| b["pid"] == w0).await;
+    let crashed = node
+        .events
+        .wait_kind("proxy_crashed", |b| b["pid"] == w0)
+        .await;
     assert_eq!(crashed.body["status"], 137, "{}", crashed.body);
 
     // A new worker takes over.
@@ -817,7 +575,7 @@ async fn sigusr2_hands_haproxy_to_the_next_agent_and_sighup_reloads() {
     node.restart_agent();
     let started = node
         .events
-        .wait("agent_started", |b| b["adopted"] == true)
+        .wait_kind("agent_started", |b| b["adopted"] == true)
         .await;
     assert_eq!(started.body["pid"], w0, "{}", started.body);
     let boot_id = started.body["boot_id"].clone();
@@ -828,13 +586,16 @@ async fn sigusr2_hands_haproxy_to_the_next_agent_and_sighup_reloads() {
     node.agent.signal(Signal::HUP).expect("SIGHUP the agent");
     let reloaded = node
         .events
-        .wait("reloaded", |b| b["boot_id"] == boot_id)
+        .wait_kind("reloaded", |b| b["boot_id"] == boot_id)
         .await;
     assert_eq!(reloaded.body["old_pids"], json!([w0]), "{}", reloaded.body);
     let w1 = as_pid(&reloaded.body["pid"]);
     assert_eq!(node.serving_pid().await, Some(w1));
     node.assert_serves().await;
-    let exited = node.events.wait("worker_exited", |b| b["pid"] == w0).await;
+    let exited = node
+        .events
+        .wait_kind("worker_exited", |b| b["pid"] == w0)
+        .await;
     assert_eq!(exited.body["status"], "unknown", "{}", exited.body);
     assert_eq!(node.haproxy_pids().await, vec![w1]);
 }
@@ -880,22 +641,25 @@ async fn a_recycled_pid_in_the_state_file_is_never_signalled() {
         .trim()
         .to_string();
 
-    let mut node = start_node_with(None, |_, config| {
-        let state_dir = config.state_dir();
-        std::fs::create_dir_all(&state_dir).expect("create state_dir");
-        let state = json!({
-            "version": 1,
-            "kernel_boot_id": boot_id,
-            "node": NODE,
-            "current": worker_record(a, start_time(a)),
-            "old": [worker_record(b, start_time(b) + 1)],
-        });
-        std::fs::write(state_dir.join("state.json"), state.to_string()).expect("write state");
-    })
-    .await;
+    let mut node = NodeFixture::builder()
+        .timeout(T)
+        .prepare(|_, config| {
+            let state_dir = config.state_dir();
+            std::fs::create_dir_all(&state_dir).expect("create state_dir");
+            let state = json!({
+                "version": 1,
+                "kernel_boot_id": boot_id,
+                "node": NODE,
+                "current": worker_record(a, start_time(a)),
+                "old": [worker_record(b, start_time(b) + 1)],
+            });
+            std::fs::write(state_dir.join("state.json"), state.to_string()).expect("write state");
+        })
+        .start()
+        .await;
 
     // The agent started its own haproxy instead of adopting either process.
-    let started = node.events.wait("agent_started", |_| true).await;
+    let started = node.events.wait_kind("agent_started", |_| true).await;
     assert_eq!(started.body["adopted"], false, "{}", started.body);
     let w0 = as_pid(&started.body["pid"]);
     assert_ne!(w0, a);
@@ -911,7 +675,7 @@ async fn a_recycled_pid_in_the_state_file_is_never_signalled() {
     }
 
     // Nothing the agent does signals them: neither a reload nor a full stop.
-    node.reload().await;
+    reload(&node).await;
     node.agent.signal(Signal::TERM).expect("SIGTERM the agent");
     assert!(node.agent.wait_exit(T).success());
     assert_eq!(node.haproxy_pids().await, Vec::<u32>::new());

@@ -6,7 +6,12 @@
 //! - no process outlives its test, even on a panic: every process sits behind a guard that kills it
 //!   on drop ([`ChildGuard`]), and [`TestDir`] also kills every process whose command line names a
 //!   file inside it (haproxy workers started by an agent that was `kill -9`ed, for example);
-//! - waits are conditions polled with a timeout ([`wait_until`], [`wait_for`]), never bare sleeps.
+//! - waits are conditions polled with a timeout ([`wait_until`], [`wait_for`]) or notifications
+//!   ([`EventTap`]), never bare sleeps.
+//!
+//! A test that needs a running node builds a [`NodeFixture`] (nats-server, backend, haproxy.cfg,
+//! agent.toml, the agent, a NATS client and an [`EventTap`] on its events), or a [`Fleet`] of them
+//! on one nats-server; the modules below are its parts, for tests that need something else.
 //!
 //! Binaries come from the environment when set: `EBB_TEST_NATS_SERVER` (else `nats-server`) and
 //! `EBB_TEST_HAPROXY` (else `/usr/sbin/haproxy`, else `haproxy`).
@@ -17,9 +22,11 @@
 pub mod admin;
 pub mod agent;
 pub mod backend;
+pub mod events;
 pub mod haproxy;
 pub mod http;
 pub mod nats;
+pub mod node;
 pub mod process;
 
 use std::future::Future;
@@ -30,6 +37,7 @@ use std::time::{Duration, Instant};
 pub use admin::{admin_command, haproxy_pids_for, kill_haproxy_for, show_info, show_info_pid};
 pub use agent::{log_message, Agent, AgentConfig};
 pub use backend::Backend;
+pub use events::{Event, EventTap, EVENT_TIMEOUT};
 pub use haproxy::{check_config, haproxy_bin, Haproxy, HaproxyConfig, READY_TIMEOUT};
 pub use http::{
     http_get, http_request, partial_request, ClientError, FailureKind, KeepAliveClient, LoadGen,
@@ -38,6 +46,7 @@ pub use http::{
 pub use nats::{
     client as nats_client, node_command, write_config as write_nats_config, NatsServer,
 };
+pub use node::{ebb_bin, Fleet, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
     HaproxyReaper,

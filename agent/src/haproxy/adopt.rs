@@ -725,7 +725,10 @@ mod tests {
                     .stderr(err.try_clone().expect("clone"))
                     .spawn();
                 match spawned {
-                    Ok(child) => return Proc(child),
+                    Ok(child) => {
+                        procfs::tests::wait_for_argv(child.id());
+                        return Proc(child);
+                    }
                     // A just-copied binary may still be open for writing in a child forked
                     // meanwhile by another test thread.
                     Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {

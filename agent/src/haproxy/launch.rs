@@ -146,14 +146,14 @@ pub async fn launch(
         }),
         Err(ReadyError::Exited(exit)) => {
             let stderr = worker::startup_error(&worker::log_tail(&worker.log, 8192));
-            let _ = std::fs::remove_file(&worker.log);
+            worker::remove_own_log(&worker.log, &spec.log_dir);
             Err(LaunchError::Exited { exit, stderr })
         }
         Err(ReadyError::Timeout) => {
             let _ = worker.signal(Signal::KILL);
             let _ = child.wait().await;
             let stderr = worker::startup_error(&worker::log_tail(&worker.log, 8192));
-            let _ = std::fs::remove_file(&worker.log);
+            worker::remove_own_log(&worker.log, &spec.log_dir);
             Err(LaunchError::Timeout {
                 after: spec.startup_timeout,
                 stderr,
