@@ -1,4 +1,4 @@
-//! The bus protocol (DESIGN §5, docs/PROTOCOL.md) as a third party sees it, end to end: a real
+//! The bus protocol (docs/PROTOCOL.md) as a third party sees it, end to end: a real
 //! nats-server, real `ebb agent`s each with its own haproxy, and plain async-nats clients that
 //! send hand-written JSON and check the raw JSON that comes back. Nothing here uses ebb's types.
 //!

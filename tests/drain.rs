@@ -1,5 +1,6 @@
-//! Drain semantics (DESIGN §4, docs/PROTOCOL.md "Drain blockers") end to end: a real nats-server,
-//! a real `ebb agent` with its own haproxy, the demo backend, and real TCP clients.
+//! Drain semantics (docs/PROTOCOL.md, "Drain blockers"; docs/ARCHITECTURE.md, "Invariants") end to
+//! end: a real nats-server, a real `ebb agent` with its own haproxy, the demo backend, and real TCP
+//! clients.
 //!
 //! The reason ebb exists is the seed's bug (Ray Serve's HAProxy drain race): the admin socket said
 //! "idle" while an OLD worker still served a long request, the node was declared drained too early

@@ -312,7 +312,7 @@ fn cmdline_matching_respects_dir_boundaries() {
 }
 
 #[test]
-fn agent_config_renders_design_sections() {
+fn agent_config_renders_every_section() {
     let dir = TestDir::new();
     let cfg = HaproxyConfig::new(dir.path(), "127.0.0.1:1".parse().unwrap());
     let mut agent = AgentConfig::new(dir.path(), "nats://127.0.0.1:4222", &cfg);

@@ -10,238 +10,40 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
-const NODE: &str = "node-1";
 /// Default timeout of every wait. Generous: the tests share a 2-core machine.
 const T: Duration = Duration::from_secs(30);
 /// How long a test watches for something that must not happen, once the agent has shown that it
 /// handled the input. A launch that should not have happened shows within milliseconds.
 const QUIET: Duration = Duration::from_secs(2);
 
-// ---------------------------------------------------------------------------------------------
-// Events of the node, in arrival order
-// ---------------------------------------------------------------------------------------------
-
-/// Every event of the node on a core subscription, in arrival order.
-struct Events {
-    seen: Arc<Mutex<Vec<Value>>>,
-    notify: Arc<Notify>,
-    task: JoinHandle<()>,
+/// A serving node (nats-server, the demo backend, an agent with its haproxy), with a tap on its
+/// events from before the agent started; `build` adds to the fixture's defaults.
+async fn start_node<'a>(
+    build: impl FnOnce(NodeFixtureBuilder<'a>) -> NodeFixtureBuilder<'a>,
+) -> NodeFixture {
+    build(NodeFixture::builder().timeout(T)).start().await
 }
 
-impl Events {
-    async fn subscribe(nc: &Client) -> Events {
-        let mut sub = nc
-            .subscribe(format!("ebb.event.{NODE}.>"))
-            .await
-            .expect("subscribe to events");
-        nc.flush().await.expect("flush the subscription");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn({
-            let (seen, notify) = (seen.clone(), notify.clone());
-            async move {
-                while let Some(msg) = sub.next().await {
-                    let body = serde_json::from_slice(&msg.payload).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&msg.payload).into_owned())
-                    });
-                    seen.lock().expect("events lock").push(body);
-                    notify.notify_waiters();
-                }
-            }
-        });
-        Events { seen, notify, task }
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<Value> {
-        self.seen
-            .lock()
-            .expect("events lock")
-            .iter()
-            .filter(|e| e["kind"] == kind)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits for the first event of `kind` whose body satisfies `pred`; panics after [`T`] with
-    /// every event seen (heartbeats left out).
-    async fn wait(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            // Registered before the check, so an event arriving in between still wakes us.
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(found) = self.of_kind(kind).into_iter().find(|e| pred(e)) {
-                return found;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let seen: Vec<String> = self
-                    .seen
-                    .lock()
-                    .expect("events lock")
-                    .iter()
-                    .filter(|e| e["kind"] != "heartbeat")
-                    .map(Value::to_string)
-                    .collect();
-                panic!(
-                    "timed out after {T:?} waiting for a {kind} event; events seen:\n{}",
-                    seen.join("\n")
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// One node: nats-server, backend, haproxy.cfg, agent
-// ---------------------------------------------------------------------------------------------
-
-struct Node {
-    // Field order is drop order: the agent goes before the servers, the dir (which reaps every
-    // process left that names it) goes last.
-    events: Events,
-    nc: Client,
-    agent: Agent,
-    agent_config: PathBuf,
-    haproxy: HaproxyConfig,
-    _backend: Backend,
-    _nats: NatsServer,
-    dir: TestDir,
-}
-
-impl Node {
-    /// Starts nats-server, the demo backend and an agent (which starts haproxy); `prepare` runs on
-    /// the test dir, haproxy.cfg and agent config just before the agent starts. Subscribes to the
-    /// node's events first and returns once the node serves.
-    async fn start(prepare: impl FnOnce(&TestDir, &HaproxyConfig, &mut AgentConfig)) -> Node {
-        let dir = TestDir::new();
-        let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-        let backend = Backend::start().expect("start the backend");
-        let haproxy = HaproxyConfig::new(dir.path(), backend.addr());
-        haproxy.write().expect("write haproxy.cfg");
-        let mut config = AgentConfig::new(dir.path(), &nats.url(), &haproxy);
-        config.node_id(NODE);
-        prepare(&dir, &haproxy, &mut config);
-        let agent_config = config.write().expect("write agent.toml");
-        let nc = nats_client(&nats.url(), T).await;
-        let events = Events::subscribe(&nc).await;
-        let agent = Agent::start(EBB, &agent_config).expect("start the agent");
-        let node = Node {
-            events,
-            nc,
-            agent,
-            agent_config,
-            haproxy,
-            _backend: backend,
-            _nats: nats,
-            dir,
-        };
-        node.wait_state("serving").await;
-        node
-    }
-
-    fn port(&self) -> u16 {
-        self.haproxy.frontend_port()
-    }
-
-    /// Starts another agent on the same config (after the previous one died or detached).
-    fn restart_agent(&mut self) {
-        self.agent = Agent::start(EBB, &self.agent_config).expect("start the agent again");
-    }
-
-    /// `verb` must succeed; returns its result.
-    async fn ok(&self, verb: &str, body: Value) -> Value {
-        let reply = node_command(&self.nc, NODE, verb, &body, T).await;
-        assert_eq!(reply["ok"], true, "{verb} {body} failed: {reply}");
-        reply["result"].clone()
-    }
-
-    async fn status(&self) -> Value {
-        self.ok("status", json!({})).await
-    }
-
-    /// Polls `status` (the agent may still be starting) until its state is `state`.
-    async fn wait_state(&self, state: &str) -> Value {
-        let subject = format!("ebb.node.{NODE}.status");
-        wait_for_async(T, &format!("node state {state}"), || {
-            let (nc, subject) = (self.nc.clone(), subject.clone());
-            async move {
-                let msg = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    nc.request(subject, Bytes::from_static(b"{}")),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                let v: Value = serde_json::from_slice(&msg.payload).ok()?;
-                (v["ok"] == true && v["result"]["state"] == state).then(|| v["result"].clone())
-            }
-        })
-        .await
-    }
-
-    /// The pid that answers `show info` on the admin socket (the serving worker).
-    fn serving_pid(&self) -> Option<u32> {
-        show_info_pid(&self.haproxy.admin_socket())
-    }
-
-    /// Every live haproxy whose command line names this test's dir.
-    fn haproxy_pids(&self) -> Vec<u32> {
-        haproxy_pids_for(self.dir.path())
-    }
-
-    /// Waits for the agent's log line about the SIGHUP it was just sent, then makes a status
-    /// round trip: the signal and the command share the node's input queue, so once the reply is
-    /// here the node has acted on the SIGHUP (a launch, if it decided on one, has begun).
-    async fn sighup_handled(&mut self) -> Value {
-        self.agent.signal(Signal::HUP).expect("SIGHUP the agent");
-        self.agent.wait_for_log(T, |line| {
-            log_message(line).is_some_and(|m| m.contains("signal received") || m.contains("SIGHUP"))
-        });
-        self.status().await
-    }
-
-    /// `GET /healthz` through haproxy: its status code, or why the request failed.
-    async fn healthz(&self) -> Result<u16, String> {
-        http_get(self.port(), "/healthz", true)
-            .await
-            .map(|(status, _)| status)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Watches for `QUIET`: `violation` is polled every 20 ms and must keep returning `None`; the
+/// Watches for `QUIET`: `violation` is polled (every few ms) and must keep returning `None`; the
 /// first `Some(why)` fails the test with `why`.
 async fn stays_quiet(mut violation: impl FnMut() -> Option<String>) {
-    let until = Instant::now() + QUIET;
-    loop {
-        if let Some(why) = violation() {
-            panic!("{why}");
-        }
-        if Instant::now() >= until {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Each check runs to completion before its (ready) future is returned, so none is cut short.
+    let found = try_wait_for_async(QUIET, || {
+        let why = violation();
+        async move { why }
+    })
+    .await;
+    if let Some(why) = found {
+        panic!("{why}");
     }
 }
 
@@ -257,21 +59,22 @@ fn as_pid(v: &Value) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_after_stop_starts_no_haproxy_and_sigterm_leaves_none_behind() {
-    let mut node = Node::start(|_, _, _| {}).await;
+    let mut node = start_node(|b| b).await;
     let stopped = node.ok("stop", json!({})).await;
     assert_eq!(stopped["connections_cut"], 0, "{stopped}");
     // The stop reply comes once every worker's exit was seen; a reaped exit may trail it briefly.
-    wait_until(T, "no haproxy after stop", || {
-        node.haproxy_pids().is_empty()
-    });
+    wait_until_async(T, "no haproxy after stop", || async {
+        node.haproxy_pids().await.is_empty()
+    })
+    .await;
     assert_eq!(node.status().await["state"], "stopped");
 
-    let status = node.sighup_handled().await;
+    let status = node.signal_handled(Signal::HUP).await;
     assert_eq!(
         status["state"], "stopped",
         "a SIGHUP does not change a stopped node's state: {status}"
     );
-    let dir = node.dir.path().to_owned();
+    let dir = node.dir().to_owned();
     stays_quiet(|| {
         let pids = haproxy_pids_for(&dir);
         (!pids.is_empty()).then(|| {
@@ -291,7 +94,7 @@ async fn sighup_after_stop_starts_no_haproxy_and_sigterm_leaves_none_behind() {
     let exit = node.agent.wait_exit(T);
     assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
     assert_eq!(
-        node.haproxy_pids(),
+        node.haproxy_pids().await,
         Vec::<u32>::new(),
         "haproxy left running after the agent exited"
     );
@@ -303,19 +106,23 @@ async fn sighup_after_stop_starts_no_haproxy_and_sigterm_leaves_none_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_while_drained_starts_no_new_worker() {
-    let mut node = Node::start(|_, _, _| {}).await;
-    let w0 = node.serving_pid().expect("a worker serves");
+    let mut node = start_node(|b| b).await;
+    let w0 = node.serving_pid().await.expect("a worker serves");
     node.ok("drain", json!({"drain_id": "d", "min_period_ms": 0}))
         .await;
-    node.events.wait("drained", |b| b["drain_id"] == "d").await;
+    node.events.drained("d").await;
     assert_eq!(node.status().await["state"], "drained");
 
-    let status = node.sighup_handled().await;
+    let status = node.signal_handled(Signal::HUP).await;
     assert_eq!(status["state"], "drained", "{status}");
-    let dir = node.dir.path().to_owned();
+    let dir = node.dir().to_owned();
     let events = &node.events;
     stays_quiet(|| {
-        let reloaded = events.of_kind("reloaded");
+        let reloaded: Vec<Value> = events
+            .of_kind("reloaded")
+            .into_iter()
+            .map(|e| e.body)
+            .collect();
         if !reloaded.is_empty() {
             return Some(format!(
                 "SIGHUP on a drained node reloaded it (a reload command gets `conflict` there): \
@@ -333,7 +140,7 @@ async fn sighup_while_drained_starts_no_new_worker() {
     })
     .await;
     assert_eq!(
-        node.serving_pid(),
+        node.serving_pid().await,
         Some(w0),
         "the drained worker still serves"
     );
@@ -349,8 +156,8 @@ async fn sighup_while_drained_starts_no_new_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_the_admin_socket_is_missing_keeps_the_running_haproxy_serving() {
-    let mut node = Node::start(|_, _, _| {}).await;
-    let w0 = node.serving_pid().expect("a worker serves");
+    let mut node = start_node(|b| b).await;
+    let w0 = node.serving_pid().await.expect("a worker serves");
     let first_boot = node.status().await["boot_id"].clone();
 
     // A client connects again and again (a new connection and request each time) all along.
@@ -366,25 +173,23 @@ async fn a_restart_while_the_admin_socket_is_missing_keeps_the_running_haproxy_s
     node.agent.signal(Signal::USR2).expect("SIGUSR2 the agent");
     let exit = node.agent.wait_exit(T);
     assert!(exit.success(), "the agent exits 0 after SIGUSR2: {exit}");
-    assert_eq!(node.serving_pid(), Some(w0));
+    assert_eq!(node.serving_pid().await, Some(w0));
 
     // The next agent starts while the admin socket is gone (moved away, as a slow tmpfiles
     // cleanup or an operator might), and it comes back 2 s later. The 2 s are the outage under
     // test, not a wait for something.
-    let sock = node.haproxy.admin_socket();
-    let away = node.dir.join("admin.sock.away");
-    std::fs::rename(&sock, &away).expect("move the admin socket away");
+    let hidden = node.hide_admin_socket();
     node.restart_agent();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    std::fs::rename(&away, &sock).expect("put the admin socket back");
+    hidden.restore();
 
     node.events
-        .wait("agent_started", |b| b["boot_id"] != first_boot)
+        .wait_kind("agent_started", |b| b["boot_id"] != first_boot)
         .await;
     let status = node.wait_state("serving").await;
     load.wait_for_ok(load.ok_count() + 20, T);
     let report = load.stop();
-    let pids = node.haproxy_pids();
+    let pids = node.haproxy_pids().await;
     assert_eq!(
         status["haproxy"]["pid"], w0,
         "the restarted agent must adopt the haproxy that kept serving (pid {w0}), not replace \
@@ -396,7 +201,11 @@ async fn a_restart_while_the_admin_socket_is_missing_keeps_the_running_haproxy_s
         json!([]),
         "the running worker was not retired: {status}"
     );
-    assert_eq!(node.serving_pid(), Some(w0), "the same haproxy serves");
+    assert_eq!(
+        node.serving_pid().await,
+        Some(w0),
+        "the same haproxy serves"
+    );
     assert!(report.ok > 0, "{report}");
     assert_eq!(
         report.failed(),
@@ -409,54 +218,35 @@ async fn a_restart_while_the_admin_socket_is_missing_keeps_the_running_haproxy_s
 // 4. A drain resumed after kill -9 still waits for a plugin that has not answered yet
 // ---------------------------------------------------------------------------------------------
 
-/// A plugin cdylib built by cargo (ebb-plugin-* are dev-dependencies of ebb-agent): `lib<name>.so`
-/// next to this test's executable (target/<profile>/deps), or uplifted into target/<profile>;
-/// the newer of the two.
-fn cdylib(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    let file = format!("lib{name}.so");
-    let candidates = [
-        deps.join(&file),
-        deps.parent().expect("profile dir").join(&file),
-    ];
-    candidates
-        .iter()
-        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
-        .max()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| panic!("{file} not found in {} or its parent", deps.display()))
-}
-
-/// One `[[plugins]]` table; `config` is raw TOML (an inline table).
-fn plugin_toml(name: &str, path: &Path, config: &str) -> String {
-    let path = serde_json::to_string(&path.to_string_lossy()).expect("a path serializes");
-    format!("[[plugins]]\nname = \"{name}\"\npath = {path}\ntimeout = \"2s\"\nconfig = {config}\n")
-}
-
 /// The ALB plugin's deregistration delay (timer mode) in the next test.
 const DEREGISTRATION_DELAY: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_resumed_after_kill_9_still_waits_for_the_alb_deregistration_delay() {
-    let mut node = Node::start(|_, _, config| {
-        config.raw(&plugin_toml(
-            "alb",
-            &cdylib("ebb_plugin_alb"),
-            &format!(
-                "{{ deregistration_delay = \"{}s\" }}",
-                DEREGISTRATION_DELAY.as_secs()
-            ),
-        ));
+    let mut node = start_node(|b| {
+        b.plugins_toml(|_| {
+            plugin_toml(
+                "alb",
+                &cdylib("ebb_plugin_alb"),
+                "2s",
+                &format!(
+                    "{{ deregistration_delay = \"{}s\" }}",
+                    DEREGISTRATION_DELAY.as_secs()
+                ),
+            )
+        })
         // A second plugin that says idle, but only after 500 ms, as a check that calls out (a
         // command, an HTTP API) may. The agent gathers every plugin's verdict before it hears
         // any, so the resumed drain goes 500 ms without a plugin answer, not a few
         // milliseconds that the stats sample may or may not win.
-        config.raw(&plugin_toml(
-            "slow",
-            &cdylib("ebb_plugin_test"),
-            "{ sleep_in = \"check_idle\", sleep_ms = 500 }",
-        ));
+        .plugins_toml(|_| {
+            plugin_toml(
+                "slow",
+                &cdylib("ebb_plugin_test"),
+                "2s",
+                "{ sleep_in = \"check_idle\", sleep_ms = 500 }",
+            )
+        })
     })
     .await;
     let first_boot = node.status().await["boot_id"].clone();
@@ -464,7 +254,7 @@ async fn a_drain_resumed_after_kill_9_still_waits_for_the_alb_deregistration_del
     node.ok("drain", json!({"drain_id": "resumed", "min_period_ms": 0}))
         .await;
     node.events
-        .wait("drain_started", |b| b["drain_id"] == "resumed")
+        .wait_kind("drain_started", |b| b["drain_id"] == "resumed")
         .await;
     // The drain's reply and event can go out before the agent has written the drain to its state
     // file; a status round trip through the node's input queue comes after that write, so the
@@ -476,14 +266,12 @@ async fn a_drain_resumed_after_kill_9_still_waits_for_the_alb_deregistration_del
     node.restart_agent();
     let started = node
         .events
-        .wait("agent_started", |b| b["boot_id"] != first_boot)
-        .await;
+        .wait_kind("agent_started", |b| b["boot_id"] != first_boot)
+        .await
+        .body;
     assert_eq!(started["adopted"], true, "{started}");
 
-    let drained = node
-        .events
-        .wait("drained", |b| b["drain_id"] == "resumed")
-        .await;
+    let drained = node.events.drained("resumed").await.body;
     let at = |field: &str| {
         let text = drained[field]
             .as_str()
@@ -509,8 +297,8 @@ async fn a_drain_resumed_after_kill_9_still_waits_for_the_alb_deregistration_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_then_undrain_in_quick_succession_ends_serving_with_healthz_200() {
     const ROUNDS: usize = 10;
-    let node = Node::start(|_, _, _| {}).await;
-    assert_eq!(node.healthz().await, Ok(200));
+    let node = start_node(|b| b).await;
+    assert_eq!(node.healthz().await, 200);
     for round in 0..ROUNDS {
         let id = format!("flip-{round}");
         // Both published back to back on one connection, replies gathered afterwards.
@@ -525,7 +313,7 @@ async fn drain_then_undrain_in_quick_succession_ends_serving_with_healthz_200() 
         for (verb, body) in [("drain", drain), ("undrain", undrain)] {
             node.nc
                 .publish_with_reply(
-                    format!("ebb.node.{NODE}.{verb}"),
+                    format!("ebb.node.{}.{verb}", node.id()),
                     format!("{inbox}.{verb}"),
                     Bytes::from(body.to_string()),
                 )
@@ -565,19 +353,18 @@ async fn drain_then_undrain_in_quick_succession_ends_serving_with_healthz_200() 
             healthy.is_some(),
             "round {round}: /healthz still not 200 after {T:?} while the node says serving \
              (last answer {:?}); replies {answers:?}",
-            node.healthz().await
+            node.try_healthz().await
         );
         // The agent's admin commands for this round may still be on their way to haproxy: make
         // one more round trip through the node, then watch /healthz stay 200.
         assert_eq!(node.status().await["state"], "serving");
         let until = Instant::now() + Duration::from_millis(300);
         while Instant::now() < until {
-            let health = node.healthz().await;
-            assert_eq!(
-                health,
-                Ok(200),
+            let health = node.try_healthz().await;
+            assert!(
+                matches!(health, Ok(200)),
                 "round {round}: /healthz went back to 503 on a serving node: the drain's \
-                 admin command landed after the undrain's; replies {answers:?}"
+                 admin command landed after the undrain's; got {health:?}; replies {answers:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -595,25 +382,27 @@ async fn drain_then_undrain_in_quick_succession_ends_serving_with_healthz_200() 
 async fn a_look_alike_process_beside_the_node_is_not_adopted_or_signalled() {
     // Declared before the node, so it is killed after the agent is gone.
     let mut look_alike: Option<(ChildGuard, PathBuf)> = None;
-    let mut node = Node::start(|dir, haproxy, _| {
-        // Not haproxy, but its executable file is named `haproxy` and its command line says
-        // `-f <this node's haproxy.cfg>`: `tail -f` follows the config and never exits.
-        let exe = dir.join("haproxy");
-        std::fs::copy("/usr/bin/tail", &exe).expect("copy tail as `haproxy`");
-        let stderr_path = dir.join("look-alike.stderr");
-        let stderr = std::fs::File::create(&stderr_path).expect("create the stderr file");
-        let mut cmd = Command::new(&exe);
-        cmd.arg("-f")
-            .arg(haproxy.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        let guard = ChildGuard::spawn("look-alike", &mut cmd).expect("start the look-alike");
-        let pid = guard.pid();
-        wait_until(T, "the look-alike to run", || {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
-        });
-        look_alike = Some((guard, stderr_path));
+    let mut node = start_node(|b| {
+        b.prepare_with_haproxy(|dir, haproxy, _| {
+            // Not haproxy, but its executable file is named `haproxy` and its command line says
+            // `-f <this node's haproxy.cfg>`: `tail -f` follows the config and never exits.
+            let exe = dir.join("haproxy");
+            std::fs::copy("/usr/bin/tail", &exe).expect("copy tail as `haproxy`");
+            let stderr_path = dir.join("look-alike.stderr");
+            let stderr = std::fs::File::create(&stderr_path).expect("create the stderr file");
+            let mut cmd = Command::new(&exe);
+            cmd.arg("-f")
+                .arg(haproxy.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr);
+            let guard = ChildGuard::spawn("look-alike", &mut cmd).expect("start the look-alike");
+            let pid = guard.pid();
+            wait_until(T, "the look-alike to run", || {
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
+            });
+            look_alike = Some((guard, stderr_path));
+        })
     })
     .await;
     let (pid, stderr_path) = look_alike
@@ -627,7 +416,7 @@ async fn a_look_alike_process_beside_the_node_is_not_adopted_or_signalled() {
         w0, pid,
         "the look-alike is not the current worker: {status}"
     );
-    assert_eq!(node.serving_pid(), Some(w0));
+    assert_eq!(node.serving_pid().await, Some(w0));
     let old: Vec<u32> = status["old_workers"]
         .as_array()
         .map(|a| a.iter().map(|w| as_pid(&w["pid"])).collect())
@@ -653,6 +442,7 @@ async fn a_look_alike_process_beside_the_node_is_not_adopted_or_signalled() {
     assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
     let left: Vec<u32> = node
         .haproxy_pids()
+        .await
         .into_iter()
         .filter(|&p| p != pid)
         .collect();

@@ -16,34 +16,12 @@ use ebb_agent::config::{Dur, OnError, PluginConfig};
 use ebb_agent::plugins::{CheckContext, HookEvent, PluginHost, Verdict};
 use ebb_sdk::plugin::{DrainStarted, Drained, Reloaded, Stopping, Undrained};
 use serde_json::{json, Value};
-use support::{free_port, wait_for_async, ChildGuard, NodeFixture, TestDir};
+use support::{
+    cdylib, free_port, plugin_toml, toml_string, wait_for_async, ChildGuard, NodeFixture, TestDir,
+};
 
 /// Longest any host call may take in these tests: far above every plugin timeout used here.
 const BOUND: Duration = Duration::from_secs(10);
-
-/// A plugin cdylib built by cargo: `lib<name>.so` next to this test's executable (target/<profile>/deps),
-/// or uplifted into target/<profile> by a `cargo build`; the newer of the two.
-fn cdylib(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    let file = format!("lib{name}.so");
-    let candidates = [
-        deps.join(&file),
-        deps.parent().expect("profile dir").join(&file),
-    ];
-    candidates
-        .iter()
-        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
-        .max()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| {
-            panic!(
-                "{file} not found in {} or its parent; it is built as a dev-dependency of ebb-agent \
-                 (cargo build -p ebb-plugin-test -p ebb-plugin-exec -p ebb-plugin-alb)",
-                deps.display()
-            )
-        })
-}
 
 fn test_plugin() -> PathBuf {
     cdylib("ebb_plugin_test")
@@ -905,21 +883,6 @@ async fn alb_api_mode_deregisters_waits_and_registers_again_against_moto() {
 const NODE: &str = support::NODE_ID;
 const T: Duration = Duration::from_secs(30);
 
-/// A TOML string (JSON's escaping is valid TOML for what serde_json writes).
-fn toml_str(s: impl AsRef<str>) -> String {
-    serde_json::to_string(s.as_ref()).unwrap()
-}
-
-/// One `[[plugins]]` table; `config` is raw TOML (an inline table).
-fn plugin_toml(name: &str, path: &Path, timeout: &str, config: &str) -> String {
-    format!(
-        "[[plugins]]\nname = {}\npath = {}\ntimeout = {}\nconfig = {config}\n",
-        toml_str(name),
-        toml_str(path.to_string_lossy()),
-        toml_str(timeout)
-    )
-}
-
 /// A serving node whose agent loads the `[[plugins]]` that `plugins` writes (given the node's dir).
 async fn start_node(plugins: impl FnOnce(&Path) -> String) -> NodeFixture {
     NodeFixture::builder()
@@ -958,7 +921,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
                 "2s",
                 &format!(
                     "{{ command = [\"sh\", \"-c\", {}], interval = \"0s\" }}",
-                    toml_str(&script)
+                    toml_string(&script)
                 ),
             ),
             plugin_toml(
@@ -967,7 +930,7 @@ async fn a_real_drain_waits_for_every_plugin_and_status_shows_why() {
                 "2s",
                 &format!(
                     "{{ busy_file = {} }}",
-                    toml_str(c_flag.borrow().to_string_lossy())
+                    toml_string(c_flag.borrow().to_string_lossy())
                 ),
             ),
             plugin_toml(
@@ -1136,8 +1099,8 @@ async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto()
                 "{{ mode = \"api\", target_group_arns = [{}], target_id = \"10.0.0.5\", port = 8080, \
                  region = \"us-east-1\", endpoint = {}, poll_interval = \"100ms\", \
                  access_key_id = \"testing\", secret_access_key = \"testing\" }}",
-                toml_str(&arn),
-                toml_str(&url)
+                toml_string(&arn),
+                toml_string(&url)
             ),
         )
     })

@@ -1,5 +1,6 @@
-//! HAProxy supervision (DESIGN §3) end to end: the real `ebb agent` binary with its own haproxy,
-//! a real nats-server, the demo backend, and real TCP clients.
+//! HAProxy supervision (docs/ARCHITECTURE.md, "The node's lifecycle" and "Invariants") end to end:
+//! the real `ebb agent` binary with its own haproxy, a real nats-server, the demo backend, and real
+//! TCP clients.
 //!
 //! What an operator relies on, one test each:
 //! - a reload never cuts a request: a long request finishes on the old worker, which exits right
@@ -29,7 +30,8 @@ const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 const NODE: &str = NODE_ID;
 /// Default timeout of every wait. Generous: the tests share a 2-core machine.
 const T: Duration = Duration::from_secs(30);
-/// Reloads per load test (DESIGN §7 asks 1000 of the benchmark; 200 keep the test short).
+/// Reloads per load test, back to back: enough for a rare lost request to show, few enough to keep
+/// the test short. docs/BENCHMARKS.md, "Reloads under load", reports what they measure.
 const RELOADS: usize = 200;
 /// Load generator workers.
 const CONCURRENCY: usize = 8;

@@ -17,9 +17,9 @@ use super::haproxy::{haproxy_bin, HaproxyConfig};
 use super::process::ChildGuard;
 use super::{tail, try_wait_for, Signal};
 
-/// Builds agent.toml (DESIGN §8) in the test dir. Values are kept as raw TOML, so anything the
-/// agent accepts can be set with [`AgentConfig::set`]; [`AgentConfig::raw`] appends whole tables
-/// (`[[plugins]]`).
+/// Builds agent.toml (every key is in README.md, "Configuration") in the test dir. Values are kept
+/// as raw TOML, so anything the agent accepts can be set with [`AgentConfig::set`];
+/// [`AgentConfig::raw`] appends whole tables (`[[plugins]]`).
 ///
 /// Defaults, chosen for tests: node id `node-1`, prefix `ebb`, haproxy from [`haproxy_bin`] on the
 /// given [`HaproxyConfig`] and its admin socket, `state_dir = DIR/state`, startup and stop
@@ -98,7 +98,7 @@ impl AgentConfig {
     }
 
     pub fn groups(&mut self, groups: &[&str]) -> &mut Self {
-        let list: Vec<String> = groups.iter().map(|g| toml_string(g)).collect();
+        let list: Vec<String> = groups.iter().map(toml_string).collect();
         self.set("node", "groups", &format!("[{}]", list.join(", ")))
     }
 
@@ -159,8 +159,8 @@ impl AgentConfig {
 }
 
 /// A TOML basic string. JSON's escaping is valid TOML for everything serde_json emits.
-fn toml_string(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serializes")
+pub fn toml_string(s: impl AsRef<str>) -> String {
+    serde_json::to_string(s.as_ref()).expect("a string serializes")
 }
 
 /// The message of a tracing JSON log line (`fields.message`, or a top-level `message`/`msg`).

@@ -27,6 +27,7 @@ pub mod haproxy;
 pub mod http;
 pub mod nats;
 pub mod node;
+pub mod plugin;
 pub mod process;
 
 use std::future::Future;
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use admin::{admin_command, haproxy_pids_for, kill_haproxy_for, show_info, show_info_pid};
-pub use agent::{log_message, Agent, AgentConfig};
+pub use agent::{log_message, toml_string, Agent, AgentConfig};
 pub use backend::Backend;
 pub use events::{Event, EventTap, EVENT_TIMEOUT};
 pub use haproxy::{check_config, haproxy_bin, Haproxy, HaproxyConfig, READY_TIMEOUT};
@@ -46,7 +47,10 @@ pub use http::{
 pub use nats::{
     client as nats_client, node_command, write_config as write_nats_config, NatsServer,
 };
-pub use node::{ebb_bin, Fleet, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT};
+pub use node::{
+    ebb_bin, Fleet, HiddenAdminSocket, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT,
+};
+pub use plugin::{cdylib, plugin_toml};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
     HaproxyReaper,

@@ -24,9 +24,9 @@ use serde_json::{json, Value};
 
 use super::events::EventTap;
 use super::{
-    haproxy_pids_for, http_get, http_request, node_command, show_info, show_info_pid,
-    try_wait_for_async, wait_until_async, Agent, AgentConfig, Backend, HaproxyConfig, NatsServer,
-    TestDir,
+    haproxy_pids_for, http_get, http_request, log_message, node_command, show_info, show_info_pid,
+    try_wait_for_async, wait_until_async, Agent, AgentConfig, Backend, ClientError, HaproxyConfig,
+    NatsServer, Signal, TestDir,
 };
 
 /// The node id a fixture gets unless told otherwise (also [`AgentConfig`]'s default).
@@ -45,11 +45,13 @@ pub fn ebb_bin() -> &'static str {
 }
 
 type HaproxyTweak<'a> = Box<dyn FnOnce(HaproxyConfig) -> HaproxyConfig + 'a>;
-type AgentTweak<'a> = Box<dyn FnOnce(&Path, &mut AgentConfig) + 'a>;
+type AgentTweak<'a> = Box<dyn FnOnce(&Path, &HaproxyConfig, &mut AgentConfig) + 'a>;
 
 /// Builds a [`NodeFixture`]: see [`NodeFixture::builder`] for the defaults. Closures given to
-/// [`haproxy`](Self::haproxy), [`agent`](Self::agent), [`plugins_toml`](Self::plugins_toml),
-/// [`prepare`](Self::prepare) and [`haproxy_binary`](Self::haproxy_binary) run in the order given.
+/// [`haproxy`](Self::haproxy) run first, in the order given; then those given to
+/// [`agent`](Self::agent), [`plugins_toml`](Self::plugins_toml), [`prepare`](Self::prepare),
+/// [`prepare_with_haproxy`](Self::prepare_with_haproxy) and
+/// [`haproxy_binary`](Self::haproxy_binary), in the order given.
 #[must_use = "a builder does nothing until start() or spawn()"]
 pub struct NodeFixtureBuilder<'a> {
     bin: PathBuf,
@@ -126,14 +128,14 @@ impl<'a> NodeFixtureBuilder<'a> {
 
     /// Adjusts agent.toml (see [`AgentConfig`]) before it is written.
     pub fn agent(mut self, f: impl FnOnce(&mut AgentConfig) + 'a) -> Self {
-        self.agent.push(Box::new(move |_, cfg| f(cfg)));
+        self.agent.push(Box::new(move |_, _, cfg| f(cfg)));
         self
     }
 
     /// Appends the `[[plugins]]` tables that `f` returns, given the node's dir (to build or copy
     /// plugin files into).
     pub fn plugins_toml(mut self, f: impl FnOnce(&Path) -> String + 'a) -> Self {
-        self.agent.push(Box::new(move |dir, cfg| {
+        self.agent.push(Box::new(move |dir, _, cfg| {
             cfg.raw(&f(dir));
         }));
         self
@@ -142,6 +144,16 @@ impl<'a> NodeFixtureBuilder<'a> {
     /// Runs `f` on the node's dir and agent config just before the agent starts, to leave
     /// something for it to find (a state file, say).
     pub fn prepare(mut self, f: impl FnOnce(&Path, &mut AgentConfig) + 'a) -> Self {
+        self.agent.push(Box::new(move |dir, _, cfg| f(dir, cfg)));
+        self
+    }
+
+    /// [`prepare`](Self::prepare), given haproxy.cfg as written too: to start something beside
+    /// the node that names its files, say.
+    pub fn prepare_with_haproxy(
+        mut self,
+        f: impl FnOnce(&Path, &HaproxyConfig, &mut AgentConfig) + 'a,
+    ) -> Self {
         self.agent.push(Box::new(f));
         self
     }
@@ -149,7 +161,7 @@ impl<'a> NodeFixtureBuilder<'a> {
     /// The haproxy the agent runs (`[haproxy] binary`).
     pub fn haproxy_binary(mut self, bin: impl AsRef<Path>) -> Self {
         let bin = bin.as_ref().to_owned();
-        self.agent.push(Box::new(move |_, cfg| {
+        self.agent.push(Box::new(move |_, _, cfg| {
             cfg.set_path("haproxy", "binary", &bin);
         }));
         self
@@ -209,7 +221,7 @@ impl<'a> NodeFixtureBuilder<'a> {
         let mut config = AgentConfig::new(&dir, &nats_url, &haproxy);
         config.node_id(&self.node_id);
         for f in self.agent {
-            f(&dir, &mut config);
+            f(&dir, &haproxy, &mut config);
         }
         let config_path = config.write().expect("write agent.toml");
 
@@ -336,6 +348,51 @@ impl NodeFixture {
     /// was killed or handed over).
     pub fn restart_agent(&mut self) {
         self.agent = start_agent(&self.bin, &self.config.path(), &self.env);
+    }
+
+    /// Sends `signal` to the agent and returns once the node has acted on it: the agent logged a
+    /// new `signal received` line, then a `status` round trip went through the node's input queue,
+    /// which the signal shares with commands (so a launch it decided on has begun). Returns that
+    /// status. For signals the agent keeps running after (SIGHUP).
+    pub async fn signal_handled(&mut self, signal: Signal) -> Value {
+        fn received(agent: &Agent) -> usize {
+            agent
+                .log_lines()
+                .iter()
+                .filter(|line| log_message(line).is_some_and(|m| m.contains("signal received")))
+                .count()
+        }
+        let before = received(&self.agent);
+        self.agent
+            .signal(signal)
+            .unwrap_or_else(|e| panic!("send {signal:?} to the agent: {e:#}"));
+        let agent = &self.agent;
+        wait_until_async(
+            self.timeout,
+            &format!("the agent's log line for {signal:?}"),
+            || async { received(agent) > before },
+        )
+        .await;
+        self.status().await
+    }
+
+    /// Moves the admin socket away (to `admin.sock.away` beside it), as a slow tmpfiles cleanup
+    /// or an operator might; the guard puts it back ([`HiddenAdminSocket::restore`], or on drop).
+    pub fn hide_admin_socket(&self) -> HiddenAdminSocket {
+        let socket = self.haproxy.admin_socket();
+        let away = socket.with_extension("sock.away");
+        std::fs::rename(&socket, &away).unwrap_or_else(|e| {
+            panic!(
+                "move the admin socket {} to {}: {e}",
+                socket.display(),
+                away.display()
+            )
+        });
+        HiddenAdminSocket {
+            socket,
+            away,
+            restored: false,
+        }
     }
 
     /// The raw reply to `verb` with `body`; panics when none comes within the timeout.
@@ -465,10 +522,46 @@ impl NodeFixture {
 
     /// The status code of `GET /healthz` through haproxy (503 while draining).
     pub async fn healthz(&self) -> u16 {
-        let (status, _) = http_get(self.port(), "/healthz", true)
+        self.try_healthz()
             .await
-            .unwrap_or_else(|e| panic!("GET /healthz through haproxy failed: {e}"));
-        status
+            .unwrap_or_else(|e| panic!("GET /healthz through haproxy failed: {e}"))
+    }
+
+    /// [`healthz`](Self::healthz), or why the request failed.
+    pub async fn try_healthz(&self) -> Result<u16, ClientError> {
+        http_get(self.port(), "/healthz", true)
+            .await
+            .map(|(status, _)| status)
+    }
+}
+
+/// The admin socket of a node, moved away by [`NodeFixture::hide_admin_socket`]; put back by
+/// [`restore`](Self::restore), or on drop (a failing test leaves no node without its socket).
+pub struct HiddenAdminSocket {
+    socket: PathBuf,
+    away: PathBuf,
+    restored: bool,
+}
+
+impl HiddenAdminSocket {
+    /// Puts the admin socket back where haproxy and the agent expect it.
+    pub fn restore(mut self) {
+        self.restored = true;
+        std::fs::rename(&self.away, &self.socket).unwrap_or_else(|e| {
+            panic!(
+                "put the admin socket {} back to {}: {e}",
+                self.away.display(),
+                self.socket.display()
+            )
+        });
+    }
+}
+
+impl Drop for HiddenAdminSocket {
+    fn drop(&mut self) {
+        if !self.restored {
+            let _ = std::fs::rename(&self.away, &self.socket);
+        }
     }
 }
 

@@ -123,84 +123,6 @@ enum Lifecycle {
 }
 
 #[derive(Debug)]
-struct Stopping {
-    started: Instant,
-    timeout: Duration,
-    phase: StopPhase,
-    connections_cut: u64,
-    waiters: Vec<Origin>,
-    cause: Cause,
-    by_drain: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopPhase {
-    /// Waiting for the plugins' `stopping` hook; nothing is signalled yet.
-    Hook,
-    /// Every worker was told to stop; escalate at `deadline`.
-    Soft {
-        deadline: Instant,
-    },
-    Term {
-        deadline: Instant,
-    },
-    Kill {
-        deadline: Instant,
-    },
-}
-
-/// One stats sample of the current worker.
-#[derive(Debug, Clone, Copy)]
-struct Sampled {
-    pid: u32,
-    busy: Option<u64>,
-    accepted: u64,
-}
-
-/// A drain and what was observed for it.
-#[derive(Debug)]
-struct DrainRun {
-    drain: Drain,
-    cause: Cause,
-    sample: Option<Sampled>,
-    last_new_connection: Option<Instant>,
-    /// Each plugin's last verdict for THIS drain: `None` idle, `Some(message)` busy.
-    verdicts: Vec<(String, Option<String>)>,
-    /// The `drained` event, kept until the drain ends so a restarted agent sends it again.
-    drained_event: Option<Event>,
-    /// `drain_started` reached the plugins (after `start_commands` ran), or must not (a resumed
-    /// drain: the previous agent sent it).
-    started_hook_sent: bool,
-}
-
-impl DrainRun {
-    fn new(drain: Drain, cause: Cause, plugins: &[String], started_hook_sent: bool) -> Self {
-        DrainRun {
-            drain,
-            cause,
-            sample: None,
-            last_new_connection: None,
-            // Until a plugin has answered for this drain, it counts as busy: a resumed drain
-            // included, or a restart would skip an ALB deregistration delay.
-            verdicts: plugins
-                .iter()
-                .map(|p| (p.clone(), Some(NOT_YET_ANSWERED.to_string())))
-                .collect(),
-            drained_event: None,
-            started_hook_sent,
-        }
-    }
-
-    fn id(&self) -> &str {
-        self.drain.id()
-    }
-
-    fn is_drained(&self) -> bool {
-        self.drain.phase() == Phase::Drained
-    }
-}
-
-#[derive(Debug)]
 pub struct NodeCore {
     cfg: CoreConfig,
     /// The time of the input being handled: everything the core does is stamped with it.
@@ -583,14 +505,17 @@ impl NodeCore {
                     self.restarts += 1;
                 }
                 self.restart_at = None;
-                self.last_reload = Some(LastReload {
-                    reload_id: running.reload_id.clone(),
-                    at: rfc3339(now.wall),
-                    ok: true,
-                    duration_ms,
-                    error: None,
-                });
-                tracing::info!(pid, old_pids = ?displaced, duration_ms, launch_ms = launch.as_millis() as u64, "reloaded: worker {pid} serves");
+                // The agent's first worker is a start, not a reload: `agent_started` says it.
+                if !was_starting {
+                    self.last_reload = Some(LastReload {
+                        reload_id: running.reload_id.clone(),
+                        at: rfc3339(now.wall),
+                        ok: true,
+                        duration_ms,
+                        error: None,
+                    });
+                }
+                tracing::info!(pid, old_pids = ?displaced, duration_ms, launch_ms = launch.as_millis() as u64, "worker {pid} serves");
                 // A worker of a draining node already answers 503 (EBB_DRAINING=1) and gets the
                 // drain's commands as well; one started draining whose drain ended meanwhile
                 // gets the undrain's.
@@ -600,29 +525,30 @@ impl NodeCore {
                 } else if running.draining {
                     self.queue_commands(pid, CommandKind::Stop, String::new());
                 }
+                let drain_id = self.drain_id().map(str::to_string);
                 if was_starting {
                     self.agent_started(false);
+                } else {
+                    self.emit(
+                        EventBody::Reloaded {
+                            reload_id: running.reload_id.clone(),
+                            pid,
+                            old_pids: displaced.clone(),
+                            duration_ms,
+                            config_sha256: config_sha256.clone(),
+                            draining,
+                        },
+                        &cause,
+                    );
+                    self.push(Effect::Hook(Box::new(HookEvent::Reloaded(
+                        hooks::Reloaded {
+                            draining,
+                            drain_id,
+                            reload_id: Some(running.reload_id.clone()),
+                            pid: Some(pid),
+                        },
+                    ))));
                 }
-                let drain_id = self.drain_id().map(str::to_string);
-                self.emit(
-                    EventBody::Reloaded {
-                        reload_id: running.reload_id.clone(),
-                        pid,
-                        old_pids: displaced.clone(),
-                        duration_ms,
-                        config_sha256: config_sha256.clone(),
-                        draining,
-                    },
-                    &cause,
-                );
-                self.push(Effect::Hook(Box::new(HookEvent::Reloaded(
-                    hooks::Reloaded {
-                        draining,
-                        drain_id,
-                        reload_id: Some(running.reload_id.clone()),
-                        pid: Some(pid),
-                    },
-                ))));
                 let result = ReloadResult {
                     reload_id: running.reload_id,
                     pid,
@@ -953,308 +879,6 @@ impl NodeCore {
         self.request_reload(waiter, pushed);
     }
 
-    fn on_drain(&mut self, now: Now, origin: Origin, req: DrainRequest) {
-        let already = |d: &DrainRun, state| DrainResult {
-            drain_id: d.id().to_string(),
-            already_draining: true,
-            state,
-            drained_at: d.drain.record.drained_at_ms.map(ms_to_rfc3339),
-        };
-        match &self.lifecycle {
-            Lifecycle::Stopping(_) => {
-                return self.reply_err(
-                    origin,
-                    ErrorCode::Conflict,
-                    "cannot drain: haproxy is stopping".into(),
-                );
-            }
-            Lifecycle::Stopped { by_drain, .. } => {
-                let asked = req.drain_id.as_deref();
-                let result = match (&self.drain, by_drain) {
-                    (Some(d), Some(id)) if d.id() == id && asked.is_none_or(|a| a == id) => {
-                        Some(already(d, self.state()))
-                    }
-                    _ => None,
-                };
-                return match result {
-                    Some(r) => self.reply_ok(origin, r),
-                    None => self.reply_err(
-                        origin,
-                        ErrorCode::Conflict,
-                        "cannot drain: haproxy is stopped; undrain to start it again".into(),
-                    ),
-                };
-            }
-            Lifecycle::Running => {}
-        }
-        if let Some(d) = &self.drain {
-            let r = already(d, self.state());
-            return self.reply_ok(origin, r);
-        }
-        if self.current.is_none() {
-            return self.reply_err(
-                origin,
-                ErrorCode::Conflict,
-                format!(
-                    "cannot drain: no haproxy worker runs (node {})",
-                    self.state()
-                ),
-            );
-        }
-        let cfg = &self.cfg.drain;
-        let policy = Policy {
-            min_period_ms: req
-                .min_period_ms
-                .unwrap_or(cfg.min_period.0.as_millis() as u64),
-            quiet_period_ms: cfg.quiet_period.0.as_millis() as u64,
-            deadline_ms: Some(req.deadline_ms.unwrap_or(cfg.deadline.0.as_millis() as u64))
-                .filter(|d| *d > 0),
-            on_deadline: cfg.on_deadline,
-            stop_when_drained: req.stop_when_drained.unwrap_or(cfg.stop_when_drained),
-        };
-        let drain_id = req
-            .drain_id
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        tracing::info!(%drain_id, "drain {drain_id} started");
-        let drain = Drain::start(
-            drain_id.clone(),
-            policy.clone(),
-            cfg.idle,
-            now.mono,
-            now.wall,
-        );
-        let cause = origin.cause.clone();
-        self.drain = Some(DrainRun::new(
-            drain,
-            cause.clone(),
-            &self.cfg.plugins,
-            false,
-        ));
-        self.dirty = true;
-        if let Some(pid) = self.current_pid() {
-            self.send_drain_commands_to_current(pid);
-        }
-        self.emit(
-            EventBody::DrainStarted {
-                drain_id: drain_id.clone(),
-                min_period_ms: policy.min_period_ms,
-                deadline_ms: policy.deadline_ms,
-            },
-            &cause,
-        );
-        let state = self.state();
-        self.reply_ok(
-            origin,
-            DrainResult {
-                drain_id,
-                already_draining: false,
-                state,
-                drained_at: None,
-            },
-        );
-    }
-
-    fn on_undrain(&mut self, origin: Origin, req: UndrainRequest) {
-        let current_id = self.drain_id().map(str::to_string);
-        if let (Some(wanted), Some(id)) = (&req.drain_id, &current_id) {
-            if wanted != id {
-                return self.reply_err(
-                    origin,
-                    ErrorCode::Conflict,
-                    format!("drain {wanted} is not the current drain ({id})"),
-                );
-            }
-        }
-        match &self.lifecycle {
-            Lifecycle::Stopping(_) => {
-                return self.reply_err(
-                    origin,
-                    ErrorCode::Conflict,
-                    "haproxy is stopping; undrain after it stopped".into(),
-                );
-            }
-            Lifecycle::Stopped { .. } => {
-                // Back into service: start HAProxy again.
-                self.lifecycle = Lifecycle::Running;
-                self.exit_when_stopped = false;
-                self.request_reload(Waiter::Restart, None);
-            }
-            Lifecycle::Running if current_id.is_none() => {
-                if self.current.is_none() && !self.starting {
-                    return self.reply_err(
-                        origin,
-                        ErrorCode::Conflict,
-                        "cannot undrain: no haproxy worker runs and the node is not draining; reload to start one".into(),
-                    );
-                }
-                let state = self.state();
-                return self.reply_ok(
-                    origin,
-                    UndrainResult {
-                        drain_id: None,
-                        state,
-                    },
-                );
-            }
-            Lifecycle::Running => {
-                // A drained node whose worker died stays without one until now.
-                if self.current.is_none() && !self.reloads.is_running() {
-                    self.request_reload(Waiter::Restart, None);
-                }
-            }
-        }
-        if let Some(id) = current_id.clone() {
-            if let Some(pid) = self.current_pid() {
-                self.queue_commands(pid, CommandKind::Stop, id.clone());
-            }
-            tracing::info!(drain_id = %id, "undrained");
-            self.push(Effect::Hook(Box::new(HookEvent::Undrained(
-                hooks::Undrained {
-                    drain_id: id.clone(),
-                },
-            ))));
-            self.drain = None;
-            self.emit(EventBody::Undrained { drain_id: id }, &origin.cause);
-        }
-        self.dirty = true;
-        let state = self.state();
-        self.reply_ok(
-            origin,
-            UndrainResult {
-                drain_id: current_id,
-                state,
-            },
-        );
-    }
-
-    fn begin_stop(
-        &mut self,
-        now: Now,
-        timeout: Option<Duration>,
-        waiter: Option<Origin>,
-        cause: Cause,
-        by_drain: Option<String>,
-    ) {
-        match &mut self.lifecycle {
-            Lifecycle::Stopping(s) => {
-                s.waiters.extend(waiter);
-                return;
-            }
-            Lifecycle::Stopped { .. } => {
-                if let Some(origin) = waiter {
-                    self.reply_ok(
-                        origin,
-                        StopResult {
-                            connections_cut: 0,
-                            duration_ms: 0,
-                        },
-                    );
-                }
-                return;
-            }
-            Lifecycle::Running => {}
-        }
-        let timeout = timeout.unwrap_or(self.cfg.stop_timeout);
-        tracing::info!("stopping haproxy gracefully (up to {timeout:?})");
-        for w in self.reloads.drain_queued() {
-            let message = format!("node {} is stopping", self.cfg.node);
-            self.answer_reload(w, Err((ErrorCode::Conflict, message)));
-        }
-        self.restart_at = None;
-        if by_drain.is_none() {
-            // A stop ends the drain; only `stop_when_drained` keeps it, drained, for `drain` to
-            // find in `stopped`.
-            self.drain = None;
-        }
-        let nothing_runs =
-            self.current.is_none() && self.old.is_empty() && !self.reloads.is_running();
-        self.lifecycle = Lifecycle::Stopping(Stopping {
-            started: now.mono,
-            timeout,
-            phase: if nothing_runs {
-                StopPhase::Soft {
-                    deadline: now.mono + timeout,
-                }
-            } else {
-                StopPhase::Hook
-            },
-            connections_cut: 0,
-            waiters: waiter.into_iter().collect(),
-            cause,
-            by_drain,
-        });
-        if !nothing_runs {
-            // The `stopping` hook is the last one before HAProxy is stopped: it is awaited first.
-            self.push(Effect::StoppingHook);
-        }
-        self.dirty = true;
-    }
-
-    fn drive_stop(&mut self, now: Now) {
-        let all_gone = self.current.is_none() && self.old.is_empty() && !self.reloads.is_running();
-        let Lifecycle::Stopping(s) = &mut self.lifecycle else {
-            return;
-        };
-        if all_gone && s.phase != StopPhase::Hook {
-            let connections_cut = s.connections_cut;
-            let duration_ms = now.mono.duration_since(s.started).as_millis() as u64;
-            let waiters = std::mem::take(&mut s.waiters);
-            let cause = s.cause.clone();
-            let by_drain = s.by_drain.take();
-            tracing::info!(
-                connections_cut,
-                duration_ms,
-                "haproxy stopped; {connections_cut} connections cut"
-            );
-            self.lifecycle = Lifecycle::Stopped {
-                by_drain,
-                connections_cut,
-            };
-            self.dirty = true;
-            self.emit(EventBody::Stopped { connections_cut }, &cause);
-            for origin in waiters {
-                self.reply_ok(
-                    origin,
-                    StopResult {
-                        connections_cut,
-                        duration_ms,
-                    },
-                );
-            }
-            if self.exit_when_stopped {
-                self.exit();
-            }
-            return;
-        }
-        let (signal, next) = match s.phase {
-            StopPhase::Soft { deadline } if now.mono >= deadline => (
-                WorkerSignal::HardStop,
-                StopPhase::Term {
-                    deadline: now.mono + KILL_GRACE,
-                },
-            ),
-            StopPhase::Term { deadline } | StopPhase::Kill { deadline } if now.mono >= deadline => {
-                (
-                    WorkerSignal::Kill,
-                    StopPhase::Kill {
-                        deadline: now.mono + KILL_GRACE,
-                    },
-                )
-            }
-            _ => return,
-        };
-        s.phase = next;
-        let ids: Vec<ProcessId> = self.workers().map(|w| w.id).collect();
-        for worker in ids {
-            tracing::warn!(
-                pid = worker.pid,
-                "stop timeout: {signal:?} to worker {}",
-                worker.pid
-            );
-            self.push(Effect::Signal { worker, signal });
-        }
-    }
-
     // ---------------------------------------------------------------------------------------
     // Helpers
     // ---------------------------------------------------------------------------------------
@@ -1312,119 +936,6 @@ impl NodeCore {
         match first_outward {
             Some(i) => self.effects.insert(i, persist),
             None => self.effects.push_back(persist),
-        }
-    }
-
-    fn evaluate_drain(&mut self, now: Now) {
-        let Some(d) = &self.drain else { return };
-        let view = self.view(d);
-        let Some(d) = &mut self.drain else { return };
-        let actions = d.drain.step(now.mono, now.wall, &view);
-        for action in actions {
-            self.dirty = true;
-            match action {
-                Action::DeadlineExceeded(blockers) => {
-                    let Some(d) = &self.drain else { return };
-                    tracing::warn!(drain_id = %d.id(), ?blockers, "drain deadline exceeded");
-                    let body = EventBody::DrainDeadlineExceeded {
-                        drain_id: d.id().to_string(),
-                        blockers,
-                    };
-                    let cause = d.cause.clone();
-                    self.emit(body, &cause);
-                }
-                Action::Drained { forced, stop } => self.declare_drained(now, forced, stop),
-            }
-        }
-    }
-
-    fn declare_drained(&mut self, now: Now, forced: bool, stop: bool) {
-        let Some(d) = &self.drain else { return };
-        let r = &d.drain.record;
-        let drained_at_ms = r.drained_at_ms.unwrap_or_else(|| drain::unix_ms(now.wall));
-        let body = EventBody::Drained {
-            drain_id: r.drain_id.clone(),
-            started_at: ms_to_rfc3339(r.started_at_ms),
-            drained_at: ms_to_rfc3339(drained_at_ms),
-            duration_ms: drained_at_ms.saturating_sub(r.started_at_ms),
-            forced,
-            connections_cut: r.connections_cut,
-        };
-        let drain_id = r.drain_id.clone();
-        let cause = d.cause.clone();
-        tracing::info!(%drain_id, forced, "drained");
-        // A drained node starts no worker: a crash restart still waiting is dropped.
-        self.restart_at = None;
-        let event = self.envelope.wrap(body, &cause, now.wall);
-        if let Some(d) = &mut self.drain {
-            d.drained_event = Some(event.clone());
-        }
-        self.push(Effect::Publish(Box::new(event)));
-        // Durable before it leaves: a crash at any point yields one `drained`, one Msg-Id.
-        self.persist_before_outward();
-        self.push(Effect::Hook(Box::new(HookEvent::Drained(hooks::Drained {
-            drain_id: drain_id.clone(),
-            forced,
-        }))));
-        if stop {
-            self.begin_stop(now, None, None, cause, Some(drain_id));
-        }
-    }
-
-    /// What the drain decision needs.
-    fn view(&self, d: &DrainRun) -> View {
-        let current = self.current_pid();
-        let busy = if self.reloads.is_running() || self.reloads.has_queued() {
-            // A worker on its way in cannot be called idle yet.
-            None
-        } else {
-            match current {
-                // With no current worker (it crashed), nothing can be in flight on it.
-                None => Some(0),
-                Some(pid) => d.sample.filter(|s| s.pid == pid).and_then(|s| s.busy),
-            }
-        };
-        View {
-            old_workers: self
-                .old
-                .iter()
-                .map(|w| {
-                    (
-                        w.id.pid,
-                        drain::unix_ms(self.clock.wall).saturating_sub(w.started_at_ms),
-                        self.connections.get(&w.id.pid).copied().unwrap_or(0),
-                    )
-                })
-                .collect(),
-            busy,
-            last_new_connection: d.last_new_connection,
-            plugins_busy: d
-                .verdicts
-                .iter()
-                .filter_map(|(name, busy)| busy.as_ref().map(|m| (name.clone(), m.clone())))
-                .collect(),
-        }
-    }
-
-    fn aim_services(&mut self) {
-        let draining = self.drain.as_ref().filter(|d| !d.is_drained());
-        let sample = draining.and(self.current_pid());
-        let check = draining.map(|d| d.id().to_string());
-        let ctx = draining.map(|d| {
-            Box::new(CheckContext {
-                node: Some(self.cfg.node.clone()),
-                drain_id: Some(d.id().to_string()),
-                started_at_ms: Some(d.drain.record.started_at_ms),
-                ..CheckContext::default()
-            })
-        });
-        if sample != self.sampling {
-            self.sampling = sample;
-            self.push(Effect::Sample(sample));
-        }
-        if check != self.checking {
-            self.checking = check;
-            self.push(Effect::Check(ctx));
         }
     }
 
@@ -1487,47 +998,6 @@ impl NodeCore {
         }
     }
 
-    /// The drain's start commands to the current worker (a new drain, a resumed one, a worker
-    /// started or found during one).
-    fn send_drain_commands_to_current(&mut self, pid: u32) {
-        let Some(id) = self.drain_id().map(str::to_string) else {
-            return;
-        };
-        self.queue_commands(pid, CommandKind::Start, id);
-    }
-
-    fn queue_commands(&mut self, pid: u32, kind: CommandKind, drain_id: String) {
-        let Some(worker) = self.workers().find(|w| w.id.pid == pid).map(|w| w.id) else {
-            return;
-        };
-        let commands = match kind {
-            CommandKind::Start => self.cfg.drain.start_commands.clone(),
-            CommandKind::Stop => self.cfg.drain.stop_commands.clone(),
-        };
-        self.push(Effect::Commands(CommandJob {
-            worker,
-            drain_id,
-            kind,
-            commands,
-        }));
-    }
-
-    fn send_drain_started(&mut self, drain_id: &str) {
-        let Some(d) = &mut self.drain else { return };
-        if d.id() != drain_id || d.started_hook_sent {
-            return;
-        }
-        d.started_hook_sent = true;
-        let p = &d.drain.record.policy;
-        let hook = HookEvent::DrainStarted(hooks::DrainStarted {
-            drain_id: drain_id.to_string(),
-            started_at_ms: d.drain.record.started_at_ms,
-            min_period_ms: p.min_period_ms,
-            deadline_ms: p.deadline_ms,
-        });
-        self.push(Effect::Hook(Box::new(hook)));
-    }
-
     fn current_pid(&self) -> Option<u32> {
         self.current.as_ref().map(|w| w.id.pid)
     }
@@ -1584,6 +1054,12 @@ impl NodeCore {
 fn ms_to_rfc3339(ms: u64) -> String {
     rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
+
+mod drain_run;
+mod stop;
+
+use drain_run::{DrainRun, Sampled};
+use stop::{StopPhase, Stopping};
 
 #[cfg(test)]
 mod tests;

@@ -317,7 +317,13 @@ impl Shell {
                         } = l;
                         worker.watch_exit(Some(child), self.exit_reporter());
                         let record = worker.record();
-                        self.spawn_ports(worker.pid());
+                        if self.client_ports.is_empty() {
+                            // The first worker: without its ports every TCP socket of a worker
+                            // would count as a client connection.
+                            self.client_ports = procfs::listening_ports(worker.pid());
+                        } else {
+                            self.spawn_ports(worker.pid());
+                        }
                         self.workers.insert(worker.id, worker);
                         Launched::Ready {
                             worker: record,
