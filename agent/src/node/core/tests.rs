@@ -890,6 +890,36 @@ struct World {
     jobs: Vec<CommandJob>,
     stopping_hook: bool,
     confirm: bool,
+    /// What this agent's core was told, for the drain decision: the last verdict per drain id,
+    /// the last sample (pid, busy) of the current worker, and each drain's start and min period.
+    verdict: HashMap<String, bool>,
+    sample: Option<(u32, u64)>,
+    drains: HashMap<String, (u64, u64)>,
+}
+
+impl World {
+    /// A new agent knows nothing of what the previous one was told.
+    fn forget(&mut self) {
+        self.pending = None;
+        self.jobs.clear();
+        self.stopping_hook = false;
+        self.confirm = false;
+        self.verdict.clear();
+        self.sample = None;
+    }
+
+    /// Every condition of a drain holds, by what this agent was told.
+    fn conditions_hold(&self, n: &Node, drain_id: &str) -> bool {
+        let Some((start, min)) = self.drains.get(drain_id) else {
+            return false;
+        };
+        let current = n.core.current().map(|c| c.id.pid);
+        n.ms >= start + min
+            && n.core.workers().count() == usize::from(current.is_some())
+            && self.pending.is_none()
+            && self.verdict.get(drain_id) == Some(&true)
+            && current.is_none_or(|pid| self.sample == Some((pid, 0)))
+    }
 }
 
 fn rank(s: NodeState) -> Option<u8> {
@@ -924,14 +954,18 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
                     drain_id, forced, ..
                 } = &ev.body
                 {
-                    w.drained
+                    // A `drained` sent again after a restart (same Msg-Id) decides nothing anew.
+                    let new = w
+                        .drained
                         .entry(drain_id.clone())
                         .or_default()
                         .insert(ev.msg_id());
-                    if !forced {
-                        // drained ⇒ no old worker, no worker on its way in.
-                        prop_assert!(n.core.workers().count() <= 1, "drained with an old worker");
-                        prop_assert!(w.pending.is_none(), "drained during a launch");
+                    if new && !forced {
+                        // drained ⇒ every condition held, by what this agent was told.
+                        prop_assert!(
+                            w.conditions_hold(n, drain_id),
+                            "drain {drain_id} declared drained too early"
+                        );
                     }
                     // Persisted before published.
                     let kept = w.persisted.as_ref().and_then(|s| s.drained_event.as_ref());
@@ -962,6 +996,10 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
             prop_assert!(ids.len() <= 1, "drain {id} declared drained twice: {ids:?}");
         }
         if let Some(id) = n.core.drain_id() {
+            // ... and every condition ⇒ drained.
+            if n.core.state() == NodeState::Draining && w.conditions_hold(n, id) {
+                prop_assert!(false, "drain {id}: every condition holds, yet not drained");
+            }
             if let Some(r) = rank(n.core.state()) {
                 let seen = w.progress.entry(id.to_string()).or_insert(r);
                 prop_assert!(r >= *seen, "drain {id} went back from {seen} to {r}");
@@ -1011,12 +1049,16 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Hup => n.signal(AgentSignal::Reload),
             Step::Drain { min_ms, stop } => {
                 w.next_drain += 1;
+                let id = format!("d{}", w.next_drain);
                 n.request(Request::Drain(DrainRequest {
-                    drain_id: Some(format!("d{}", w.next_drain)),
+                    drain_id: Some(id.clone()),
                     min_period_ms: Some(min_ms),
                     stop_when_drained: Some(stop),
                     ..DrainRequest::default()
                 }));
+                if n.core.drain_id() == Some(id.as_str()) {
+                    w.drains.insert(id, (n.ms, min_ms));
+                }
             }
             Step::Undrain => {
                 n.request(Request::Undrain(UndrainRequest::default()));
@@ -1063,6 +1105,10 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Sample(busy) => {
                 if let Some(pid) = n.core.current().map(|c| c.id.pid) {
                     n.core.handle_sample(now, pid, Some(busy), 0);
+                    // The core ignores samples taken while a worker is on its way in.
+                    if w.pending.is_none() {
+                        w.sample = Some((pid, busy));
+                    }
                 }
             }
             Step::Verdict { idle, stale } => {
@@ -1077,6 +1123,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     Verdict::Busy("deregistering".into())
                 };
                 n.core.handle_verdicts(now, &id, vec![("alb".into(), v)]);
+                w.verdict.insert(id, idle);
             }
             Step::CommandsDone => {
                 if !w.jobs.is_empty() {
@@ -1097,10 +1144,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Advance(ms) => n.advance(ms),
             Step::Crash { socket_answers } => {
-                w.pending = None;
-                w.jobs.clear();
-                w.stopping_hook = false;
-                w.confirm = false;
+                w.forget();
                 n = restart(&n, &w, socket_answers);
                 // A worker whose launch was in flight may be alive but unrecorded: the scan
                 // of /proc finds it, which `restart` models by passing every live process.
@@ -1108,10 +1152,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         }
         if apply(&mut n, &mut w)? {
             // The agent exited: the next one starts from what it left.
-            w.pending = None;
-            w.jobs.clear();
-            w.stopping_hook = false;
-            w.confirm = false;
+            w.forget();
             n = restart(&n, &w, true);
             apply(&mut n, &mut w)?;
         }
