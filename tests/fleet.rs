@@ -32,6 +32,9 @@ async fn start_fleet(size: usize) -> Fleet {
         },
     )
     .await;
+    // An agent answers `status` while its first HAProxy starts (`starting`): wait for every one
+    // to serve.
+    fleet.wait_serving().await;
     fleet
 }
 
