@@ -509,7 +509,8 @@ impl Shell {
         let tx = self.reports_tx.clone();
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(20);
-            loop {
+            // Ends once someone answers, or once the node's task is gone.
+            while !tx.is_closed() {
                 tokio::time::sleep(wait).await;
                 let pids = adoption::answering(&admin).await;
                 if !pids.is_empty() {
