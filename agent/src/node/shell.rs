@@ -186,6 +186,7 @@ impl Shell {
 
     /// Runs until HAProxy is stopped for good or the agent detaches.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
+        let mut inputs_open = true;
         loop {
             if let Some(outcome) = self.carry_out() {
                 return outcome;
@@ -198,11 +199,15 @@ impl Shell {
                 .send_if_modified(|s| std::mem::replace(s, summary.clone()) != summary);
             let wake = self.core.poll_timeout();
             tokio::select! {
-                input = inputs.recv() => match input {
+                input = inputs.recv(), if inputs_open => match input {
                     Some(Input::Command { command, reply }) => self.on_command(command, reply),
                     Some(Input::Signal(signal)) => self.core.handle_signal(now(), signal),
-                    // Every sender is gone: nothing can command the node anymore.
-                    None => self.core.handle_signal(now(), crate::inbox::AgentSignal::Stop),
+                    // Every sender is gone: nothing can command the node anymore. Said once: a
+                    // closed channel answers at once, every time.
+                    None => {
+                        inputs_open = false;
+                        self.core.handle_signal(now(), crate::inbox::AgentSignal::Stop);
+                    }
                 },
                 Some(report) = self.reports.recv() => self.on_report(report),
                 Some(sample) = self.samples.recv() => {

@@ -1058,6 +1058,8 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 }));
                 if n.core.drain_id() == Some(id.as_str()) {
                     w.drains.insert(id, (n.ms, min_ms));
+                    // A new drain starts with no sample of its own.
+                    w.sample = None;
                 }
             }
             Step::Undrain => {
@@ -1104,9 +1106,11 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Sample(busy) => {
                 if let Some(pid) = n.core.current().map(|c| c.id.pid) {
+                    // The core keeps samples only for a drain in progress, and not while a
+                    // worker is on its way in.
+                    let kept = n.core.state() == NodeState::Draining && w.pending.is_none();
                     n.core.handle_sample(now, pid, Some(busy), 0);
-                    // The core ignores samples taken while a worker is on its way in.
-                    if w.pending.is_none() {
+                    if kept {
                         w.sample = Some((pid, busy));
                     }
                 }
