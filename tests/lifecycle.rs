@@ -90,9 +90,7 @@ async fn sighup_after_stop_starts_no_haproxy_and_sigterm_leaves_none_behind() {
     assert_eq!(status["haproxy"]["pid"], Value::Null, "{status}");
 
     // SIGTERM: the agent exits, and nothing of this node is left running.
-    node.agent.signal(Signal::TERM).expect("SIGTERM the agent");
-    let exit = node.agent.wait_exit(T);
-    assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
+    node.sigterm_agent();
     assert_eq!(
         node.haproxy_pids().await,
         Vec::<u32>::new(),
@@ -437,9 +435,7 @@ async fn a_look_alike_process_beside_the_node_is_not_adopted_or_signalled() {
     );
 
     // SIGTERM stops this node's HAProxy only.
-    node.agent.signal(Signal::TERM).expect("SIGTERM the agent");
-    let exit = node.agent.wait_exit(T);
-    assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
+    node.sigterm_agent();
     let left: Vec<u32> = node
         .haproxy_pids()
         .await

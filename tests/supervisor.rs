@@ -541,9 +541,7 @@ async fn a_crashed_worker_is_restarted_and_sigterm_stops_everything() {
     assert_eq!(node.haproxy_pids().await, vec![w1]);
 
     // SIGTERM: HAProxy is stopped gracefully, then the agent exits 0 and leaves nothing running.
-    node.agent.signal(Signal::TERM).expect("SIGTERM the agent");
-    let exit = node.agent.wait_exit(T);
-    assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
+    node.sigterm_agent();
     assert_eq!(
         node.haproxy_pids().await,
         Vec::<u32>::new(),
@@ -678,8 +676,7 @@ async fn a_recycled_pid_in_the_state_file_is_never_signalled() {
 
     // Nothing the agent does signals them: neither a reload nor a full stop.
     reload(&node).await;
-    node.agent.signal(Signal::TERM).expect("SIGTERM the agent");
-    assert!(node.agent.wait_exit(T).success());
+    node.sigterm_agent();
     assert_eq!(node.haproxy_pids().await, Vec::<u32>::new());
     assert!(is_alive(a), "the non-haproxy process {a} was signalled");
     assert!(

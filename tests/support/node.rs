@@ -502,6 +502,13 @@ impl NodeFixture {
         .await;
     }
 
+    /// SIGTERM to the agent: it must stop HAProxy gracefully and exit 0 within the timeout.
+    pub fn sigterm_agent(&mut self) {
+        self.agent.signal(Signal::TERM).expect("SIGTERM the agent");
+        let exit = self.agent.wait_exit(self.timeout);
+        assert!(exit.success(), "the agent exits 0 after SIGTERM: {exit}");
+    }
+
     /// Every live haproxy of this node, sorted.
     pub async fn haproxy_pids(&self) -> Vec<u32> {
         let dir = self.dir.clone();
