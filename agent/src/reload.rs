@@ -82,15 +82,11 @@ impl<W> ReloadQueue<W> {
     ) -> Result<(), (W, Conflict)> {
         match &mut self.queued {
             None => {
-                let ready_at = match &self.running {
-                    Some(_) => now + self.coalesce,
-                    None => now,
-                };
                 self.queued = Some(Batch {
                     waiters: vec![waiter],
                     config,
                     // Re-set by `finish` when a reload is running.
-                    ready_at,
+                    ready_at: now,
                 });
             }
             Some(batch) => match (&batch.config, config) {
@@ -145,14 +141,6 @@ impl<W> ReloadQueue<W> {
     /// Hands back every queued waiter, for answering when the node stops.
     pub fn drain_queued(&mut self) -> Vec<W> {
         self.queued.take().map(|b| b.waiters).unwrap_or_default()
-    }
-
-    /// Every waiter, queued or running.
-    pub fn waiters(&self) -> impl Iterator<Item = &W> {
-        self.running
-            .iter()
-            .flat_map(|r| r.batch.waiters.iter())
-            .chain(self.queued.iter().flat_map(|b| b.waiters.iter()))
     }
 }
 

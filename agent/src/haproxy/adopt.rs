@@ -4,8 +4,8 @@
 //! Trust nothing on its own: the state file may be stale, pids may be recycled, an agent may have
 //! died between spawning a worker and recording it, and another HAProxy (or anything renamed
 //! `haproxy`) may run with the same config. Candidates are the recorded workers plus the processes
-//! found running this node's config; [`candidates`] verifies each against /proc, and only then
-//! does the caller ask the admin socket which of them is current ([`pick_current`]).
+//! found running this node's config; [`candidates`] verifies each against /proc. Which of them is
+//! current is the node core's decision (the newest that answers the admin socket), never made here.
 //!
 //! - A recorded worker is adopted if its pid, start time and executable match.
 //! - A process nobody recorded is adopted only if it runs the configured binary, as the expected
@@ -16,8 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::admin::AdminSocket;
-use super::launch::LaunchSpec;
 use super::procfs::{self, Inspected, Mismatch, Observed, ProcessId};
 use super::worker::{AdoptError, Worker, WorkerRecord};
 
@@ -314,24 +312,6 @@ fn recorded_log(recorded: &Path, stderr: Option<&Path>, log_dir: &Path) -> PathB
     }
 }
 
-/// Which of `workers` (identity, was current per the state file) is current, given the pids that
-/// answered on the admin socket: the recorded current one if it answers, else the newest that
-/// answers. `None` if none answers.
-pub fn pick_current(workers: &[(ProcessId, bool)], answering: &[u32]) -> Option<usize> {
-    let answers = |id: &ProcessId| answering.contains(&id.pid);
-    workers
-        .iter()
-        .position(|(id, was_current)| *was_current && answers(id))
-        .or_else(|| {
-            workers
-                .iter()
-                .enumerate()
-                .filter(|(_, (id, _))| answers(id))
-                .max_by_key(|(_, (id, _))| id.start_time)
-                .map(|(i, _)| i)
-        })
-}
-
 /// The real uids a worker of this node may run as: the agent's own (HAProxy started by the agent
 /// and staying as it), and the one HAProxy switches to when its config has `user NAME` or `uid N`
 /// in the global section. A user name is looked up in /etc/passwd.
@@ -435,55 +415,6 @@ fn passwd_uid(passwd: &str, name: &str) -> Option<u32> {
         (fields.next()? == name).then_some(())?;
         fields.nth(1)?.parse().ok()
     })
-}
-
-/// The outcome of [`adopt`].
-#[derive(Debug, Default)]
-pub struct Adopted {
-    pub current: Option<Worker>,
-    pub old: Vec<Worker>,
-    /// Why records and processes were not trusted, for the log.
-    pub refused: Vec<String>,
-}
-
-/// How many times the admin socket is asked who answers: every worker that has not been told to
-/// stop shares it, so a few answers are needed to see the newest.
-const ASKS: usize = 8;
-
-/// [`candidates`], then the admin socket names the current worker.
-pub async fn adopt(
-    records: &[(WorkerRecord, bool)],
-    recorded_boot_id: Option<&str>,
-    spec: &LaunchSpec,
-    admin: &AdminSocket,
-) -> Adopted {
-    let expect = Expect::new(&spec.binary, &spec.config, &spec.log_dir);
-    let found = candidates(records, recorded_boot_id, &expect);
-    let mut out = Adopted {
-        refused: found.refused,
-        ..Adopted::default()
-    };
-    let mut verified = found.verified;
-    if verified.is_empty() {
-        return out;
-    }
-    let mut answering: Vec<u32> = Vec::new();
-    for _ in 0..ASKS {
-        match admin.pid().await {
-            Ok(pid) if !answering.contains(&pid) => answering.push(pid),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    let ids: Vec<(ProcessId, bool)> = verified
-        .iter()
-        .map(|c| (c.worker.id, c.was_current))
-        .collect();
-    if let Some(i) = pick_current(&ids, &answering) {
-        out.current = Some(verified.remove(i).worker);
-    }
-    out.old = verified.into_iter().map(|c| c.worker).collect();
-    out
 }
 
 fn now_ms() -> u64 {
@@ -652,17 +583,6 @@ mod tests {
     }
 
     #[test]
-    fn the_current_worker_is_the_recorded_one_that_answers_else_the_newest_answering() {
-        let id = |pid, start_time| ProcessId { pid, start_time };
-        let workers = [(id(1, 10), false), (id(2, 30), false), (id(3, 20), true)];
-        assert_eq!(pick_current(&workers, &[1, 2, 3]), Some(2));
-        assert_eq!(pick_current(&workers, &[1, 2]), Some(1));
-        assert_eq!(pick_current(&workers, &[1]), Some(0));
-        assert_eq!(pick_current(&workers, &[]), None);
-        assert_eq!(pick_current(&workers, &[9]), None);
-    }
-
-    #[test]
     fn the_user_comes_from_the_global_section_only() {
         let cfg = "# user nobody\nglobal\n    daemon\n    user haproxy # drop root\n\ndefaults\n    mode http\n\nuserlist admins\n    user alice password x\n";
         assert_eq!(global_user(cfg), Some(RunAs::User("haproxy".into())));
@@ -780,6 +700,15 @@ mod tests {
         fn logs(&self) -> PathBuf {
             self.dir.path().join("logs")
         }
+        /// What this setup's processes must be: its shell as the binary, run by this user.
+        fn expect<'a>(&'a self, cfg: &'a Path, logs: &'a Path) -> Expect<'a> {
+            Expect {
+                binary: &self.sh,
+                config: cfg,
+                uids: vec![self.uid],
+                log_dir: logs,
+            }
+        }
         fn record(&self, id: ProcessId, log: PathBuf) -> WorkerRecord {
             WorkerRecord {
                 id,
@@ -803,12 +732,7 @@ mod tests {
         let (cfg, logs) = (s.cfg(), s.logs());
         let p = Proc::spawn(&s.sh, s.dir.path());
         let id = p.id();
-        let expect = Expect {
-            binary: &s.sh,
-            config: &cfg,
-            uids: vec![s.uid],
-            log_dir: &logs,
-        };
+        let expect = s.expect(&cfg, &logs);
         let stderr = std::fs::canonicalize(s.dir.path().join("err.log")).expect("err.log");
 
         // Nobody recorded it: found by its config, its stderr kept for reading.
@@ -863,12 +787,7 @@ mod tests {
         std::fs::copy(&s.sh, &copy).expect("copy sh");
         let p = Proc::spawn(&copy, s.dir.path());
         let id = p.id();
-        let expect = Expect {
-            binary: &s.sh,
-            config: &cfg,
-            uids: vec![s.uid],
-            log_dir: &logs,
-        };
+        let expect = s.expect(&cfg, &logs);
         let c = candidates(&[], None, &expect);
         assert!(c.verified.is_empty(), "{c:?}");
         assert_eq!(c.refused.len(), 1, "{:?}", c.refused);

@@ -32,7 +32,7 @@ use crate::reload::{PushedConfig, ReloadQueue};
 use crate::state_file::State;
 
 pub use super::effect::{
-    CommandJob, CommandKind, Effect, Launched, Outcome, ReplyTo, WorkerSignal,
+    CommandJob, CommandKind, Effect, Launched, Outcome, ReplyTo, Sample, WorkerSignal,
 };
 
 /// Restart backoff after a crash: 100 ms doubling to 10 s; a worker that ran a minute resets it.
@@ -40,7 +40,7 @@ const RESTART_BASE: Duration = Duration::from_millis(100);
 const RESTART_CAP: Duration = Duration::from_secs(10);
 const RESTART_STABLE: Duration = Duration::from_secs(60);
 /// After SIGTERM at the stop deadline, how long before SIGKILL (and between SIGKILLs).
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
+const KILL_GRACE: Duration = Duration::from_secs(5);
 /// What a plugin's blocker says until it answered for this drain.
 pub const NOT_YET_ANSWERED: &str = "waiting for the first idle check";
 
@@ -242,17 +242,15 @@ impl NodeCore {
             .iter()
             .rposition(|(w, _)| answers(w))
             .or_else(|| workers.iter().rposition(|(_, was_current)| *was_current))
-            .or(Some(workers.len() - 1));
+            .unwrap_or(workers.len() - 1);
         self.unconfirmed = !workers.iter().any(|(w, _)| answers(w));
-        if let Some(i) = pick {
-            let (w, _) = workers.remove(i);
-            tracing::info!(
-                pid = w.id.pid,
-                "adopted running haproxy worker {}",
-                w.id.pid
-            );
-            self.current = Some(w);
-        }
+        let (w, _) = workers.remove(pick);
+        tracing::info!(
+            pid = w.id.pid,
+            "adopted running haproxy worker {}",
+            w.id.pid
+        );
+        self.current = Some(w);
         for (w, _) in workers {
             tracing::info!(pid = w.id.pid, "adopted old worker {}", w.id.pid);
             self.old.push(w);
@@ -724,7 +722,8 @@ impl NodeCore {
         self.after(now);
     }
 
-    pub fn handle_sample(&mut self, now: Now, pid: u32, busy: Option<u64>, accepted: u64) {
+    pub fn handle_sample(&mut self, now: Now, sample: Sample) {
+        let Sample { pid, accepted, .. } = sample;
         self.begin(now);
         let current = self.current_pid();
         let Some(d) = &mut self.drain else { return };
@@ -739,11 +738,7 @@ impl NodeCore {
         if grew {
             d.last_new_connection = Some(now.mono);
         }
-        d.sample = Some(Sampled {
-            pid,
-            busy,
-            accepted,
-        });
+        d.sample = Some(sample);
         self.after(now);
     }
 
@@ -1058,7 +1053,7 @@ fn ms_to_rfc3339(ms: u64) -> String {
 mod drain_run;
 mod stop;
 
-use drain_run::{DrainRun, Sampled};
+use drain_run::DrainRun;
 use stop::{StopPhase, Stopping};
 
 #[cfg(test)]

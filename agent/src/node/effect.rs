@@ -96,6 +96,16 @@ pub enum Effect {
     Exit(Outcome),
 }
 
+/// One stats sample of worker `pid`, by the idle rule: what the sampler reads and the core keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub pid: u32,
+    /// `None` when the answer could not be read by the rule.
+    pub busy: Option<u64>,
+    /// Connections the watched frontends accepted so far (for `quiet_period`).
+    pub accepted: u64,
+}
+
 /// What a launch came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launched {

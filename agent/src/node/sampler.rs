@@ -4,18 +4,9 @@
 
 use tokio::sync::{mpsc, watch};
 
+pub use super::effect::Sample;
 use crate::config::{DrainConfig, IdleRule};
 use crate::haproxy::admin::{AdminSocket, RowKind, StatRow};
-
-/// One stats sample of worker `pid`, by the idle rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
-    pub pid: u32,
-    /// `None` when the answer could not be read by the rule.
-    pub busy: Option<u64>,
-    /// Connections the watched frontends accepted so far (for `quiet_period`).
-    pub accepted: u64,
-}
 
 /// The running sampler. Dropping it (or the node's end of `target`) stops it.
 pub struct Sampler {

@@ -211,7 +211,7 @@ impl Shell {
                 },
                 Some(report) = self.reports.recv() => self.on_report(report),
                 Some(sample) = self.samples.recv() => {
-                    self.core.handle_sample(now(), sample.pid, sample.busy, sample.accepted);
+                    self.core.handle_sample(now(), sample);
                 }
                 Some(d) = self.disabled.recv() => {
                     tracing::error!(plugin = %d.name, "{d}");

@@ -3,20 +3,12 @@
 
 use super::*;
 
-/// One stats sample of the current worker.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Sampled {
-    pub(super) pid: u32,
-    pub(super) busy: Option<u64>,
-    pub(super) accepted: u64,
-}
-
 /// A drain and what was observed for it.
 #[derive(Debug)]
 pub(super) struct DrainRun {
     pub(super) drain: Drain,
     pub(super) cause: Cause,
-    pub(super) sample: Option<Sampled>,
+    pub(super) sample: Option<Sample>,
     pub(super) last_new_connection: Option<Instant>,
     /// Each plugin's last verdict for THIS drain: `None` idle, `Some(message)` busy.
     pub(super) verdicts: Vec<(String, Option<String>)>,
