@@ -748,6 +748,14 @@ fn config_check_prints_the_effective_config_or_one_line_per_mistake() {
         )
         .expect("write the config without expose-fd");
     let no_expose_text = no_expose.display().to_string();
+    // HAProxy's default level is operator, which refuses the drain commands.
+    let no_level = haproxy
+        .write_as(
+            "no-level.cfg",
+            &haproxy.render().replace(" level admin", ""),
+        )
+        .expect("write the config without a level");
+    let no_level_text = no_level.display().to_string();
 
     // Each mistake: exit 1, one line on stderr that names what is wrong.
     type Tweak = Box<dyn Fn(&mut AgentConfig)>;
@@ -788,6 +796,14 @@ fn config_check_prints_the_effective_config_or_one_line_per_mistake() {
             }),
             vec![no_expose_text.as_str(), "expose-fd listeners"],
         ),
+        (
+            "stats socket without level admin",
+            Box::new(move |c| {
+                c.set_path("haproxy", "config", &no_level)
+                    .unset("haproxy", "admin_socket");
+            }),
+            vec![no_level_text.as_str(), "operator", "level admin"],
+        ),
     ];
     for (i, (what, tweak, expected)) in cases.into_iter().enumerate() {
         let mut config = valid.clone();
@@ -810,4 +826,46 @@ fn config_check_prints_the_effective_config_or_one_line_per_mistake() {
             );
         }
     }
+}
+
+#[test]
+fn config_check_runs_haproxy_c_unless_told_not_to() {
+    let dir = TestDir::new();
+    let haproxy = HaproxyConfig::new(dir.path(), "127.0.0.1:1".parse().expect("addr"));
+    // ebb's own checks pass (the admin socket is fine); HAProxy refuses the unknown keyword.
+    let broken = haproxy
+        .write_as(
+            "haproxy.cfg",
+            &format!(
+                "{}
+frontend broken
+    no-such-keyword here
+",
+                haproxy.render()
+            ),
+        )
+        .expect("write haproxy.cfg");
+    let path = AgentConfig::new(dir.path(), "nats://127.0.0.1:4222", &haproxy)
+        .set_path("haproxy", "config", &broken)
+        .write()
+        .expect("write agent.toml");
+    let (code, stdout, stderr) = config_check(&path);
+    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("-c` refuses it") && stderr.contains("no-such-keyword"),
+        "{stderr}"
+    );
+
+    let mut cmd = Command::new(EBB);
+    cmd.args(["config", "check", "--no-haproxy", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .env_remove("EBB_CONFIG");
+    let out = cmd.output().expect("run ebb config check --no-haproxy");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -48,10 +48,14 @@ pub enum Commands {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate the configuration (with EBB_<SECTION>__<KEY> overrides applied) and print the
-    /// effective result. Exits 0 when valid, 1 with one line per problem otherwise.
+    /// effective result. Also runs `haproxy -c` on the configured haproxy.cfg, so a file HAProxy
+    /// would refuse fails here too. Exits 0 when valid, 1 with one line per problem otherwise.
     Check {
         #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
         config: PathBuf,
+        /// Skip `haproxy -c` (for example on a machine without the haproxy.cfg's certificates).
+        #[arg(long)]
+        no_haproxy: bool,
     },
 }
 

@@ -98,6 +98,12 @@ pub struct NatsConfig {
     pub heartbeat: Dur,
     /// Most events the on-disk outbox holds while NATS is away; the oldest non-`drained` events go first.
     pub outbox_limit: usize,
+    /// `max_age` of the events stream ebb creates: events older than this are discarded.
+    pub events_max_age: Dur,
+    /// `duplicate_window` of the events stream ebb creates: a Msg-Id seen within it is not stored
+    /// twice. It bounds how late a retried event (from the outbox) is still deduplicated, and
+    /// the server keeps every Msg-Id for that long.
+    pub events_duplicate_window: Dur,
 }
 
 fn redact<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -122,6 +128,8 @@ impl Default for NatsConfig {
             state_bucket: ebb_sdk::subject::KV_BUCKET.into(),
             heartbeat: Dur::secs(10),
             outbox_limit: 10_000,
+            events_max_age: Dur::secs(7 * 24 * 3600),
+            events_duplicate_window: Dur::secs(24 * 3600),
         }
     }
 }
@@ -146,6 +154,9 @@ pub struct HaproxyConfig {
     pub startup_timeout: Dur,
     pub stop_timeout: Dur,
     pub state_dir: PathBuf,
+    /// Environment variables HAProxy inherits from the agent, besides `PATH` (and `EBB_DRAINING`,
+    /// which ebb sets). Everything else, NATS secrets included, stays with the agent.
+    pub env: Vec<String>,
 }
 
 impl Default for HaproxyConfig {
@@ -158,6 +169,7 @@ impl Default for HaproxyConfig {
             startup_timeout: Dur::secs(30),
             stop_timeout: Dur::secs(120),
             state_dir: PathBuf::from("/var/lib/ebb"),
+            env: Vec::new(),
         }
     }
 }
@@ -208,12 +220,25 @@ impl Default for DrainConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
     /// Optional debounce between back-to-back reloads; a lone reload always starts at once.
     pub coalesce: Dur,
     pub allow_config_push: bool,
+    /// Most old workers (HAProxy processes still finishing their connections) at once; a reload
+    /// that would exceed it is refused as `conflict`, and nothing is killed to make room.
+    pub max_old_workers: usize,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            coalesce: Dur::ms(0),
+            allow_config_push: false,
+            max_old_workers: 32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,7 +347,9 @@ pub fn load(
             config::Environment::with_prefix("EBB")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
+                // No `try_parsing`: it would turn `007` into the number 7 before serde sees the
+                // key's type. Values stay strings, and each key's type parses its own (numbers,
+                // booleans, durations), so `EBB_NODE__ID=007` is node "007".
                 .source(Some(overrides)),
         )
         .build()
@@ -386,6 +413,28 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
         problems.push(format!(
             "{file}: haproxy.mode = \"master-worker\" is not supported by this version of ebb; use \"direct\""
         ));
+    }
+    if config.reload.max_old_workers == 0 {
+        problems.push(format!(
+            "{file}: reload.max_old_workers must be at least 1; the default is 32"
+        ));
+    }
+    if config.nats.events_duplicate_window.is_zero() || config.nats.events_max_age.is_zero() {
+        problems.push(format!(
+            "{file}: nats.events_max_age and nats.events_duplicate_window must be more than 0s; the defaults are \"7d\" and \"1d\""
+        ));
+    } else if config.nats.events_duplicate_window > config.nats.events_max_age {
+        problems.push(format!(
+            "{file}: nats.events_duplicate_window ({}) is longer than nats.events_max_age ({}); JetStream refuses that, so shorten the window",
+            config.nats.events_duplicate_window, config.nats.events_max_age
+        ));
+    }
+    for name in &config.haproxy.env {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            problems.push(format!(
+                "{file}: haproxy.env entry {name:?} is not an environment variable name; list names only, like [\"TZ\", \"LANG\"]"
+            ));
+        }
     }
     if config.drain.poll_interval.is_zero() {
         problems.push(format!(
@@ -564,6 +613,32 @@ mod tests {
         assert_eq!(s.config.drain.min_period, Dur::secs(5));
         assert!(s.config.drain.stop_when_drained);
         assert_eq!(s.node_id(), "web-2");
+    }
+
+    #[test]
+    fn environment_strings_stay_as_written() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(
+            &fx.agent(""),
+            &[
+                ("EBB_NODE__ID", "007"),
+                ("EBB_NATS__TOKEN", "0123"),
+                ("EBB_NATS__OUTBOX_LIMIT", "25"),
+                ("EBB_RELOAD__MAX_OLD_WORKERS", "4"),
+                ("EBB_DRAIN__STOP_WHEN_DRAINED", "true"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(s.node_id(), "007");
+        assert_eq!(s.config.nats.token.as_deref(), Some("0123"));
+        assert_eq!(s.config.nats.outbox_limit, 25);
+        assert_eq!(s.config.reload.max_old_workers, 4);
+        assert!(s.config.drain.stop_when_drained);
+        let msg = problems("", HAPROXY_CFG, &[("EBB_NATS__OUTBOX_LIMIT", "lots")]);
+        assert!(
+            msg.contains("outbox_limit") || msg.contains("lots"),
+            "{msg}"
+        );
     }
 
     fn problems(body: &str, cfg: &str, env: &[(&str, &str)]) -> String {

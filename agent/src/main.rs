@@ -21,11 +21,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Config {
-            command: ConfigCommand::Check { config },
+            command: ConfigCommand::Check { config, no_haproxy },
         } => match config::load(&config, std::env::vars()) {
             Ok(settings) => {
                 print!("{}", config::render(&settings));
-                ExitCode::SUCCESS
+                if no_haproxy {
+                    return ExitCode::SUCCESS;
+                }
+                match haproxy_check(&settings) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!(
+                            "haproxy.config {}: `{} -c` refuses it: {e}; fix the file (or pass --no-haproxy to check only ebb's settings)",
+                            settings.config.haproxy.config.display(),
+                            settings.haproxy_binary.display()
+                        );
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -66,6 +79,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `haproxy -c` on the configured file, as the agent runs it before every reload.
+fn haproxy_check(settings: &Settings) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(ebb_agent::haproxy::launch::check_config(
+        &settings.haproxy_binary,
+        &settings.config.haproxy.config,
+    ))
 }
 
 fn init_logging(settings: &Settings) {

@@ -33,7 +33,9 @@ pub fn find_admin_socket(text: &str, wanted: Option<&Path>) -> Result<PathBuf, S
             .windows(2)
             .find(|w| w[0] == "level")
             .map(|w| w[1])
-            .unwrap_or("admin");
+            // HAProxy's own default: a socket without `level` is an operator socket, on which
+            // `set var` and the drain commands are refused.
+            .unwrap_or("operator");
         let exposes = rest.windows(2).any(|w| w == ["expose-fd", "listeners"]);
         if exposes && level == "admin" {
             candidates.push(path);
@@ -51,7 +53,7 @@ pub fn find_admin_socket(text: &str, wanted: Option<&Path>) -> Result<PathBuf, S
         None => match candidates.into_iter().next() {
             Some(c) => Ok(c),
             None if !without_expose.is_empty() => Err(format!(
-                "stats socket {} lacks `level admin expose-fd listeners`, which seamless reloads (-x) need; {fix}",
+                "stats socket {} lacks `level admin expose-fd listeners` (without `level`, HAProxy makes it an operator socket, which refuses the drain commands; seamless reloads (-x) need `expose-fd listeners`); {fix}",
                 without_expose[0].display()
             )),
             None => Err(format!("no admin stats socket in the global section; {fix}")),
@@ -103,6 +105,18 @@ mod tests {
         )
         .expect_err("not admin");
         assert!(e.contains("level admin"), "{e}");
+    }
+
+    #[test]
+    fn socket_without_level_is_an_operator_socket_and_refused() {
+        let e = find_admin_socket(
+            "global
+ stats socket /run/a.sock mode 600 expose-fd listeners
+",
+            None,
+        )
+        .expect_err("operator by default");
+        assert!(e.contains("operator") && e.contains("level admin"), "{e}");
     }
 
     #[test]
