@@ -90,6 +90,24 @@ pub struct StatusResult {
     /// (added in protocol 1 without a version bump: older agents never send it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// How long this node lets work take, so that a client waits for a reply as long as the work
+    /// may take. Absent from older agents (added in protocol 1 without a version bump).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    /// Events waiting to be accepted by NATS (the outbox). Absent from older agents (added in
+    /// protocol 1 without a version bump).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_depth: Option<u64>,
+}
+
+/// The node's own limits on work that a reply waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Timeouts {
+    /// `haproxy.startup_timeout`: the longest a reload waits for its new worker.
+    pub startup_ms: u64,
+    /// `haproxy.stop_timeout`: the longest a `stop` without `timeout_ms` takes.
+    pub stop_ms: u64,
 }
 
 /// The HAProxy process tree as the agent sees it.
@@ -347,6 +365,11 @@ mod tests {
                 error: None,
             }),
             warnings: Vec::new(),
+            timeouts: Some(Timeouts {
+                startup_ms: 30_000,
+                stop_ms: 120_000,
+            }),
+            outbox_depth: Some(0),
         }
     }
 

@@ -19,7 +19,7 @@ use ebb_sdk::plugin::{self as hooks, CheckContext, HookEvent, Verdict};
 use ebb_sdk::reply::{DrainResult, ErrorCode, ReloadResult, Reply, StopResult, UndrainResult};
 use ebb_sdk::status::{
     Blocker, DrainStatus, HaproxyStatus, LastReload, NodeState, OldWorker, PluginStatus,
-    StatusResult,
+    StatusResult, Timeouts,
 };
 
 use crate::backoff::Backoff;
@@ -62,6 +62,8 @@ pub struct CoreConfig {
     pub config_path: String,
     pub drain: DrainConfig,
     pub stop_timeout: Duration,
+    /// Only reported in status: the launcher enforces it.
+    pub startup_timeout: Duration,
     pub heartbeat: Duration,
     pub coalesce: Duration,
     /// The configured plugins, in order: each counts as busy in a drain until it answered for it.
@@ -411,6 +413,12 @@ impl NodeCore {
             plugins,
             last_reload: self.last_reload.clone(),
             warnings: self.warnings(),
+            timeouts: Some(Timeouts {
+                startup_ms: self.cfg.startup_timeout.as_millis() as u64,
+                stop_ms: self.cfg.stop_timeout.as_millis() as u64,
+            }),
+            // The outbox is the publisher's; the shell adds its depth.
+            outbox_depth: None,
         }
     }
 

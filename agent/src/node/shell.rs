@@ -147,6 +147,7 @@ impl Shell {
             config_path: hp.config.display().to_string(),
             drain: settings.config.drain.clone(),
             stop_timeout: hp.stop_timeout.0,
+            startup_timeout: hp.startup_timeout.0,
             heartbeat: settings.config.nats.heartbeat.0,
             coalesce: settings.config.reload.coalesce.0,
             plugins: plugins.idle_checkers(),

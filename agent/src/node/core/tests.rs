@@ -24,6 +24,7 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         config_path: "/etc/haproxy/haproxy.cfg".into(),
         drain,
         stop_timeout: Duration::from_secs(30),
+        startup_timeout: Duration::from_secs(30),
         heartbeat: Duration::from_secs(3600),
         coalesce: Duration::ZERO,
         plugins: plugins.iter().map(|p| p.to_string()).collect(),
