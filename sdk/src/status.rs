@@ -401,6 +401,8 @@ mod tests {
                     "blockers": [{"kind": "min_period", "remaining_ms": 29000}]
                 },
                 "plugins": [{"name": "alb", "version": "0.1.0", "healthy": true}],
+                "timeouts": {"startup_ms": 30000, "stop_ms": 120000},
+                "outbox_depth": 0,
                 "last_reload": {
                     "reload_id": "r-1",
                     "at": "2024-05-01T11:59:00.000Z",
