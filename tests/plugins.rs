@@ -712,14 +712,12 @@ struct Moto {
 }
 
 impl Moto {
-    /// `None` (and a SKIPPED line) when moto is not installed.
-    async fn start() -> Option<Moto> {
-        let Some(mut cmd) = moto_command() else {
-            eprintln!(
-                "SKIPPED: moto's ELBv2 server is not installed (pip install 'moto[server]'; scripts/test installs it)"
-            );
-            return None;
-        };
+    /// Fails the test when moto is missing: the test command installs it, so a missing moto is a
+    /// broken setup, never a reason to skip.
+    async fn start() -> Moto {
+        let mut cmd = moto_command().expect(
+            "moto's ELBv2 server is not installed: run scripts/test (it installs it) or pip install 'moto[server]'",
+        );
         let dir = TestDir::new();
         let port = free_port();
         let log = std::fs::File::create(dir.join("moto.log")).unwrap();
@@ -737,11 +735,11 @@ impl Moto {
                 .map(|_| ())
         })
         .await;
-        Some(Moto {
+        Moto {
             url: format!("http://127.0.0.1:{port}"),
             _server: server,
             _dir: dir,
-        })
+        }
     }
 }
 
@@ -798,9 +796,7 @@ fn moto(url: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alb_api_mode_deregisters_waits_and_registers_again_against_moto() {
-    let Some(moto_server) = Moto::start().await else {
-        return;
-    };
+    let moto_server = Moto::start().await;
     let url = moto_server.url.clone();
     let arn = tokio::task::spawn_blocking({
         let url = url.clone();
@@ -1085,9 +1081,7 @@ async fn hanging_and_panicking_plugins_block_the_drain_and_the_agent_keeps_servi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_drain_waits_for_the_alb_target_to_leave_its_group_against_moto() {
-    let Some(moto_server) = Moto::start().await else {
-        return;
-    };
+    let moto_server = Moto::start().await;
     let url = moto_server.url.clone();
     let arn = tokio::task::block_in_place(|| moto(&url, &["setup"]));
     let node = start_node(|_| {
