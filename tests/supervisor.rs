@@ -869,3 +869,20 @@ frontend broken
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `EBB_NODE__ID=007` must name node "007" (subject `ebb.node.007.*`), not node "7": environment
+/// values are read as their key's type, and a node id is a string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_from_the_environment_keeps_its_leading_zeros() {
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .node_id("007")
+        .agent(|c| {
+            c.node_id("from-the-file");
+        })
+        .env("EBB_NODE__ID", "007")
+        .start()
+        .await;
+    let status = node.status().await;
+    assert_eq!(status["node"], "007", "{status}");
+}
