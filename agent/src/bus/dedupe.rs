@@ -70,6 +70,9 @@ impl<R> Dedupe<R> {
         if cost > self.max_bytes {
             return joined;
         }
+        // A copy of exactly its length: the encoder's buffer may be twice as large, and the
+        // budget counts only the length.
+        let reply = Bytes::copy_from_slice(&reply);
         if let Some(old) = self.done.insert(key.clone(), reply) {
             self.bytes -= entry_cost(&key, &old);
         } else {

@@ -18,7 +18,7 @@ pub const MAX_CONFIG_PUSH_BYTES: usize = 1 << 20;
 pub const MAX_IN_FLIGHT: usize = 256;
 
 /// How many bytes of answered request ids and their replies are remembered for retries.
-pub const DEDUPE_BYTES: usize = 4 << 20;
+pub const DEDUPE_BYTES: usize = 2 << 20;
 
 /// How often, at most, a dropped reply subject is logged per root (the rest are counted).
 pub const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(60);
