@@ -271,9 +271,12 @@ async fn beyond_the_in_flight_bound_requests_are_refused_at_once() {
         let subject = subject.clone();
         async move { nc.request(subject, Bytes::new()).await }
     });
-    wait_until(T, "the reload's haproxy to wait at the gate", || {
-        node_dir.join("waiting").exists()
-    });
+    let waiting_file = node_dir.join("waiting");
+    wait_until_async(T, "the reload's haproxy to wait at the gate", || {
+        let at_gate = waiting_file.exists();
+        async move { at_gate }
+    })
+    .await;
 
     let extra = 44;
     let refused = Arc::new(AtomicUsize::new(0));
@@ -290,9 +293,11 @@ async fn beyond_the_in_flight_bound_requests_are_refused_at_once() {
         }));
     }
     // The ones beyond the bound are answered while the node is still stuck.
-    wait_until(T, "the requests beyond the bound to be refused", || {
-        refused.load(Ordering::SeqCst) >= extra
-    });
+    wait_until_async(T, "the requests beyond the bound to be refused", || {
+        let all = refused.load(Ordering::SeqCst) >= extra;
+        async move { all }
+    })
+    .await;
     // Even a status, which the node would answer at once, does not reach it now.
     let reply = node.command("status", json!({"request_id": "busy"})).await;
     let message = error_message(&reply, "conflict", json!("busy"));
