@@ -6,11 +6,15 @@
 //!   (`reloaded`, `drained`): reply → event, command → event, and the event's age on receipt
 //!   (receive wall clock − the event's `time` field, which has millisecond resolution).
 //!
+//! - agent memory: its VmRSS before and after 100 000 `status` requests with distinct 128-byte
+//!   request ids, which the agent remembers for retries within a bounded budget (target: under
+//!   20 MB after).
+//!
 //! Both with JetStream events (a publish that waits for the stream's ack, the default) and with core
 //! events (`events_stream = ""`). Prints a Markdown table.
 //!
 //! `cargo bench -p ebb-agent --bench bus` (`EBB_TEST_NATS_SERVER` picks the nats-server;
-//! `EBB_BENCH_STATUS=N`, `EBB_BENCH_EVENTS=N` change the sample counts).
+//! `EBB_BENCH_STATUS=N`, `EBB_BENCH_EVENTS=N`, `EBB_BENCH_RSS_REQUESTS=N` change the sample counts).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -50,6 +54,7 @@ struct Row {
 async fn run() {
     let status_n = count("EBB_BENCH_STATUS", 1000);
     let events_n = count("EBB_BENCH_EVENTS", 100);
+    let rss_n = count("EBB_BENCH_RSS_REQUESTS", 100_000);
     let dir = TestDir::new();
     let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
     let backend = Backend::start().expect("backend");
@@ -79,6 +84,17 @@ async fn run() {
             rows.push(Row {
                 name: "status round trip".into(),
                 samples: status_rtt(&nc, id, status_n).await,
+            });
+            let (before, after) = rss_over_distinct_ids(&nc, id, agent.pid(), rss_n).await;
+            rows.push(Row {
+                name: "agent VmRSS before the distinct-id requests, **MB**".into(),
+                samples: vec![before],
+            });
+            rows.push(Row {
+                name: format!(
+                    "agent VmRSS after {rss_n} status requests with distinct 128-byte ids, **MB** (target < 20)"
+                ),
+                samples: vec![after],
             });
         }
         let (reply_to_event, command_to_event, age) = reloads(&nc, id, events_n).await;
@@ -197,6 +213,36 @@ async fn status_rtt(nc: &Client, node: &str, n: usize) -> Vec<f64> {
         assert_eq!(reply["ok"], true, "{reply}");
     }
     out
+}
+
+/// The agent's resident memory in MB (VmRSS of /proc/PID/status).
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kb / 1024.0
+}
+
+/// VmRSS before and after `n` status requests, each with its own 128-byte request id, sent a
+/// few dozen at a time (well under the agent's bound on requests in flight).
+async fn rss_over_distinct_ids(nc: &Client, node: &str, pid: u32, n: usize) -> (f64, f64) {
+    let before = rss_mb(pid);
+    let subject = format!("ebb.node.{node}.status");
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let body = json!({"request_id": format!("{i:0>128}")});
+            request(nc, subject.clone(), body)
+        })
+        .buffer_unordered(32)
+        .for_each(|reply| async move {
+            assert_eq!(reply["ok"], true, "{reply}");
+        })
+        .await;
+    (before, rss_mb(pid))
 }
 
 /// The first event on `sub` that satisfies `pred`, with its receive times.

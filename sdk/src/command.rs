@@ -44,6 +44,19 @@ impl From<UnknownVerb> for CommandError {
     }
 }
 
+/// Longest `request_id` and `drain_id`, in bytes. Both are 1 to this many bytes of printable ASCII without
+/// spaces ([`is_valid_id`]): they are echoed in replies and copied into events, logs and the state file.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest `requester`, in bytes of UTF-8.
+pub const MAX_REQUESTER_BYTES: usize = 256;
+/// Longest `reason`, in bytes of UTF-8.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// True for a valid `request_id` or `drain_id`: 1 to [`MAX_ID_BYTES`] bytes of printable ASCII, no spaces.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_BYTES).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The fields common to every request.
 pub trait Request {
     /// The verb this request belongs to.
@@ -292,9 +305,9 @@ impl Command {
     fn validate(&self) -> Result<(), CommandError> {
         let invalid = |msg: &str| Err(CommandError::Invalid(msg.to_owned()));
         let request = self.request();
-        if request.request_id() == Some("") {
-            return invalid("request_id: must not be empty");
-        }
+        check_id("request_id", request.request_id())?;
+        check_length("requester", request.requester(), MAX_REQUESTER_BYTES)?;
+        check_length("reason", request.reason(), MAX_REASON_BYTES)?;
         match (request.sent_at(), request.ttl_ms()) {
             (Some(sent_at), _) => {
                 parse_rfc3339(sent_at)
@@ -316,9 +329,7 @@ impl Command {
             }
             Command::Drain(DrainRequest { drain_id, .. })
             | Command::Undrain(UndrainRequest { drain_id, .. }) => {
-                if drain_id.as_deref() == Some("") {
-                    return invalid("drain_id: must not be empty");
-                }
+                check_id("drain_id", drain_id.as_deref())?;
             }
             Command::Status(_) | Command::Stop(_) => {}
         }
@@ -345,13 +356,38 @@ into_command!(
 );
 
 /// Reads `request_id` from a body that may not parse as its verb's request, so that even a refusal can
-/// echo the id back. Any other content is ignored.
+/// echo the id back. Any other content is ignored, and so is an id that is not valid ([`is_valid_id`]):
+/// a reply never carries one back.
 pub fn peek_request_id(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct Peek {
         request_id: Option<String>,
     }
-    serde_json::from_slice::<Peek>(body).ok()?.request_id
+    serde_json::from_slice::<Peek>(body)
+        .ok()?
+        .request_id
+        .filter(|id| is_valid_id(id))
+}
+
+fn check_id(field: &str, id: Option<&str>) -> Result<(), CommandError> {
+    match id {
+        Some(id) if !is_valid_id(id) => Err(CommandError::Invalid(format!(
+            "{field}: must be 1 to {MAX_ID_BYTES} bytes of printable ASCII without spaces (got {} bytes{})",
+            id.len(),
+            if id.bytes().all(|b| b.is_ascii_graphic()) { "" } else { ", not all printable ASCII" },
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn check_length(field: &str, value: Option<&str>, max: usize) -> Result<(), CommandError> {
+    match value {
+        Some(value) if value.len() > max => Err(CommandError::Invalid(format!(
+            "{field}: at most {max} bytes of UTF-8 allowed, got {}; shorten it",
+            value.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// True for the lowercase hex form of a SHA-256 digest.
@@ -614,6 +650,52 @@ mod tests {
     }
 
     #[test]
+    fn bounds_ids_and_free_text() {
+        let id = "a".repeat(MAX_ID_BYTES);
+        for verb in ["status", "drain", "undrain"] {
+            let body = format!(r#"{{"request_id":"{id}"}}"#);
+            assert!(Command::parse(verb, body.as_bytes()).is_ok(), "{verb}");
+        }
+        let body =
+            format!(r#"{{"drain_id":"{id}","request_id":"~!#$%&'()*+,-./:;<=>?@[]^_`{{|}}"}}"#);
+        assert!(Command::parse("drain", body.as_bytes()).is_ok());
+        for field in ["request_id", "drain_id"] {
+            let verb = if field == "drain_id" {
+                "undrain"
+            } else {
+                "stop"
+            };
+            let long = format!(r#"{{"{field}":"{id}a"}}"#);
+            let msg = invalid(verb, &long);
+            assert!(msg.starts_with(&format!("{field}: ")), "{msg}");
+            assert!(msg.contains("128") && msg.contains("129 bytes"), "{msg}");
+            for bad in [
+                r"with space",
+                r"tab\there",
+                r"caf\u00e9",
+                r"nul\u0000",
+                r"\u007f",
+            ] {
+                let msg = invalid(verb, &format!(r#"{{"{field}":"{bad}"}}"#));
+                assert!(msg.starts_with(&format!("{field}: ")), "{bad}: {msg}");
+            }
+        }
+        for (field, max) in [
+            ("requester", MAX_REQUESTER_BYTES),
+            ("reason", MAX_REASON_BYTES),
+        ] {
+            // The limit counts bytes, not characters: é is two.
+            let at = "é".repeat(max / 2);
+            let body = format!(r#"{{"{field}":"{at}"}}"#);
+            assert!(Command::parse("drain", body.as_bytes()).is_ok(), "{field}");
+            let over = format!(r#"{{"{field}":"{at}x"}}"#);
+            let msg = invalid("drain", &over);
+            assert!(msg.starts_with(&format!("{field}: ")), "{msg}");
+            assert!(msg.contains(&max.to_string()), "{msg}");
+        }
+    }
+
+    #[test]
     fn peeks_request_id() {
         assert_eq!(
             peek_request_id(br#"{"request_id":"r1","bogus":1}"#),
@@ -622,5 +704,10 @@ mod tests {
         assert_eq!(peek_request_id(br#"{"request_id":1}"#), None);
         assert_eq!(peek_request_id(b"garbage"), None);
         assert_eq!(peek_request_id(b""), None);
+        // An id that is itself invalid is never echoed.
+        let long = format!(r#"{{"request_id":"{}"}}"#, "x".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(peek_request_id(long.as_bytes()), None);
+        assert_eq!(peek_request_id(br#"{"request_id":"a b"}"#), None);
+        assert_eq!(peek_request_id(br#"{"request_id":""}"#), None);
     }
 }

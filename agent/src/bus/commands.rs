@@ -2,10 +2,12 @@
 //! every node answers group and fleet requests) with one endpoint per target: `P.node.<id>.*`,
 //! `P.group.<g>.*` for each group, and `P.all.*`.
 //!
-//! Each request is checked here (size, JSON, verb, expiry, repeated request id) before it reaches
-//! the node task; nothing malformed gets further than an error reply.
+//! Each request is checked here (reply subject, size, JSON, field bounds, verb), then by the
+//! [`Intake`] (repeated request id, expiry, requests in flight) before it reaches the node task;
+//! nothing malformed or beyond the bounds gets further than an error reply (docs/PROTOCOL.md,
+//! "Request bounds").
 
-use std::time::{Duration, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use async_nats::service::{self, ServiceExt};
 use async_nats::Client;
@@ -13,17 +15,16 @@ use bytes::Bytes;
 use ebb_sdk::command::{peek_request_id, Command};
 use ebb_sdk::reply::{ErrorCode, Reply};
 use futures::stream::{SelectAll, StreamExt};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::dedupe::{Dedupe, Seen};
+use super::intake::{Admission, Intake, Ticket};
+use super::limits::{self, DroppedReplies};
 use crate::inbox::Input;
 
-/// Commands larger than this are refused (a pushed haproxy.cfg is the only large one).
-pub const MAX_COMMAND_BYTES: usize = 1 << 20;
-/// Allowance for clock skew between the sender's `sent_at` and this node's clock.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
-/// How many request ids (and their replies) are remembered for deduplication.
-const DEDUPE_CAPACITY: usize = 4096;
+/// Longest error message sent back: serde's messages quote the offending text, which a client
+/// controls.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 pub struct CommandServer {
     pub client: Client,
@@ -34,6 +35,15 @@ pub struct CommandServer {
 }
 
 type Responder = service::Request;
+
+/// Why a request was refused before it became a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The request's id when it could be read and is valid, so the reply can be matched to it.
+    pub request_id: Option<String>,
+}
 
 impl CommandServer {
     /// Registers the service and serves requests. `ready` fires once the subscriptions are made
@@ -76,19 +86,21 @@ impl CommandServer {
                 .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
             endpoints.push(ep);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.client.flush()).await;
         let _ = ready.send(());
 
-        let mut dedupe: Dedupe<Responder> = Dedupe::new(DEDUPE_CAPACITY);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Bytes)>();
+        let mut intake: Intake<Responder> =
+            Intake::new(&self.node, limits::MAX_IN_FLIGHT, limits::DEDUPE_BYTES);
+        let mut dropped = DroppedReplies::default();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Ticket, Bytes)>();
         loop {
             tokio::select! {
                 request = endpoints.next() => {
                     let Some(request) = request else { return Ok(()) };
-                    self.on_request(request, &mut dedupe, &done_tx).await;
+                    self.on_request(request, &mut intake, &mut dropped, &done_tx).await;
                 }
-                Some((id, reply)) = done_rx.recv() => {
-                    for joined in dedupe.complete(&id, reply.clone()) {
+                Some((ticket, reply)) = done_rx.recv() => {
+                    for joined in intake.finish(ticket, reply.clone()) {
                         respond(&joined, reply.clone()).await;
                     }
                 }
@@ -98,91 +110,137 @@ impl CommandServer {
 
     async fn on_request(
         &self,
-        request: Responder,
-        dedupe: &mut Dedupe<Responder>,
-        done: &mpsc::UnboundedSender<(String, Bytes)>,
+        mut request: Responder,
+        intake: &mut Intake<Responder>,
+        dropped: &mut DroppedReplies,
+        done: &mpsc::UnboundedSender<(Ticket, Bytes)>,
     ) {
+        if let Some(reply_to) = &request.message.reply {
+            if let Some(root) = limits::forbidden_reply_root(reply_to, &self.prefix) {
+                if let Some(count) = dropped.note(root, Instant::now()) {
+                    tracing::warn!(
+                        dropped = count,
+                        "dropped {count} request(s) whose reply subject is under `{root}` \
+                         (last: {reply_to} on {}): the agent never publishes there; reply to \
+                         an inbox such as _INBOX.>",
+                        request.message.subject
+                    );
+                }
+                return;
+            }
+        }
         let subject = request.message.subject.to_string();
         let verb = ebb_sdk::subject::verb_of(&subject).to_string();
-        let body = request.message.payload.clone();
-        let command = match parse(&verb, &body, SystemTime::now()) {
+        // Taken out of the request: a responder that waits for the node keeps only where to reply.
+        let body = std::mem::take(&mut request.message.payload);
+        let command = match parse(&verb, &body) {
             Ok(c) => c,
-            Err((code, message, request_id)) => {
-                let reply = Reply::failure(&self.node, request_id, code, message);
-                respond(&request, encode(&reply)).await;
+            Err(refusal) => {
+                let reply = Reply::failure(
+                    &self.node,
+                    refusal.request_id,
+                    refusal.code,
+                    refusal.message,
+                );
+                respond(&request, Bytes::from(reply.to_vec())).await;
                 return;
             }
         };
-        let request_id = command.request_id().map(str::to_string);
-        let request = match &request_id {
-            Some(id) => match dedupe.begin(id, request) {
-                (Seen::New, Some(r)) => r,
-                (Seen::Replay(reply), Some(r)) => {
-                    respond(&r, reply).await;
-                    return;
-                }
-                _ => return,
-            },
-            None => request,
+        drop(body);
+        let (command, request, ticket) = match intake.admit(command, request, SystemTime::now()) {
+            Admission::Forward {
+                command,
+                responder,
+                ticket,
+            } => (command, responder, ticket),
+            Admission::Answer { responder, reply } => {
+                respond(&responder, reply).await;
+                return;
+            }
+            Admission::Joined => return,
         };
         let (tx, rx) = oneshot::channel();
+        // Handed to the node here, in arrival order: a drain and the undrain right behind it must
+        // reach the node in that order. Never awaited: a node that is busy must not stop this
+        // loop from answering (the in-flight bound keeps commands from filling the queue).
+        // Only the wait for the reply runs apart, since a reload takes tens of milliseconds and
+        // must not hold up the next request.
+        if let Err(e) = self.inputs.try_send(Input::Command { command, reply: tx }) {
+            let (code, message) = match e {
+                TrySendError::Full(_) => (
+                    ErrorCode::Conflict,
+                    "the node's input queue is full; retry later",
+                ),
+                TrySendError::Closed(_) => (
+                    ErrorCode::Internal,
+                    "the agent is shutting down; retry on its successor",
+                ),
+            };
+            let (reply, joined) = intake.refuse(ticket, code, message);
+            for r in std::iter::once(&request).chain(&joined) {
+                respond(r, reply.clone()).await;
+            }
+            return;
+        }
         let node = self.node.clone();
         let done = done.clone();
-        // Handed to the node here, in arrival order: a drain and the undrain right behind it must
-        // reach the node in that order. Only the wait for the reply runs apart, since a reload
-        // takes tens of milliseconds and must not hold up the next request.
-        let sent = self
-            .inputs
-            .send(Input::Command { command, reply: tx })
-            .await
-            .is_ok();
         tokio::spawn(async move {
-            let reply = if sent { rx.await.ok() } else { None };
-            let reply = reply.unwrap_or_else(|| {
+            let reply = rx.await.unwrap_or_else(|_| {
                 Reply::failure(
                     &node,
-                    request_id.clone(),
+                    ticket.request_id().map(str::to_string),
                     ErrorCode::Internal,
                     "the agent is shutting down; retry on its successor",
                 )
             });
-            let bytes = encode(&reply);
+            let bytes = Bytes::from(reply.to_vec());
             respond(&request, bytes.clone()).await;
-            if let Some(id) = request_id {
-                let _ = done.send((id, bytes));
-            }
+            let _ = done.send((ticket, bytes));
         });
     }
 }
 
-/// Turns a request into a command, or the error reply's code and message (with the request id,
-/// when one could be read, so even a malformed request's reply can be matched to it).
-pub fn parse(
-    verb: &str,
-    body: &[u8],
-    now: SystemTime,
-) -> Result<Command, (ErrorCode, String, Option<String>)> {
-    let fail = |code, message: String| (code, message, peek_request_id(body));
-    if body.len() > MAX_COMMAND_BYTES {
-        return Err(fail(
+/// Turns a request into a command, or says why it is refused. Checks what needs no state: the
+/// body's size for its verb, its JSON, the fields and their bounds, the verb.
+pub fn parse(verb: &str, body: &[u8]) -> Result<Command, Refusal> {
+    let refuse = |code, message: String| Refusal {
+        code,
+        message: clip(message),
+        request_id: peek_request_id(body),
+    };
+    let too_big = |limit: usize| {
+        refuse(
             ErrorCode::InvalidRequest,
             format!(
-                "request of {} bytes is over the {MAX_COMMAND_BYTES}-byte limit",
+                "request of {} bytes is over the {limit}-byte limit; send less",
                 body.len()
             ),
-        ));
+        )
+    };
+    let most = limits::max_body_bytes(verb, true);
+    if body.len() > most {
+        return Err(too_big(most));
     }
-    let command = Command::parse(verb, body).map_err(|e| fail(e.code(), e.to_string()))?;
-    command
-        .check_ttl(now, CLOCK_SKEW)
-        .map_err(|e| fail(e.code(), e.to_string()))?;
+    let command = Command::parse(verb, body).map_err(|e| refuse(e.code(), e.to_string()))?;
+    let pushes_config = matches!(&command, Command::Reload(r) if r.config.is_some());
+    let limit = limits::max_body_bytes(verb, pushes_config);
+    if body.len() > limit {
+        return Err(too_big(limit));
+    }
     Ok(command)
 }
 
-fn encode(reply: &Reply) -> Bytes {
-    serde_json::to_vec(reply)
-        .map(Bytes::from)
-        .unwrap_or_default()
+/// A message cut to [`MAX_MESSAGE_BYTES`] (at a character boundary).
+fn clip(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 async fn respond(request: &Responder, bytes: Bytes) {
@@ -194,45 +252,201 @@ async fn respond(request: &Responder, bytes: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use limits::{MAX_CONFIG_PUSH_BYTES, MAX_REQUEST_BYTES};
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
 
-    #[test]
-    fn expired_and_fresh_commands() {
-        let now = SystemTime::now();
-        let old = ebb_sdk::time::format_rfc3339_millis(now - Duration::from_secs(60));
-        let body = format!(r#"{{"request_id":"r1","sent_at":"{old}","ttl_ms":1000}}"#);
-        let err = parse("status", body.as_bytes(), now).expect_err("expired");
-        assert_eq!(err.0, ErrorCode::Expired);
-        assert_eq!(err.2.as_deref(), Some("r1"));
-        let fresh = ebb_sdk::time::format_rfc3339_millis(now);
-        let body = format!(r#"{{"sent_at":"{fresh}","ttl_ms":1000}}"#);
-        assert!(parse("status", body.as_bytes(), now).is_ok());
-        let err =
-            parse("status", br#"{"sent_at":"yesterday","ttl_ms":1}"#, now).expect_err("bad time");
-        assert_eq!(err.0, ErrorCode::InvalidRequest);
+    /// A body of exactly `size` bytes: `head`, then spaces, then `}`.
+    fn padded(head: &str, size: usize) -> Vec<u8> {
+        let mut body = head.as_bytes().to_vec();
+        body.resize(size - 1, b' ');
+        body.push(b'}');
+        body
     }
 
     #[test]
-    fn oversized_malformed_and_unknown_requests() {
-        let now = SystemTime::now();
-        let big = vec![b' '; MAX_COMMAND_BYTES + 1];
+    fn a_request_may_be_64_kib_and_a_pushed_config_1_mib() {
+        let ok = padded(r#"{"request_id":"ok""#, MAX_REQUEST_BYTES);
+        assert!(parse("status", &ok).is_ok());
+        for verb in ["status", "drain", "undrain", "stop", "reload"] {
+            let over = padded(r#"{"request_id":"big""#, MAX_REQUEST_BYTES + 1);
+            let err = parse(verb, &over).expect_err("over 64 KiB");
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{verb}");
+            assert!(err.message.contains("65536"), "{verb}: {}", err.message);
+            assert_eq!(err.request_id.as_deref(), Some("big"));
+        }
+        let push = padded(r#"{"config":"global\n""#, MAX_CONFIG_PUSH_BYTES);
+        assert!(parse("reload", &push).is_ok());
+        let over = padded(r#"{"config":"global\n""#, MAX_CONFIG_PUSH_BYTES + 1);
+        let err = parse("reload", &over).expect_err("over 1 MiB");
+        assert!(err.message.contains("1048576"), "{}", err.message);
+    }
+
+    #[test]
+    fn malformed_and_unknown_requests() {
         assert_eq!(
-            parse("status", &big, now).expect_err("too big").0,
+            parse("status", b"{nope").expect_err("json").code,
             ErrorCode::InvalidRequest
         );
         assert_eq!(
-            parse("status", b"{nope", now).expect_err("json").0,
-            ErrorCode::InvalidRequest
-        );
-        assert_eq!(
-            parse("status", br#"{"request_id":"x","bogus":1}"#, now)
+            parse("status", br#"{"request_id":"x","bogus":1}"#)
                 .expect_err("unknown field")
-                .2
+                .request_id
                 .as_deref(),
             Some("x")
         );
         assert_eq!(
-            parse("explode", b"", now).expect_err("verb").0,
+            parse("explode", b"").expect_err("verb").code,
             ErrorCode::UnknownCommand
         );
+        // An expired request parses: whether it is a retry decides what it gets.
+        let body = br#"{"request_id":"r1","sent_at":"2000-01-01T00:00:00Z","ttl_ms":1}"#;
+        assert!(parse("status", body).is_ok());
+    }
+
+    #[test]
+    fn an_invalid_request_id_is_not_echoed_and_a_valid_one_is() {
+        let long = json!({"request_id": "x".repeat(300)}).to_string();
+        let err = parse("status", long.as_bytes()).expect_err("300 bytes");
+        assert!(err.message.starts_with("request_id: "), "{}", err.message);
+        assert!(err.message.contains("128"), "{}", err.message);
+        assert_eq!(err.request_id, None);
+        let reason = json!({"request_id": "r", "reason": "x".repeat(2000)}).to_string();
+        let err = parse("drain", reason.as_bytes()).expect_err("reason");
+        assert!(err.message.starts_with("reason: "), "{}", err.message);
+        assert!(err.message.contains("1024"), "{}", err.message);
+        assert_eq!(err.request_id.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        let body = format!(r#"{{"{}":1}}"#, "k".repeat(60_000));
+        let err = parse("status", body.as_bytes()).expect_err("unknown field");
+        assert!(err.message.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        assert_eq!(clip("é".repeat(600)).len(), 1024 + '…'.len_utf8());
+    }
+
+    const FIELDS: &[&str] = &[
+        "request_id",
+        "sent_at",
+        "ttl_ms",
+        "requester",
+        "reason",
+        "config",
+        "config_sha256",
+        "drain_id",
+        "min_period_ms",
+        "deadline_ms",
+        "stop_when_drained",
+        "timeout_ms",
+    ];
+
+    fn verb() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::sample::select(vec!["status", "reload", "drain", "undrain", "stop"])
+                .prop_map(str::to_string),
+            1 => ".{0,12}",
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            12 => ".{0,40}",
+            2 => "[!-~]{120,136}",
+            1 => (60_000usize..70_000, any::<char>()).prop_map(|(n, c)| c.to_string().repeat(n)),
+            1 => Just("2024-05-01T12:00:00Z".to_string()),
+            1 => Just("0123456789abcdef".repeat(4)),
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            text().prop_map(Value::from),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(FIELDS).prop_map(str::to_string),
+            1 => ".{0,16}",
+        ]
+    }
+
+    /// A request object: known and unknown keys with values of any type.
+    fn object() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec((key(), value()), 0..8).prop_map(|kv| {
+            let map: Map<String, Value> = kv.into_iter().collect();
+            Value::Object(map).to_string().into_bytes()
+        })
+    }
+
+    /// Nesting far deeper than serde_json's recursion limit, closed or not.
+    fn deep() -> impl Strategy<Value = Vec<u8>> {
+        (
+            1usize..5000,
+            prop::sample::select(vec!["[", "{\"a\":"]),
+            any::<bool>(),
+        )
+            .prop_map(|(depth, open, close)| {
+                let mut body = br#"{"reason":"#.to_vec();
+                body.extend(open.repeat(depth).into_bytes());
+                body.extend(b"1");
+                if close {
+                    let end = if open == "[" { "]" } else { "}" };
+                    body.extend(end.repeat(depth).into_bytes());
+                    body.push(b'}');
+                }
+                body
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => prop::collection::vec(any::<u8>(), 0..512),
+            6 => object(),
+            1 => deep(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        /// Whatever arrives, parse answers without panicking, and what it lets through is within
+        /// the bounds, and what it echoes is a valid id.
+        #[test]
+        fn parse_never_panics_and_keeps_the_bounds(verb in verb(), body in body()) {
+            match parse(&verb, &body) {
+                Ok(command) => {
+                    prop_assert!(body.len() <= MAX_CONFIG_PUSH_BYTES);
+                    if let Some(id) = command.request_id() {
+                        prop_assert!(ebb_sdk::command::is_valid_id(id));
+                    }
+                    prop_assert!(command.reason().map_or(0, str::len) <= 1024);
+                    prop_assert!(command.requester().map_or(0, str::len) <= 256);
+                }
+                Err(refusal) => {
+                    if let Some(id) = &refusal.request_id {
+                        prop_assert!(ebb_sdk::command::is_valid_id(id));
+                    }
+                    prop_assert!(refusal.message.len() <= MAX_MESSAGE_BYTES + 3);
+                }
+            }
+        }
     }
 }

@@ -3,6 +3,8 @@
 pub mod commands;
 pub mod connect;
 pub mod dedupe;
+pub mod intake;
 pub mod jetstream;
+pub mod limits;
 pub mod outbox;
 pub mod publisher;
