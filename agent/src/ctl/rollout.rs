@@ -12,6 +12,9 @@ use serde::Serialize;
 
 use super::args::{ConnArgs, Parallel};
 use super::exit;
+use super::output;
+use super::reply_wait::{self, Work};
+use super::table;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -54,8 +57,22 @@ pub async fn run(
     };
     if nodes.is_empty() {
         eprintln!(
-            "ebb ctl: no node of the target is known (KV ebb_nodes and $SRV.PING.ebb found none)"
+            "ebb ctl: no node of the target is known (KV ebb_nodes and $SRV.PING.ebb found none); \
+             check the group, that the agents run, and the --prefix"
         );
+        return Ok(exit::TIMEOUT);
+    }
+    // Each node's reload may take as long as its startup limit allows.
+    let learnt = reply_wait::learn(
+        client,
+        target,
+        &nodes.iter().cloned().collect(),
+        conn.timeout.0,
+    )
+    .await?;
+    if learnt.no_responders {
+        let subject = target.subject(client.prefix(), "reload");
+        output::no_responders(conn.json, &subject, client.prefix(), &nodes);
         return Ok(exit::TIMEOUT);
     }
     let size = parallel.batch(nodes.len());
@@ -84,9 +101,10 @@ pub async fn run(
         let sends = chunk.iter().map(|node| {
             let command = Command::Reload(req.clone());
             let target = Target::Node(node.clone());
+            let wait = reply_wait::for_node(Work::Reload, learnt.limits(node), conn.timeout.0);
             async move {
                 let replies = client
-                    .request(&target, &command, &BTreeSet::new(), conn.timeout.0)
+                    .request(&target, &command, &BTreeSet::new(), wait)
                     .await;
                 (node.clone(), replies)
             }
@@ -144,9 +162,11 @@ pub async fn run(
             .iter()
             .any(|r| !matches!(r.outcome, Outcome::Reloaded { .. }));
         if !conn.json {
+            let mut t = table::with_header(&["NODE", "RESULT"]);
             for r in &batch_results {
-                println!("  {:<20} {}", r.node, describe(&r.outcome));
+                t.add_row(vec![r.node.clone(), describe(&r.outcome)]);
             }
+            table::print(&t);
             println!("  batch {batch} took {}", fmt_ms(started.elapsed()));
         }
         results.extend(batch_results);
