@@ -1,18 +1,18 @@
 //! Rolling reload: `ebb ctl reload --max-parallel N|P%`. Batch after batch, each node gets its own
 //! reload, and a batch is done when every node of it replied and its `reloaded` event arrived.
+//! Each node's reply is awaited as long as its own startup limit allows ([`reply_wait`]).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ebb_sdk::client::{Client, Target};
+use ebb_sdk::client::{Client, ClientError, Target};
 use ebb_sdk::command::{Command, ReloadRequest};
 use ebb_sdk::event::EventBody;
-use ebb_sdk::reply::ReloadResult;
+use ebb_sdk::reply::{ReloadResult, Reply};
 use serde::Serialize;
 
 use super::args::{ConnArgs, Parallel};
 use super::exit;
-use super::output;
 use super::reply_wait::{self, Work};
 use super::table;
 
@@ -62,19 +62,6 @@ pub async fn run(
         );
         return Ok(exit::TIMEOUT);
     }
-    // Each node's reload may take as long as its startup limit allows.
-    let learnt = reply_wait::learn(
-        client,
-        target,
-        &nodes.iter().cloned().collect(),
-        conn.timeout.0,
-    )
-    .await?;
-    if learnt.no_responders {
-        let subject = target.subject(client.prefix(), "reload");
-        output::no_responders(conn.json, &subject, client.prefix(), &nodes);
-        return Ok(exit::TIMEOUT);
-    }
     let size = parallel.batch(nodes.len());
     let batches = nodes.len().div_ceil(size);
     // Subscribed before the first reload is sent, so no `reloaded` event can be missed.
@@ -101,11 +88,8 @@ pub async fn run(
         let sends = chunk.iter().map(|node| {
             let command = Command::Reload(req.clone());
             let target = Target::Node(node.clone());
-            let wait = reply_wait::for_node(Work::Reload, learnt.limits(node), conn.timeout.0);
             async move {
-                let replies = client
-                    .request(&target, &command, &BTreeSet::new(), wait)
-                    .await;
+                let replies = reload_one(client, conn, &target, node, &command).await;
                 (node.clone(), replies)
             }
         });
@@ -202,6 +186,28 @@ pub async fn run(
             exit::OK
         },
     )
+}
+
+/// One node's reload, waiting as long as its startup limit allows. The node is asked for its
+/// status first, on its own subject: a node whose agent is gone gets "no responders" at once, and
+/// is not waited for.
+async fn reload_one(
+    client: &Client,
+    conn: &ConnArgs,
+    target: &Target,
+    node: &str,
+    command: &Command,
+) -> Result<Vec<Reply>, ClientError> {
+    let margin = conn.timeout.0;
+    let learnt =
+        reply_wait::learn(client, target, &BTreeSet::from([node.to_string()]), margin).await?;
+    if learnt.no_responders {
+        return Ok(Vec::new());
+    }
+    let wait = reply_wait::for_node(Work::Reload, learnt.limits(node), margin);
+    client
+        .request(target, command, &BTreeSet::new(), wait)
+        .await
 }
 
 fn describe(o: &Outcome) -> String {
