@@ -278,3 +278,43 @@ async fn a_64_char_node_id_appears_whole_in_the_tables() {
         "the whole id, then ok: {run:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_stop_with_yes_waits_for_every_node_and_its_long_request() {
+    let fleet = Fleet::start(&["st-1", "st-2"], |_, node| {
+        node.agent(|c| {
+            c.groups(&["g"]).set_str("haproxy", "stop_timeout", "60s");
+        })
+    })
+    .await;
+    fleet.wait_serving().await;
+    let slow_node = fleet.node("st-2");
+    let port = slow_node.port();
+    let slow = tokio::spawn(async move {
+        http_request(port, "/slow?ms=8000", true, Duration::from_secs(30)).await
+    });
+    slow_node.wait_conns(1).await;
+
+    let run = ctl(
+        &fleet.nats_url(),
+        &["--json", "stop", "--group", "g", "--yes"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "stop --group g --yes: {run:?}");
+    let out: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("--json prints JSON ({e}): {run:?}"));
+    let nodes: Vec<&str> = out["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .filter_map(|r| r["node"].as_str())
+        .collect();
+    assert_eq!(nodes, ["st-1", "st-2"], "both nodes stopped: {out}");
+    assert_eq!(out["missing"], serde_json::json!([]), "{out}");
+    let response = slow
+        .await
+        .expect("the slow request's task")
+        .unwrap_or_else(|e| panic!("the request in flight was cut by the stop: {e}"));
+    assert_eq!(response.status, 200, "{response:?}");
+}
