@@ -34,7 +34,7 @@ pub use args::{CtlArgs, CtlVerb};
 use crate::bus::connect;
 use args::ConnArgs;
 use exit::Failure;
-use reply_wait::{Learnt, Limits, Work};
+use reply_wait::{Limits, Work};
 
 /// Runs `ebb ctl`; returns the process exit code.
 pub async fn run(args: CtlArgs) -> u8 {
@@ -172,7 +172,7 @@ async fn fan_out(
     let wait = if work == Work::None {
         margin
     } else {
-        let learnt: Learnt = reply_wait::learn(client, target, &expected, margin).await?;
+        let learnt = reply_wait::learn(client, target, &expected, margin).await?;
         if learnt.no_responders {
             let subject = target.subject(client.prefix(), command.verb().as_str());
             output::no_responders(conn.json, &subject, client.prefix(), &missing_of(&expected));

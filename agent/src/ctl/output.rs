@@ -22,6 +22,13 @@ pub fn print_replies(
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return;
     }
+    if replies.is_empty() && missing.is_empty() {
+        eprintln!(
+            "ebb ctl: no node answered within {}; check that the agents run and the --prefix",
+            fmt_wait(waited)
+        );
+        return;
+    }
     let silent = format!("no reply within {}", fmt_wait(waited));
     if verb == "status" {
         print_status(replies, missing, &silent);
@@ -34,12 +41,6 @@ pub fn print_replies(
             t.add_row(vec![m.as_str(), "NO REPLY", silent.as_str()]);
         }
         table::print(&t);
-    }
-    if replies.is_empty() && missing.is_empty() {
-        eprintln!(
-            "ebb ctl: no node answered within {}; check that the agents run and the --prefix",
-            fmt_wait(waited)
-        );
     }
 }
 
