@@ -29,9 +29,11 @@ pub enum Commands {
         #[arg(long, env = "EBB_CONFIG", default_value = "/etc/ebb/agent.toml")]
         config: PathBuf,
     },
-    /// Command nodes over NATS: status, reload, drain, undrain, stop.
+    /// Command nodes over NATS: status, reload, drain, undrain, stop, watch.
     ///
-    /// Exit codes: 0 every node ok; 1 some node failed; 2 usage error; 3 timeout or unreachable.
+    /// Exit codes: 0 every node ok; 1 some node failed; 2 usage error (nothing was sent); 3
+    /// timeout or unreachable. The server comes from --nats or NATS_URL (the agent's EBB_*
+    /// variables are not read).
     Ctl(Box<crate::ctl::CtlArgs>),
     /// Work with plugins.
     Plugin {

@@ -161,7 +161,8 @@ impl Client {
 
     /// Sends `command` once to `target` and gathers replies until `timeout`, or until every node
     /// of `expected` answered (a single node target needs no `expected`). Replies are sorted by
-    /// node; a node that answers twice counts once.
+    /// node; a node that answers twice counts once. [`gather`](Self::gather) also tells whether
+    /// nobody listened at all.
     pub async fn request(
         &self,
         target: &Target,
@@ -169,25 +170,48 @@ impl Client {
         expected: &BTreeSet<String>,
         timeout: Duration,
     ) -> Result<Vec<Reply>, ClientError> {
+        Ok(self
+            .gather(target, command, expected, timeout)
+            .await?
+            .replies)
+    }
+
+    /// [`request`](Self::request), and whether the server answered "no responders": no agent
+    /// subscribes to the target's subject, so no reply can come (it returns at once then).
+    pub async fn gather(
+        &self,
+        target: &Target,
+        command: &Command,
+        expected: &BTreeSet<String>,
+        timeout: Duration,
+    ) -> Result<Gathered, ClientError> {
         let deadline = Instant::now() + timeout;
         let subject = target.subject(&self.prefix, command.verb().as_str());
         let inbox = self.nats.new_inbox();
         let mut sub = self.nats.subscribe(inbox.clone()).await?;
         self.nats
-            .publish_with_reply(subject, inbox, command.to_vec().into())
+            .publish_with_reply(subject.clone(), inbox, command.to_vec().into())
             .await?;
         self.nats.flush().await?;
         let mut replies: Vec<Reply> = Vec::new();
+        let mut no_responders = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(Some(msg)) = tokio::time::timeout(left, sub.next()).await else {
                 break;
             };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                no_responders = replies.is_empty();
+                break;
+            }
             match serde_json::from_slice::<Reply>(&msg.payload) {
                 Ok(r) if !replies.iter().any(|x| x.node == r.node) => replies.push(r),
                 Ok(_) => {}
-                // An empty message is the server's "no responders".
-                Err(_) if msg.payload.is_empty() => break,
+                // Servers that send "no responders" without a status send an empty message.
+                Err(_) if msg.payload.is_empty() => {
+                    no_responders = replies.is_empty();
+                    break;
+                }
                 Err(_) => {}
             }
             let done = match target {
@@ -204,7 +228,11 @@ impl Client {
             }
         }
         replies.sort_by(|a, b| a.node.cmp(&b.node));
-        Ok(replies)
+        Ok(Gathered {
+            subject,
+            replies,
+            no_responders,
+        })
     }
 
     /// Subscribes to the events of a target's nodes. Subscribe before sending a command whose
@@ -222,6 +250,17 @@ impl Client {
             seen: BTreeSet::new(),
         })
     }
+}
+
+/// What [`Client::gather`] collected.
+#[derive(Debug, Clone, Default)]
+pub struct Gathered {
+    /// The subject the command went to.
+    pub subject: String,
+    /// Sorted by node, one per node.
+    pub replies: Vec<Reply>,
+    /// The server said nobody subscribes to `subject`: no agent of the target is connected.
+    pub no_responders: bool,
 }
 
 /// A stream of events, deduplicated by Msg-Id (delivery is at least once).

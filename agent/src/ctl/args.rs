@@ -15,13 +15,15 @@ pub struct CtlArgs {
     pub verb: CtlVerb,
 }
 
+/// Connection options. Like the `nats` CLI, each may come from a `NATS_*` variable; the agent's
+/// own `EBB_*` variables are not read.
 #[derive(Debug, Args)]
 pub struct ConnArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(
         long,
         global = true,
-        env = "EBB_NATS_URL",
+        env = "NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats: String,
@@ -29,33 +31,34 @@ pub struct ConnArgs {
     #[arg(long, global = true, default_value = ebb_sdk::subject::DEFAULT_PREFIX)]
     pub prefix: String,
     /// NATS credentials file.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// File holding an NKey seed.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "NATS_NKEY")]
     pub nkey: Option<PathBuf>,
     /// NATS token.
-    #[arg(long, global = true, env = "EBB_NATS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    #[arg(long, global = true, requires = "password")]
+    #[arg(long, global = true, env = "NATS_USER", requires = "password")]
     pub user: Option<String>,
     #[arg(
         long,
         global = true,
-        env = "EBB_NATS_PASSWORD",
+        env = "NATS_PASSWORD",
         hide_env_values = true,
         requires = "user"
     )]
     pub password: Option<String>,
     /// CA certificate to verify the server.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "NATS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (with --tls-key).
-    #[arg(long, global = true, requires = "tls_key")]
+    #[arg(long, global = true, env = "NATS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    #[arg(long, global = true, requires = "tls_cert")]
+    #[arg(long, global = true, env = "NATS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// How long to wait for replies.
+    /// How long to wait for replies. reload and stop wait this much beyond the work's own limit
+    /// (the node's startup or stop timeout), and end as soon as every node answered.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_dur)]
     pub timeout: Dur,
     /// Print machine-readable JSON instead of a table.
@@ -103,19 +106,6 @@ impl Target {
             (None, None) => ClientTarget::All,
         }
     }
-}
-
-pub fn validate(target: &Target) -> Result<(), String> {
-    for (flag, value) in [("--node", &target.node), ("--group", &target.group)] {
-        if let Some(v) = value {
-            if !ebb_sdk::subject::is_valid_token(v) {
-                return Err(format!(
-                    "{flag} {v:?} is not a valid id (^[A-Za-z0-9_-]{{1,64}}$)"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[derive(Debug, Args, Clone)]
@@ -212,6 +202,9 @@ pub enum CtlVerb {
         /// Follow progress until every node is drained, at most this long (bare --wait: 1h).
         #[arg(long, value_parser = parse_dur, num_args = 0..=1, default_missing_value = "1h")]
         wait: Option<Dur>,
+        /// Do not ask for confirmation (required to drain --all without a terminal).
+        #[arg(long)]
+        yes: bool,
     },
     /// End a drain: the node serves again.
     Undrain {

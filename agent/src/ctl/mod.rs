@@ -1,86 +1,72 @@
 //! `ebb ctl`: command one node, a group or the whole fleet over NATS, through the sdk's fleet
 //! client.
 //!
+//! - Everything local is checked before anything is sent ([`preflight`]): a problem there is a
+//!   usage error (exit 2).
 //! - A plain command is published once to the target subject; replies are gathered until the
-//!   timeout, or until every known node answered (known: fresh KV `ebb_nodes` records, or else
-//!   `$SRV.PING.ebb`).
+//!   wait ends, or until every known node answered (known: fresh KV `ebb_nodes` records, or else
+//!   `$SRV.PING.ebb`). `reload` and `stop` wait as long as their work may take ([`reply_wait`]).
+//! - "No responders" from the server ends it at once: no agent of the target is connected.
 //! - `drain --wait` follows events (subscribed before sending) with a live progress view.
 //! - `reload --max-parallel` rolls through the target in batches ([`rollout`]).
 //! - `watch` streams events, from JetStream when it is there ([`watch`]).
 
 mod args;
+pub mod exit;
 mod output;
+mod preflight;
+mod reply_wait;
 mod rollout;
+mod table;
 mod wait;
 mod watch;
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use anyhow::Context;
 use ebb_sdk::client::{Client, Target};
 use ebb_sdk::command::{
     Command, DrainRequest, ReloadRequest, StatusRequest, StopRequest, UndrainRequest,
 };
-use ebb_sdk::reply::Reply;
 
 pub use args::{CtlArgs, CtlVerb};
 
 use crate::bus::connect;
-
-/// `ebb ctl`'s exit codes: 0 every node ok, 1 some node failed, 2 usage error, 3 timeout or a node
-/// unreachable (README.md, "Using it").
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILED: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const TIMEOUT: u8 = 3;
-}
+use args::ConnArgs;
+use exit::Failure;
+use reply_wait::{Limits, Work};
 
 /// Runs `ebb ctl`; returns the process exit code.
 pub async fn run(args: CtlArgs) -> u8 {
     match run_inner(args).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("ebb ctl: {e:#}");
-            exit::TIMEOUT
+        Err(failure) => {
+            eprintln!("ebb ctl: {failure}");
+            failure.code()
         }
     }
 }
 
-async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
-    let conn = &args.conn;
-    if let Some(target) = args.verb.target() {
-        if let Err(msg) = args::validate(target) {
-            eprintln!("ebb ctl: {msg}");
-            return Ok(exit::USAGE);
-        }
-    }
-    let cfg = conn.nats_config();
-    let nats = connect::options(&cfg, "ebb ctl")
-        .await?
-        .connect(connect::servers(&cfg.url))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to NATS at {}; check --nats and the credentials",
-                cfg.url
-            )
-        })?;
-    let client = Client::new(nats, &conn.prefix);
+async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
+    let CtlArgs { conn, verb } = args;
+    let pushed = preflight::check(&conn, &verb).await?;
+    let client = connect_client(&conn).await?;
 
-    let command = match &args.verb {
-        CtlVerb::Watch(w) => return watch::run(&client, conn, w).await,
-        CtlVerb::Status { .. } => Command::Status(StatusRequest {
-            requester: Some(requester()),
-            ..StatusRequest::default()
-        }),
+    let (command, work) = match &verb {
+        CtlVerb::Watch(w) => return Ok(watch::run(&client, &conn, w).await?),
+        CtlVerb::Status { .. } => (
+            Command::Status(StatusRequest {
+                requester: Some(requester()),
+                ..StatusRequest::default()
+            }),
+            Work::None,
+        ),
         CtlVerb::Reload {
             common,
-            config,
             max_parallel,
             continue_on_error,
             target,
+            ..
         } => {
             let mut req = ReloadRequest {
                 request_id: common.request_id.clone(),
@@ -89,18 +75,23 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
                 sent_at: Some(now()),
                 ..ReloadRequest::default()
             };
-            if let Some(path) = config {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read --config {}", path.display()))?;
+            if let Some(text) = pushed {
                 req.config_sha256 = Some(crate::digest::sha256_hex(text.as_bytes()));
                 req.config = Some(text);
             }
             if let Some(parallel) = max_parallel {
                 let target = target.to_target();
-                return rollout::run(&client, conn, &target, req, *parallel, *continue_on_error)
-                    .await;
+                return Ok(rollout::run(
+                    &client,
+                    &conn,
+                    &target,
+                    req,
+                    *parallel,
+                    *continue_on_error,
+                )
+                .await?);
             }
-            Command::Reload(req)
+            (Command::Reload(req), Work::Reload)
         }
         CtlVerb::Drain {
             common,
@@ -110,6 +101,7 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
             drain_id,
             wait,
             target,
+            ..
         } => {
             let req = DrainRequest {
                 request_id: common.request_id.clone(),
@@ -123,38 +115,28 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
                 ..DrainRequest::default()
             };
             if let Some(wait_for) = wait {
-                return wait::run(&client, conn, &target.to_target(), req, wait_for.0).await;
+                return Ok(wait::run(&client, &conn, &target.to_target(), req, wait_for.0).await?);
             }
-            Command::Drain(req)
+            (Command::Drain(req), Work::None)
         }
         CtlVerb::Undrain {
             common, drain_id, ..
-        } => Command::Undrain(UndrainRequest {
-            request_id: common.request_id.clone(),
-            requester: Some(requester()),
-            reason: common.reason.clone(),
-            sent_at: Some(now()),
-            drain_id: drain_id.clone(),
-            ..UndrainRequest::default()
-        }),
+        } => (
+            Command::Undrain(UndrainRequest {
+                request_id: common.request_id.clone(),
+                requester: Some(requester()),
+                reason: common.reason.clone(),
+                sent_at: Some(now()),
+                drain_id: drain_id.clone(),
+                ..UndrainRequest::default()
+            }),
+            Work::None,
+        ),
         CtlVerb::Stop {
-            target,
             common,
             stop_timeout,
-            yes,
-        } => {
-            if target.node.is_none() && !yes {
-                let what = target
-                    .group
-                    .as_deref()
-                    .map_or("every node".to_string(), |g| {
-                        format!("every node of group {g}")
-                    });
-                if !confirm(&format!("Stop HAProxy on {what}?")) {
-                    eprintln!("ebb ctl: not confirmed; pass --yes to stop without asking");
-                    return Ok(exit::USAGE);
-                }
-            }
+            ..
+        } => (
             Command::Stop(StopRequest {
                 request_id: common.request_id.clone(),
                 requester: Some(requester()),
@@ -162,48 +144,98 @@ async fn run_inner(args: CtlArgs) -> anyhow::Result<u8> {
                 sent_at: Some(now()),
                 timeout_ms: stop_timeout.map(|d| d.0.as_millis() as u64),
                 ..StopRequest::default()
-            })
+            }),
+            Work::Stop {
+                timeout: stop_timeout.map(|d| d.0),
+            },
+        ),
+    };
+    let Some(target) = verb.target() else {
+        return Err(Failure::Usage(
+            "this verb needs --node, --group or --all".into(),
+        ));
+    };
+    fan_out(&client, &conn, &target.to_target(), &command, work).await
+}
+
+/// Sends `command` to `target` and prints what came back. For work with limits, a status
+/// fan-out first learns them (and who is there).
+async fn fan_out(
+    client: &Client,
+    conn: &ConnArgs,
+    target: &Target,
+    command: &Command,
+    work: Work,
+) -> Result<u8, Failure> {
+    let margin = conn.timeout.0;
+    let mut expected = known_nodes(client, target).await?;
+    let wait = if work == Work::None {
+        margin
+    } else {
+        let learnt = reply_wait::learn(client, target, &expected, margin).await?;
+        if learnt.no_responders {
+            let subject = target.subject(client.prefix(), command.verb().as_str());
+            output::no_responders(conn.json, &subject, client.prefix(), &missing_of(&expected));
+            return Ok(exit::TIMEOUT);
         }
+        expected = learnt.names();
+        let limits: Vec<Limits> = expected.iter().map(|n| learnt.limits(n)).collect();
+        reply_wait::for_fleet(work, &limits, margin)
     };
-    let Some(target) = args.verb.target() else {
-        return Ok(exit::USAGE);
-    };
-    let target = target.to_target();
-    let expected = match &target {
-        Target::Node(n) => BTreeSet::from([n.clone()]),
-        other => client.discover(other).await?,
-    };
-    let replies = client
-        .request(&target, &command, &expected, conn.timeout.0)
-        .await?;
-    let missing = missing(&expected, &replies);
+    let gathered = client.gather(target, command, &expected, wait).await?;
+    if gathered.no_responders {
+        output::no_responders(
+            conn.json,
+            &gathered.subject,
+            client.prefix(),
+            &missing_of(&expected),
+        );
+        return Ok(exit::TIMEOUT);
+    }
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|n| !gathered.replies.iter().any(|r| &r.node == *n))
+        .cloned()
+        .collect();
     output::print_replies(
         conn.json,
         command.verb().as_str(),
-        &replies,
+        &gathered.replies,
         &missing,
-        conn.timeout,
+        wait,
     );
-    Ok(exit_code(&replies, &missing))
+    Ok(exit::for_replies(&gathered.replies, &missing))
 }
 
-/// Nodes that were expected but did not answer.
-fn missing(expected: &BTreeSet<String>, replies: &[Reply]) -> Vec<String> {
-    expected
-        .iter()
-        .filter(|n| !replies.iter().any(|r| &r.node == *n))
-        .cloned()
-        .collect()
+/// The nodes a reply is expected from: the one node, or those discovery knows of.
+async fn known_nodes(client: &Client, target: &Target) -> Result<BTreeSet<String>, Failure> {
+    Ok(match target {
+        Target::Node(n) => BTreeSet::from([n.clone()]),
+        other => client.discover(other).await?,
+    })
 }
 
-fn exit_code(replies: &[Reply], missing: &[String]) -> u8 {
-    if replies.iter().any(|r| !r.ok) {
-        exit::FAILED
-    } else if !missing.is_empty() || replies.is_empty() {
-        exit::TIMEOUT
-    } else {
-        exit::OK
-    }
+fn missing_of(expected: &BTreeSet<String>) -> Vec<String> {
+    expected.iter().cloned().collect()
+}
+
+async fn connect_client(conn: &ConnArgs) -> Result<Client, Failure> {
+    let cfg = conn.nats_config();
+    // The files were read in preflight; what fails here is their content.
+    let options = connect::options(&cfg, "ebb ctl")
+        .await
+        .map_err(|e| Failure::Usage(format!("{e:#}")))?;
+    let nats = options
+        .connect(connect::servers(&cfg.url))
+        .await
+        .map_err(|e| {
+            Failure::Unreachable(format!(
+                "cannot connect to NATS at {}: {e}; check --nats (or NATS_URL), that the server \
+                 runs, and the credentials",
+                cfg.url
+            ))
+        })?;
+    Ok(Client::new(nats, &conn.prefix))
 }
 
 fn now() -> String {
@@ -217,14 +249,4 @@ fn requester() -> String {
         .to_string_lossy()
         .into_owned();
     format!("{user}@{host} (ebb ctl)")
-}
-
-fn confirm(question: &str) -> bool {
-    use std::io::IsTerminal;
-    if !std::io::stdin().is_terminal() {
-        return false;
-    }
-    eprint!("{question} [y/N] ");
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).is_ok() && matches!(line.trim(), "y" | "Y" | "yes")
 }

@@ -1,17 +1,20 @@
 //! Rolling reload: `ebb ctl reload --max-parallel N|P%`. Batch after batch, each node gets its own
 //! reload, and a batch is done when every node of it replied and its `reloaded` event arrived.
+//! Each node's reply is awaited as long as its own startup limit allows ([`reply_wait`]).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ebb_sdk::client::{Client, Target};
+use ebb_sdk::client::{Client, ClientError, Target};
 use ebb_sdk::command::{Command, ReloadRequest};
 use ebb_sdk::event::EventBody;
-use ebb_sdk::reply::ReloadResult;
+use ebb_sdk::reply::{ReloadResult, Reply};
 use serde::Serialize;
 
 use super::args::{ConnArgs, Parallel};
 use super::exit;
+use super::reply_wait::{self, Work};
+use super::table;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -54,7 +57,8 @@ pub async fn run(
     };
     if nodes.is_empty() {
         eprintln!(
-            "ebb ctl: no node of the target is known (KV ebb_nodes and $SRV.PING.ebb found none)"
+            "ebb ctl: no node of the target is known (KV ebb_nodes and $SRV.PING.ebb found none); \
+             check the group, that the agents run, and the --prefix"
         );
         return Ok(exit::TIMEOUT);
     }
@@ -85,9 +89,7 @@ pub async fn run(
             let command = Command::Reload(req.clone());
             let target = Target::Node(node.clone());
             async move {
-                let replies = client
-                    .request(&target, &command, &BTreeSet::new(), conn.timeout.0)
-                    .await;
+                let replies = reload_one(client, conn, &target, node, &command).await;
                 (node.clone(), replies)
             }
         });
@@ -144,9 +146,11 @@ pub async fn run(
             .iter()
             .any(|r| !matches!(r.outcome, Outcome::Reloaded { .. }));
         if !conn.json {
+            let mut t = table::with_header(&["NODE", "RESULT"]);
             for r in &batch_results {
-                println!("  {:<20} {}", r.node, describe(&r.outcome));
+                t.add_row(vec![r.node.clone(), describe(&r.outcome)]);
             }
+            table::print(&t);
             println!("  batch {batch} took {}", fmt_ms(started.elapsed()));
         }
         results.extend(batch_results);
@@ -182,6 +186,28 @@ pub async fn run(
             exit::OK
         },
     )
+}
+
+/// One node's reload, waiting as long as its startup limit allows. The node is asked for its
+/// status first, on its own subject: a node whose agent is gone gets "no responders" at once, and
+/// is not waited for.
+async fn reload_one(
+    client: &Client,
+    conn: &ConnArgs,
+    target: &Target,
+    node: &str,
+    command: &Command,
+) -> Result<Vec<Reply>, ClientError> {
+    let margin = conn.timeout.0;
+    let learnt =
+        reply_wait::learn(client, target, &BTreeSet::from([node.to_string()]), margin).await?;
+    if learnt.no_responders {
+        return Ok(Vec::new());
+    }
+    let wait = reply_wait::for_node(Work::Reload, learnt.limits(node), margin);
+    client
+        .request(target, command, &BTreeSet::new(), wait)
+        .await
 }
 
 fn describe(o: &Outcome) -> String {

@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use super::args::ConnArgs;
 use super::exit;
-use super::output::blockers;
+use super::output::{self, blockers};
+use super::table;
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -59,9 +60,15 @@ pub async fn run(
     if !expected.is_empty() {
         events = events.only(expected.clone());
     }
-    let replies = client
-        .request(target, &Command::Drain(req), &expected, conn.timeout.0)
+    let gathered = client
+        .gather(target, &Command::Drain(req), &expected, conn.timeout.0)
         .await?;
+    if gathered.no_responders {
+        let missing: Vec<String> = expected.iter().cloned().collect();
+        output::no_responders(conn.json, &gathered.subject, client.prefix(), &missing);
+        return Ok(exit::TIMEOUT);
+    }
+    let replies = gathered.replies;
 
     let mut nodes: BTreeMap<String, Progress> = expected
         .iter()
@@ -156,36 +163,42 @@ pub async fn run(
     if conn.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
     } else {
-        println!(
-            "{:<20} {:<10} {:>10} {:>6} {:>4}  DETAIL",
-            "NODE", "RESULT", "DURATION", "FORCED", "CUT"
-        );
+        let mut t = table::with_header(&["NODE", "RESULT", "DURATION", "FORCED", "CUT", "DETAIL"]);
         for (node, p) in &nodes {
-            match p {
+            let dash = || "-".to_string();
+            let row = match p {
                 Progress::Drained {
                     duration_ms,
                     forced,
                     connections_cut,
-                } => println!(
-                    "{node:<20} {:<10} {:>8}ms {:>6} {:>4}",
-                    "drained", duration_ms, forced, connections_cut
-                ),
-                Progress::Failed { message } => println!(
-                    "{node:<20} {:<10} {:>10} {:>6} {:>4}  {message}",
-                    "FAILED", "-", "-", "-"
-                ),
-                Progress::NoReply => println!(
-                    "{node:<20} {:<10} {:>10} {:>6} {:>4}  no reply",
-                    "UNREACHED", "-", "-", "-"
-                ),
-                Progress::TimedOut { blockers } | Progress::Draining { blockers } => {
-                    println!(
-                        "{node:<20} {:<10} {:>10} {:>6} {:>4}  {blockers}",
-                        "TIMEOUT", "-", "-", "-"
-                    )
+                } => [
+                    "drained".into(),
+                    format!("{duration_ms}ms"),
+                    forced.to_string(),
+                    connections_cut.to_string(),
+                    String::new(),
+                ],
+                Progress::Failed { message } => {
+                    ["FAILED".into(), dash(), dash(), dash(), message.clone()]
                 }
-            }
+                Progress::NoReply => [
+                    "UNREACHED".into(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    "no reply".into(),
+                ],
+                Progress::TimedOut { blockers } | Progress::Draining { blockers } => {
+                    ["TIMEOUT".into(), dash(), dash(), dash(), blockers.clone()]
+                }
+            };
+            t.add_row(
+                std::iter::once(node.clone())
+                    .chain(row)
+                    .collect::<Vec<String>>(),
+            );
         }
+        table::print(&t);
     }
     Ok(
         if nodes.values().any(|p| matches!(p, Progress::Failed { .. })) {
