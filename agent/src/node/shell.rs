@@ -150,6 +150,7 @@ impl Shell {
             startup_timeout: hp.startup_timeout.0,
             heartbeat: settings.config.nats.heartbeat.0,
             coalesce: settings.config.reload.coalesce.0,
+            max_old_workers: settings.config.reload.max_old_workers,
             plugins: plugins.idle_checkers(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };

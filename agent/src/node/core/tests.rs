@@ -27,6 +27,7 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         startup_timeout: Duration::from_secs(30),
         heartbeat: Duration::from_secs(3600),
         coalesce: Duration::ZERO,
+        max_old_workers: 32,
         plugins: plugins.iter().map(|p| p.to_string()).collect(),
         version: "test".into(),
     }
@@ -822,6 +823,93 @@ fn a_reload_in_flight_holds_the_drain() {
     n.exit(100);
     n.sample(0);
     assert_eq!(n.core.state(), NodeState::Drained);
+}
+
+// -------------------------------------------------------------------------------------------
+// Bounded old workers
+// -------------------------------------------------------------------------------------------
+
+fn capped(max_old_workers: usize) -> Node {
+    let mut c = cfg(&[]);
+    c.max_old_workers = max_old_workers;
+    let mut n = Node::boot(c, Boot::default());
+    n.launch_ok();
+    n.take();
+    n
+}
+
+/// Reloads once, the launch succeeding; returns the new worker's pid.
+fn reload_ok(n: &mut Node) -> u32 {
+    let to = n.request(Request::Reload { pushed: None });
+    let pid = n.launch_ok();
+    assert!(n.reply(to).expect("a reply").ok);
+    n.take();
+    pid
+}
+
+#[test]
+fn reloads_past_max_old_workers_are_refused_and_nothing_is_killed() {
+    // The bug: every reload left one more old worker pinned by a long connection, without bound,
+    // until the host ran out of memory or file descriptors.
+    let mut n = capped(2);
+    reload_ok(&mut n);
+    reload_ok(&mut n);
+    n.core
+        .handle_connection_counts(HashMap::from([(100, 2), (101, 1)]));
+    n.ms += 40_000;
+    let r = n.ask(Request::Reload { pushed: None });
+    assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+    let message = r.error.expect("an error").message;
+    assert!(
+        message.contains("2 old workers are still finishing connections")
+            && message
+                .contains("oldest: pid 100, 40 s, 2 connections; pid 101, 40 s, 1 connection)")
+            && message.contains("would exceed reload.max_old_workers = 2")
+            && message.contains("raise the cap"),
+        "{message}"
+    );
+    assert_eq!(n.launches(), 0);
+    assert!(n.signals().is_empty(), "nothing is killed to make room");
+    n.signal(AgentSignal::Reload);
+    assert_eq!(n.launches(), 0, "SIGHUP meets the same cap");
+    assert_eq!(n.core.workers().count(), 3);
+    // Once an old worker is gone, reloads work again.
+    n.exit(100);
+    n.take();
+    reload_ok(&mut n);
+}
+
+#[test]
+fn a_queued_reload_meets_the_cap_when_it_would_start() {
+    let mut n = capped(1);
+    let first = n.request(Request::Reload { pushed: None });
+    let queued = n.request(Request::Reload { pushed: None });
+    assert_eq!(n.launches(), 1, "the second waits for the first");
+    n.launch_ok();
+    assert!(n.reply(first).expect("a reply").ok);
+    let r = n
+        .reply(queued)
+        .expect("the queued reload is answered at once");
+    assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+    assert!(r
+        .error
+        .expect("an error")
+        .message
+        .contains("max_old_workers = 1"));
+    assert_eq!(n.launches(), 0, "no second launch");
+}
+
+#[test]
+fn a_crash_restart_is_never_held_back_by_the_cap() {
+    // A restart displaces nothing: refusing it would leave the node without a worker.
+    let mut n = capped(1);
+    reload_ok(&mut n);
+    n.exit(101);
+    assert_eq!(n.core.state(), NodeState::Failed);
+    n.advance(10_000);
+    assert_eq!(n.pending_launch().map(|l| l.1), Some(false));
+    n.launch_ok();
+    assert_eq!(n.core.state(), NodeState::Serving);
 }
 
 // -------------------------------------------------------------------------------------------
