@@ -157,6 +157,8 @@ pub struct HaproxyConfig {
     /// Environment variables HAProxy inherits from the agent, besides `PATH` (and `EBB_DRAINING`,
     /// which ebb sets). Everything else, NATS secrets included, stays with the agent.
     pub env: Vec<String>,
+    /// A worker's log (its stdout and stderr) past this many bytes is cut to its tail.
+    pub worker_log_max_bytes: u64,
 }
 
 impl Default for HaproxyConfig {
@@ -170,6 +172,7 @@ impl Default for HaproxyConfig {
             stop_timeout: Dur::secs(120),
             state_dir: PathBuf::from("/var/lib/ebb"),
             env: Vec::new(),
+            worker_log_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -412,6 +415,11 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
     if config.haproxy.mode == Mode::MasterWorker {
         problems.push(format!(
             "{file}: haproxy.mode = \"master-worker\" is not supported by this version of ebb; use \"direct\""
+        ));
+    }
+    if config.haproxy.worker_log_max_bytes < 4096 {
+        problems.push(format!(
+            "{file}: haproxy.worker_log_max_bytes must be at least 4096; the default is 16777216 (16 MiB)"
         ));
     }
     if config.reload.max_old_workers == 0 {

@@ -260,12 +260,9 @@ pub fn remove_own_log(log: &Path, log_dir: &Path) {
     let Some(name) = log.file_name().and_then(|n| n.to_str()) else {
         return;
     };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let own_name = match name.strip_suffix(".log") {
         Some(stem) => {
-            stem.strip_prefix("worker-")
-                .and_then(|ids| ids.split_once('-'))
-                .is_some_and(|(pid, start)| digits(pid) && digits(start))
+            is_worker_log_name(name)
                 || stem
                     .strip_prefix("starting-")
                     .is_some_and(|s| !s.is_empty())
@@ -304,6 +301,123 @@ pub fn remove_own_log(log: &Path, log_dir: &Path) {
             log.display(),
             log_dir.display()
         ),
+    }
+    // The tail `cap_log` kept goes with it (never a symlink either: unlinkat does not follow).
+    let kept = format!("{name}.1");
+    let is_file = rustix::fs::statat(&dir, kept.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+    if is_file {
+        let _ = rustix::fs::unlinkat(&dir, kept.as_str(), AtFlags::empty());
+    }
+}
+
+/// `worker-<pid>-<start>.log`: the name `launch` gives a worker's log once it runs.
+fn is_worker_log_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_suffix(".log")
+        .and_then(|stem| stem.strip_prefix("worker-"))
+        .and_then(|ids| ids.split_once('-'))
+        .is_some_and(|(pid, start)| digits(pid) && digits(start))
+}
+
+/// How often the worker logs are measured: a `stat` per worker, cheap enough to do often, and
+/// often enough that a worker logging fast overshoots its cap by little.
+pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Caps one worker's log at `max` bytes: past it, its last `max` bytes (from a line start) are
+/// copied to `<log>.1`, replacing the previous tail, and the log is truncated. HAProxy keeps
+/// writing to the same file: its stdout and stderr were opened with `O_APPEND`, so its next write
+/// lands at the new end. What it writes between the copy and the truncation is lost (a few lines
+/// at most). Returns whether the log was cut.
+pub fn cap_log(path: &Path, max: u64) -> std::io::Result<bool> {
+    use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    let mut log = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nofollow)
+        .open(path)?;
+    let len = log.metadata()?.len();
+    if len <= max {
+        return Ok(false);
+    }
+    let start = len - max;
+    log.seek(SeekFrom::Start(start))?;
+    let mut reader = BufReader::new(&log).take(max);
+    let mut partial = Vec::new();
+    reader.read_until(b'\n', &mut partial)?;
+    let kept = path.with_extension("log.1");
+    let staged = path.with_extension("log.1.tmp");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nofollow)
+        .open(&staged)?;
+    std::io::copy(&mut reader, &mut out)?;
+    drop(out);
+    std::fs::rename(&staged, &kept)?;
+    log.set_len(0)?;
+    Ok(true)
+}
+
+/// [`cap_log`] on every worker log in `log_dir`.
+pub fn cap_logs(log_dir: &Path, max: u64) {
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let own = name.to_str().is_some_and(is_worker_log_name);
+        // Not following symlinks: a log ebb did not create is never cut.
+        if !own || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match cap_log(&path, max) {
+            Ok(true) => tracing::debug!(
+                "worker log {} passed haproxy.worker_log_max_bytes = {max}: its tail is in {}.1",
+                path.display(),
+                path.display()
+            ),
+            Ok(false) => {}
+            // The worker exited and its log went meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "cannot cap worker log {}: {e}; check that {} is writable by the agent",
+                path.display(),
+                log_dir.display()
+            ),
+        }
+    }
+}
+
+/// The background task that keeps every worker log in `log_dir` under `max` bytes (plus what a
+/// worker writes in [`LOG_CHECK_INTERVAL`]); it ends when this is dropped.
+pub struct LogCap {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogCap {
+    pub fn spawn(log_dir: PathBuf, max: u64) -> LogCap {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let dir = log_dir.clone();
+                // Copying a 16 MiB tail is disk work: off the runtime's threads.
+                let _ = tokio::task::spawn_blocking(move || cap_logs(&dir, max)).await;
+            }
+        });
+        LogCap { task }
+    }
+}
+
+impl Drop for LogCap {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -390,5 +504,63 @@ mod tests {
         remove_own_log(Path::new(""), &logs);
         // Already gone: nothing to do, nothing to report.
         remove_own_log(&own[0], &logs);
+    }
+
+    #[test]
+    fn a_log_past_its_cap_keeps_its_tail_and_starts_over() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("worker-1-2.log");
+        let mut writer = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .expect("open");
+        for i in 0..100 {
+            writeln!(writer, "line {i:04}").expect("write");
+        }
+        assert!(
+            !cap_log(&log, 10_000).expect("cap"),
+            "under the cap: untouched"
+        );
+        assert!(cap_log(&log, 100).expect("cap"));
+        let kept = std::fs::read_to_string(dir.path().join("worker-1-2.log.1")).expect("tail");
+        assert!(
+            kept.starts_with("line ") && kept.ends_with("line 0099\n"),
+            "{kept}"
+        );
+        assert!(kept.len() <= 100, "{}", kept.len());
+        assert_eq!(std::fs::metadata(&log).expect("stat").len(), 0);
+        // The writer's next line lands at the start of the cut file, not after a hole.
+        writeln!(writer, "after").expect("write");
+        assert_eq!(std::fs::read_to_string(&log).expect("read"), "after\n");
+        remove_own_log(&log, dir.path());
+        assert!(
+            !dir.path().join("worker-1-2.log.1").exists(),
+            "the tail goes with the log"
+        );
+    }
+
+    #[test]
+    fn only_worker_logs_are_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![b'x'; 10_000];
+        let names = ["other.log", "worker-1-2.log.1", "starting-3.log"];
+        for name in names {
+            std::fs::write(dir.path().join(name), &big).expect("write");
+        }
+        std::os::unix::fs::symlink(
+            dir.path().join("other.log"),
+            dir.path().join("worker-4-5.log"),
+        )
+        .expect("symlink");
+        cap_logs(dir.path(), 100);
+        for name in names {
+            let len = std::fs::metadata(dir.path().join(name))
+                .expect("stat")
+                .len();
+            assert_eq!(len, 10_000, "{name} is not a worker log");
+        }
+        assert!(!dir.path().join("worker-4-5.log.1").exists());
     }
 }

@@ -24,7 +24,7 @@ use super::core::{
     WorkerSignal,
 };
 use super::launcher::{self, ReloadError};
-use super::sampler::{Sample, Sampler};
+use super::sampler::{ConnectionCounter, Counting, Sample, Sampler};
 use crate::config::Settings;
 use crate::digest::sha256_hex;
 use crate::events::Cause;
@@ -51,6 +51,7 @@ enum Report {
     CommandsDone(CommandJob, Result<(), String>),
     StoppingHookDone,
     AdminAnswers(Vec<u32>),
+    ConnectionCounts(HashMap<u32, u64>),
 }
 
 /// How many samples may wait for the node task; older ones are worth nothing once a newer exists.
@@ -69,6 +70,7 @@ pub struct Shell {
     summary: watch::Sender<Summary>,
     plugins: PluginHost,
     sampler: Sampler,
+    counter: ConnectionCounter,
     checker: Checker,
     queues: AdminQueues,
     /// Ports HAProxy listens on, to tell client connections from server ones.
@@ -78,6 +80,8 @@ pub struct Shell {
     reports: mpsc::UnboundedReceiver<Report>,
     samples: mpsc::Receiver<Sample>,
     disabled: mpsc::UnboundedReceiver<PluginDisabled>,
+    /// Keeps the workers' logs under `haproxy.worker_log_max_bytes` while the node runs.
+    _log_cap: worker::LogCap,
 }
 
 fn now() -> Now {
@@ -111,11 +115,18 @@ impl Shell {
             admin_socket: settings.admin_socket.clone(),
             log_dir: hp.state_dir.join("logs"),
             startup_timeout: hp.startup_timeout.0,
+            env: hp.env.clone(),
         };
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (samples_tx, samples) = mpsc::channel(SAMPLE_QUEUE);
         let sampler = Sampler::spawn(admin.clone(), settings.config.drain.clone(), samples_tx);
+        let counter = {
+            let tx = reports_tx.clone();
+            ConnectionCounter::spawn(move |counts| {
+                tx.send(Report::ConnectionCounts(counts)).is_ok()
+            })
+        };
         let checker = {
             let tx = reports_tx.clone();
             Checker::spawn(
@@ -138,6 +149,7 @@ impl Shell {
             .take_disabled()
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
 
+        let log_cap = worker::LogCap::spawn(spec.log_dir.clone(), hp.worker_log_max_bytes);
         let found = adoption::find(&settings, &spec, &admin).await?;
         let cfg = CoreConfig {
             node: settings.node_id().to_string(),
@@ -167,6 +179,7 @@ impl Shell {
             summary,
             plugins,
             sampler,
+            counter,
             checker,
             queues,
             client_ports: HashSet::new(),
@@ -175,6 +188,7 @@ impl Shell {
             reports,
             samples,
             disabled,
+            _log_cap: log_cap,
         };
         for w in found.workers {
             w.watch_exit(None, shell.exit_reporter());
@@ -190,9 +204,10 @@ impl Shell {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
         let mut inputs_open = true;
         loop {
-            if let Some(outcome) = self.carry_out() {
+            if let Some(outcome) = self.carry_out().await {
                 return outcome;
             }
+            self.aim_counter();
             let summary = Summary {
                 state: self.core.state(),
                 drain_id: self.core.drain_id().map(str::to_string),
@@ -239,7 +254,6 @@ impl Shell {
         };
         let request = match command {
             Command::Status(_) => {
-                self.count_connections();
                 let status = self.core.status(now(), self.plugins.status());
                 let _ = reply.send(Reply::success(&node, request_id, status));
                 return;
@@ -360,6 +374,7 @@ impl Shell {
                 self.confirming = false;
                 self.core.handle_admin_answers(now(), &pids);
             }
+            Report::ConnectionCounts(counts) => self.core.handle_connection_counts(counts),
         }
     }
 
@@ -391,7 +406,7 @@ impl Shell {
     }
 
     /// Carries out every effect the core has ready; returns the outcome once the node is done.
-    fn carry_out(&mut self) -> Option<Outcome> {
+    async fn carry_out(&mut self) -> Option<Outcome> {
         while let Some(effect) = self.core.poll_effect() {
             match effect {
                 Effect::Launch {
@@ -403,10 +418,15 @@ impl Shell {
                 Effect::Signal { worker, signal } => self.signal(worker, signal),
                 Effect::Commands(job) => self.queues.push(job),
                 Effect::Persist(state) => {
-                    if let Err(e) =
-                        state_file::save(&self.settings.config.haproxy.state_dir, &state)
-                    {
-                        tracing::error!("{e}");
+                    // The fsyncs run on the blocking pool; the node's task waits for them, as the
+                    // effects after a persist (a reply, an event) must not leave before it is done.
+                    let dir = self.settings.config.haproxy.state_dir.clone();
+                    let saved =
+                        tokio::task::spawn_blocking(move || state_file::save(&dir, &state)).await;
+                    match saved {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!("{e}"),
+                        Err(e) => tracing::error!("the state file was not written: {e}"),
                     }
                 }
                 Effect::Publish(event) => {
@@ -529,16 +549,18 @@ impl Shell {
         });
     }
 
-    /// Each old worker's open client connections, from /proc, for status.
-    fn count_connections(&mut self) {
+    /// Points the connection counter at the old workers the core records now.
+    fn aim_counter(&self) {
         let pids: Vec<u32> = self
             .core
             .workers()
             .skip(usize::from(self.core.current().is_some()))
             .map(|w| w.id.pid)
             .collect();
-        let counts = procfs::client_connections_of(&pids, &self.client_ports);
-        self.core.handle_connection_counts(counts);
+        self.counter.target(Counting {
+            pids,
+            client_ports: self.client_ports.clone(),
+        });
     }
 
     fn exit_reporter(&self) -> impl FnOnce(ProcessId, Exit) + Send + 'static {
