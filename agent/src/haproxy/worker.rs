@@ -324,31 +324,60 @@ fn is_worker_log_name(name: &str) -> bool {
 /// often enough that a worker logging fast overshoots its cap by little.
 pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A worker's log, and the worker (by pidfd) whose stdout and stderr write to it.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    pub path: PathBuf,
+    pidfd: Arc<OwnedFd>,
+}
+
+impl Worker {
+    pub fn log_target(&self) -> LogTarget {
+        LogTarget {
+            path: self.log.clone(),
+            pidfd: self.pidfd.clone(),
+        }
+    }
+}
+
 /// Caps one worker's log at `max` bytes: past it, its last `max` bytes (from a line start) are
 /// copied to `<log>.1`, replacing the previous tail, and the log is truncated. HAProxy keeps
-/// writing to the same file: its stdout and stderr were opened with `O_APPEND`, so its next write
-/// lands at the new end. What it writes between the copy and the truncation is lost (a few lines
-/// at most). Returns whether the log was cut.
-pub fn cap_log(path: &Path, max: u64) -> std::io::Result<bool> {
+/// writing to the same file, at its new end: the file was opened `O_APPEND`, and since HAProxy
+/// clears that flag when it first logs to stdout (it sets `O_NONBLOCK` with a plain `F_SETFL`),
+/// it is set again here, on the worker's own stdout, reached through its pidfd, just before the
+/// cut. What the worker writes between the copy and the cut is lost (a few lines at most).
+/// Returns whether the log was cut.
+pub fn cap_log(target: &LogTarget, max: u64) -> std::io::Result<bool> {
     use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
     let mut log = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
         .custom_flags(nofollow)
-        .open(path)?;
-    let len = log.metadata()?.len();
+        .open(&target.path)?;
+    let meta = log.metadata()?;
+    let len = meta.len();
     if len <= max {
         return Ok(false);
     }
-    let start = len - max;
-    log.seek(SeekFrom::Start(start))?;
+    let stdout =
+        rustix::process::pidfd_getfd(&*target.pidfd, 1, rustix::process::PidfdGetfdFlags::empty())?;
+    let st = rustix::fs::fstat(&stdout)?;
+    if st.st_dev != meta.dev() || st.st_ino != meta.ino() {
+        // Its stdout is not this file (an adopted HAProxy started by someone else): not ours to cut.
+        return Err(std::io::Error::other(
+            "the worker's stdout is another file than its recorded log",
+        ));
+    }
+    let flags = rustix::fs::fcntl_getfl(&stdout)?;
+    rustix::fs::fcntl_setfl(&stdout, flags | rustix::fs::OFlags::APPEND)?;
+
+    log.seek(SeekFrom::Start(len - max))?;
     let mut reader = BufReader::new(&log).take(max);
     let mut partial = Vec::new();
     reader.read_until(b'\n', &mut partial)?;
-    let kept = path.with_extension("log.1");
-    let staged = path.with_extension("log.1.tmp");
+    let kept = target.path.with_extension("log.1");
+    let staged = target.path.with_extension("log.1.tmp");
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -358,60 +387,64 @@ pub fn cap_log(path: &Path, max: u64) -> std::io::Result<bool> {
     std::io::copy(&mut reader, &mut out)?;
     drop(out);
     std::fs::rename(&staged, &kept)?;
-    log.set_len(0)?;
+    rustix::fs::ftruncate(&stdout, 0)?;
     Ok(true)
 }
 
-/// [`cap_log`] on every worker log in `log_dir`.
-pub fn cap_logs(log_dir: &Path, max: u64) {
-    let Ok(entries) = std::fs::read_dir(log_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let own = name.to_str().is_some_and(is_worker_log_name);
-        // Not following symlinks: a log ebb did not create is never cut.
-        if !own || !entry.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        let path = entry.path();
-        match cap_log(&path, max) {
+/// [`cap_log`] on each worker's log.
+pub fn cap_logs(targets: &[LogTarget], max: u64) {
+    for target in targets {
+        let path = target.path.display();
+        match cap_log(target, max) {
             Ok(true) => tracing::debug!(
-                "worker log {} passed haproxy.worker_log_max_bytes = {max}: its tail is in {}.1",
-                path.display(),
-                path.display()
+                "worker log {path} passed haproxy.worker_log_max_bytes = {max}: its tail is in {path}.1"
             ),
             Ok(false) => {}
             // The worker exited and its log went meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
             Err(e) => tracing::warn!(
-                "cannot cap worker log {}: {e}; check that {} is writable by the agent",
-                path.display(),
-                log_dir.display()
+                "cannot cap worker log {path} at haproxy.worker_log_max_bytes = {max}: {e}; it \
+                 grows until the worker exits; check that the agent may write it"
             ),
         }
     }
 }
 
-/// The background task that keeps every worker log in `log_dir` under `max` bytes (plus what a
-/// worker writes in [`LOG_CHECK_INTERVAL`]); it ends when this is dropped.
+/// The background task that keeps the workers' logs under `max` bytes (plus what a worker
+/// writes in [`LOG_CHECK_INTERVAL`]); it ends when this is dropped.
 pub struct LogCap {
+    targets: tokio::sync::watch::Sender<Vec<LogTarget>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LogCap {
-    pub fn spawn(log_dir: PathBuf, max: u64) -> LogCap {
+    pub fn spawn(max: u64) -> LogCap {
+        let (targets, rx) = tokio::sync::watch::channel(Vec::<LogTarget>::new());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let dir = log_dir.clone();
+                let now: Vec<LogTarget> = rx.borrow().clone();
+                if now.is_empty() {
+                    continue;
+                }
                 // Copying a 16 MiB tail is disk work: off the runtime's threads.
-                let _ = tokio::task::spawn_blocking(move || cap_logs(&dir, max)).await;
+                let _ = tokio::task::spawn_blocking(move || cap_logs(&now, max)).await;
             }
         });
-        LogCap { task }
+        LogCap { targets, task }
+    }
+
+    /// The workers whose logs to keep capped, from now on.
+    pub fn watch(&self, targets: Vec<LogTarget>) {
+        self.targets.send_if_modified(|t| {
+            let same =
+                t.len() == targets.len() && t.iter().zip(&targets).all(|(a, b)| a.path == b.path);
+            *t = targets;
+            !same
+        });
     }
 }
 
@@ -506,35 +539,60 @@ mod tests {
         remove_own_log(&own[0], &logs);
     }
 
+    /// A process whose stdout is `log`, opened without `O_APPEND` (as HAProxy leaves it).
+    struct Holder(std::process::Child);
+
+    impl Holder {
+        fn start(log: &std::fs::File, path: &Path) -> (Holder, LogTarget) {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .stdout(log.try_clone().expect("dup"))
+                .spawn()
+                .expect("spawn sleep");
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+            let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd");
+            let target = LogTarget {
+                path: path.to_owned(),
+                pidfd: Arc::new(pidfd),
+            };
+            (Holder(child), target)
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
-    fn a_log_past_its_cap_keeps_its_tail_and_starts_over() {
+    fn a_log_past_its_cap_keeps_its_tail_and_the_worker_writes_on_at_its_start() {
         use std::io::Write;
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("worker-1-2.log");
-        let mut writer = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&log)
-            .expect("open");
+        let path = dir.path().join("worker-1-2.log");
+        let mut writer = std::fs::File::create(&path).expect("create");
+        let (_holder, target) = Holder::start(&writer, &path);
         for i in 0..100 {
             writeln!(writer, "line {i:04}").expect("write");
         }
         assert!(
-            !cap_log(&log, 10_000).expect("cap"),
+            !cap_log(&target, 10_000).expect("cap"),
             "under the cap: untouched"
         );
-        assert!(cap_log(&log, 100).expect("cap"));
+        assert!(cap_log(&target, 100).expect("cap"));
         let kept = std::fs::read_to_string(dir.path().join("worker-1-2.log.1")).expect("tail");
         assert!(
             kept.starts_with("line ") && kept.ends_with("line 0099\n"),
             "{kept}"
         );
         assert!(kept.len() <= 100, "{}", kept.len());
-        assert_eq!(std::fs::metadata(&log).expect("stat").len(), 0);
-        // The writer's next line lands at the start of the cut file, not after a hole.
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+        // The writer shares the worker's stdout: its next line lands at the start of the cut
+        // file, not after a hole of zeros.
         writeln!(writer, "after").expect("write");
-        assert_eq!(std::fs::read_to_string(&log).expect("read"), "after\n");
-        remove_own_log(&log, dir.path());
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "after\n");
+        remove_own_log(&path, dir.path());
         assert!(
             !dir.path().join("worker-1-2.log.1").exists(),
             "the tail goes with the log"
@@ -542,25 +600,13 @@ mod tests {
     }
 
     #[test]
-    fn only_worker_logs_are_capped() {
+    fn a_log_that_is_not_the_workers_stdout_is_never_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let big = vec![b'x'; 10_000];
-        let names = ["other.log", "worker-1-2.log.1", "starting-3.log"];
-        for name in names {
-            std::fs::write(dir.path().join(name), &big).expect("write");
-        }
-        std::os::unix::fs::symlink(
-            dir.path().join("other.log"),
-            dir.path().join("worker-4-5.log"),
-        )
-        .expect("symlink");
-        cap_logs(dir.path(), 100);
-        for name in names {
-            let len = std::fs::metadata(dir.path().join(name))
-                .expect("stat")
-                .len();
-            assert_eq!(len, 10_000, "{name} is not a worker log");
-        }
-        assert!(!dir.path().join("worker-4-5.log.1").exists());
+        let stdout = std::fs::File::create(dir.path().join("elsewhere.log")).expect("create");
+        let (_holder, target) = Holder::start(&stdout, &dir.path().join("worker-1-2.log"));
+        std::fs::write(&target.path, vec![b'x'; 10_000]).expect("write");
+        assert!(cap_log(&target, 100).is_err());
+        assert_eq!(std::fs::metadata(&target.path).expect("stat").len(), 10_000);
+        assert!(!dir.path().join("worker-1-2.log.1").exists());
     }
 }

@@ -81,7 +81,7 @@ pub struct Shell {
     samples: mpsc::Receiver<Sample>,
     disabled: mpsc::UnboundedReceiver<PluginDisabled>,
     /// Keeps the workers' logs under `haproxy.worker_log_max_bytes` while the node runs.
-    _log_cap: worker::LogCap,
+    log_cap: worker::LogCap,
 }
 
 fn now() -> Now {
@@ -149,7 +149,7 @@ impl Shell {
             .take_disabled()
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
 
-        let log_cap = worker::LogCap::spawn(spec.log_dir.clone(), hp.worker_log_max_bytes);
+        let log_cap = worker::LogCap::spawn(hp.worker_log_max_bytes);
         let found = adoption::find(&settings, &spec, &admin).await?;
         let cfg = CoreConfig {
             node: settings.node_id().to_string(),
@@ -188,7 +188,7 @@ impl Shell {
             reports,
             samples,
             disabled,
-            _log_cap: log_cap,
+            log_cap,
         };
         for w in found.workers {
             w.watch_exit(None, shell.exit_reporter());
@@ -208,6 +208,8 @@ impl Shell {
                 return outcome;
             }
             self.aim_counter();
+            self.log_cap
+                .watch(self.workers.values().map(Worker::log_target).collect());
             let summary = Summary {
                 state: self.core.state(),
                 drain_id: self.core.drain_id().map(str::to_string),
