@@ -113,8 +113,8 @@ const PANIC_EXIT: i32 = 70;
 
 /// A panic anywhere in the agent ends it. A task that panicked would otherwise die alone and leave
 /// a half-alive agent: answering `status` while nobody watches a worker's exit, say. HAProxy runs
-/// in its own process group and keeps serving; systemd restarts the agent (`Restart=always`), and
-/// the next agent adopts the workers from the state file.
+/// in its own process group and keeps serving; systemd restarts the agent (`Restart=on-failure`
+/// in examples/systemd/ebb.service), and the next agent adopts the workers from the state file.
 ///
 /// Plugins are cdylibs with their own copy of std, hence their own panic hook: the SDK catches
 /// their panics and turns them into error answers, which this hook never sees.

@@ -71,6 +71,8 @@ pub struct Shell {
     plugins: PluginHost,
     sampler: Sampler,
     counter: ConnectionCounter,
+    /// The old workers of the counts the core holds, sorted.
+    counted: Vec<u32>,
     checker: Checker,
     queues: AdminQueues,
     /// Ports HAProxy listens on, to tell client connections from server ones.
@@ -180,6 +182,7 @@ impl Shell {
             plugins,
             sampler,
             counter,
+            counted: Vec::new(),
             checker,
             queues,
             client_ports: HashSet::new(),
@@ -219,7 +222,7 @@ impl Shell {
             let wake = self.core.poll_timeout();
             tokio::select! {
                 input = inputs.recv(), if inputs_open => match input {
-                    Some(Input::Command { command, reply }) => self.on_command(command, reply),
+                    Some(Input::Command { command, reply }) => self.on_command(command, reply).await,
                     Some(Input::Signal(signal)) => self.core.handle_signal(now(), signal),
                     // Every sender is gone: nothing can command the node anymore. Said once: a
                     // closed channel answers at once, every time.
@@ -241,7 +244,7 @@ impl Shell {
         }
     }
 
-    fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+    async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
         let node = self.settings.node_id().to_string();
         let request_id = command.request_id().map(str::to_string);
         let to = ReplyTo(self.next_reply);
@@ -256,6 +259,7 @@ impl Shell {
         };
         let request = match command {
             Command::Status(_) => {
+                self.count_if_stale().await;
                 let status = self.core.status(now(), self.plugins.status());
                 let _ = reply.send(Reply::success(&node, request_id, status));
                 return;
@@ -376,7 +380,7 @@ impl Shell {
                 self.confirming = false;
                 self.core.handle_admin_answers(now(), &pids);
             }
-            Report::ConnectionCounts(counts) => self.core.handle_connection_counts(counts),
+            Report::ConnectionCounts(counts) => self.take_counts(counts),
         }
     }
 
@@ -551,18 +555,48 @@ impl Shell {
         });
     }
 
-    /// Points the connection counter at the old workers the core records now.
-    fn aim_counter(&self) {
-        let pids: Vec<u32> = self
+    /// The old workers the core records now, sorted.
+    fn old_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
             .core
             .workers()
             .skip(usize::from(self.core.current().is_some()))
             .map(|w| w.id.pid)
             .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Points the connection counter at the old workers the core records now.
+    fn aim_counter(&self) {
         self.counter.target(Counting {
-            pids,
+            pids: self.old_pids(),
             client_ports: self.client_ports.clone(),
         });
+    }
+
+    fn take_counts(&mut self, counts: HashMap<u32, u64>) {
+        let mut counted: Vec<u32> = counts.keys().copied().collect();
+        counted.sort_unstable();
+        self.counted = counted;
+        self.core.handle_connection_counts(counts);
+    }
+
+    /// `status` serves the counter's numbers. Only when the old workers changed since its last
+    /// count (a reload a moment ago) does it count them itself, on the blocking pool, so that a
+    /// worker displaced with a request in flight never shows 0 connections.
+    async fn count_if_stale(&mut self) {
+        let pids = self.old_pids();
+        if pids == self.counted {
+            return;
+        }
+        let ports = self.client_ports.clone();
+        let counting = pids.clone();
+        let counts =
+            tokio::task::spawn_blocking(move || procfs::client_connections_of(&counting, &ports))
+                .await
+                .unwrap_or_default();
+        self.take_counts(counts);
     }
 
     fn exit_reporter(&self) -> impl FnOnce(ProcessId, Exit) + Send + 'static {
