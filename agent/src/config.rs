@@ -624,6 +624,19 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_log_cap_too_small_to_hold_a_line_is_refused() {
+        let msg = problems(
+            "",
+            HAPROXY_CFG,
+            &[("EBB_HAPROXY__WORKER_LOG_MAX_BYTES", "100")],
+        );
+        assert!(
+            msg.contains("haproxy.worker_log_max_bytes must be at least 4096"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn environment_strings_stay_as_written() {
         let fx = Fixture::new(HAPROXY_CFG);
         let s = load_with(

@@ -1,6 +1,7 @@
 //! One HAProxy worker process: its identity, a pidfd to signal it safely, its log file, and the
 //! task that reports its exit the moment it happens.
 
+use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -391,8 +392,10 @@ pub fn cap_log(target: &LogTarget, max: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// [`cap_log`] on each worker's log.
-pub fn cap_logs(targets: &[LogTarget], max: u64) {
+/// [`cap_log`] on each worker's log. A log that cannot be capped is reported once (in `warned`),
+/// not every second.
+pub fn cap_logs(targets: &[LogTarget], max: u64, warned: &mut HashSet<PathBuf>) {
+    warned.retain(|p| targets.iter().any(|t| &t.path == p));
     for target in targets {
         let path = target.path.display();
         match cap_log(target, max) {
@@ -403,10 +406,15 @@ pub fn cap_logs(targets: &[LogTarget], max: u64) {
             // The worker exited and its log went meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
-            Err(e) => tracing::warn!(
-                "cannot cap worker log {path} at haproxy.worker_log_max_bytes = {max}: {e}; it \
-                 grows until the worker exits; check that the agent may write it"
-            ),
+            Err(e) => {
+                if warned.insert(target.path.clone()) {
+                    tracing::warn!(
+                        "cannot cap worker log {path} at haproxy.worker_log_max_bytes = {max}: \
+                         {e}; it grows until the worker exits (an adopted worker may need the \
+                         agent to run as root, or as HAProxy's user with ptrace allowed)"
+                    );
+                }
+            }
         }
     }
 }
@@ -424,6 +432,7 @@ impl LogCap {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut warned = HashSet::new();
             loop {
                 tick.tick().await;
                 let now: Vec<LogTarget> = rx.borrow().clone();
@@ -431,7 +440,12 @@ impl LogCap {
                     continue;
                 }
                 // Copying a 16 MiB tail is disk work: off the runtime's threads.
-                let _ = tokio::task::spawn_blocking(move || cap_logs(&now, max)).await;
+                let capped = tokio::task::spawn_blocking(move || {
+                    cap_logs(&now, max, &mut warned);
+                    warned
+                })
+                .await;
+                warned = capped.unwrap_or_default();
             }
         });
         LogCap { targets, task }
