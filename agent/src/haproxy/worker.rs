@@ -312,6 +312,18 @@ pub fn remove_own_log(log: &Path, log_dir: &Path) {
     }
 }
 
+/// A log `launch` created: named by it, directly in `log_dir`. Only those are ever cut: an adopted
+/// HAProxy that someone else started may write to a file that is not ebb's.
+fn is_own_log(path: &Path, log_dir: &Path) -> bool {
+    let named = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        is_worker_log_name(n)
+            || n.strip_prefix("starting-")
+                .and_then(|s| s.strip_suffix(".log"))
+                .is_some_and(|s| !s.is_empty())
+    });
+    named && path.parent() == Some(log_dir)
+}
+
 /// `worker-<pid>-<start>.log`: the name `launch` gives a worker's log once it runs.
 fn is_worker_log_name(name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -394,9 +406,9 @@ pub fn cap_log(target: &LogTarget, max: u64) -> std::io::Result<bool> {
 
 /// [`cap_log`] on each worker's log. A log that cannot be capped is reported once (in `warned`),
 /// not every second.
-pub fn cap_logs(targets: &[LogTarget], max: u64, warned: &mut HashSet<PathBuf>) {
+pub fn cap_logs(log_dir: &Path, targets: &[LogTarget], max: u64, warned: &mut HashSet<PathBuf>) {
     warned.retain(|p| targets.iter().any(|t| &t.path == p));
-    for target in targets {
+    for target in targets.iter().filter(|t| is_own_log(&t.path, log_dir)) {
         let path = target.path.display();
         match cap_log(target, max) {
             Ok(true) => tracing::debug!(
@@ -427,7 +439,7 @@ pub struct LogCap {
 }
 
 impl LogCap {
-    pub fn spawn(max: u64) -> LogCap {
+    pub fn spawn(log_dir: PathBuf, max: u64) -> LogCap {
         let (targets, rx) = tokio::sync::watch::channel(Vec::<LogTarget>::new());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
@@ -440,8 +452,9 @@ impl LogCap {
                     continue;
                 }
                 // Copying a 16 MiB tail is disk work: off the runtime's threads.
+                let dir = log_dir.clone();
                 let capped = tokio::task::spawn_blocking(move || {
-                    cap_logs(&now, max, &mut warned);
+                    cap_logs(&dir, &now, max, &mut warned);
                     warned
                 })
                 .await;
@@ -611,6 +624,29 @@ mod tests {
             !dir.path().join("worker-1-2.log.1").exists(),
             "the tail goes with the log"
         );
+    }
+
+    #[test]
+    fn only_logs_ebb_created_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).expect("mkdir");
+        let mut cut = Vec::new();
+        for path in [
+            dir.path().join("haproxy.log"),
+            dir.path().join("worker-1-2.log"),
+            logs.join("haproxy.log"),
+            logs.join("worker-1-2.log"),
+        ] {
+            let writer = std::fs::File::create(&path).expect("create");
+            let (_holder, target) = Holder::start(&writer, &path);
+            std::fs::write(&path, vec![b'x'; 1000]).expect("write");
+            cap_logs(&logs, &[target], 100, &mut HashSet::new());
+            if std::fs::metadata(&path).expect("stat").len() == 0 {
+                cut.push(path);
+            }
+        }
+        assert_eq!(cut, vec![logs.join("worker-1-2.log")]);
     }
 
     #[test]

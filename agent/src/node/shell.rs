@@ -151,7 +151,7 @@ impl Shell {
             .take_disabled()
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
 
-        let log_cap = worker::LogCap::spawn(hp.worker_log_max_bytes);
+        let log_cap = worker::LogCap::spawn(spec.log_dir.clone(), hp.worker_log_max_bytes);
         let found = adoption::find(&settings, &spec, &admin).await?;
         let cfg = CoreConfig {
             node: settings.node_id().to_string(),
@@ -591,9 +591,8 @@ impl Shell {
             return;
         }
         let ports = self.client_ports.clone();
-        let counting = pids.clone();
         let counts =
-            tokio::task::spawn_blocking(move || procfs::client_connections_of(&counting, &ports))
+            tokio::task::spawn_blocking(move || procfs::client_connections_of(&pids, &ports))
                 .await
                 .unwrap_or_default();
         self.take_counts(counts);
