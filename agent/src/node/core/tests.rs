@@ -1031,8 +1031,17 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
     let mut exited = false;
     for e in n.take() {
         match e {
-            Effect::Launch { reload_id, .. } => {
+            Effect::Launch {
+                reload_id,
+                takeover,
+                ..
+            } => {
                 prop_assert!(w.pending.is_none(), "one launch at a time");
+                let old = n.core.workers().count() - usize::from(n.core.current().is_some());
+                prop_assert!(
+                    !takeover || old < MODEL_MAX_OLD,
+                    "a reload started with {old} old workers, past the cap"
+                );
                 w.pending = Some(reload_id);
             }
             Effect::Signal { worker, .. } => {
@@ -1104,6 +1113,15 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
     Ok(exited)
 }
 
+/// Low, so that random inputs meet the old-worker cap often.
+const MODEL_MAX_OLD: usize = 2;
+
+fn model_cfg() -> CoreConfig {
+    let mut c = cfg(&["alb"]);
+    c.max_old_workers = MODEL_MAX_OLD;
+    c
+}
+
 fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
     let state = w.persisted.clone().unwrap_or_default();
     // Every live process passes verification (it is ours); which one was recorded current.
@@ -1123,7 +1141,7 @@ fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
         workers,
         answering: socket_answers.then(|| newest.into_iter().collect()),
     };
-    let mut c = cfg(&["alb"]);
+    let mut c = model_cfg();
     c.boot_id = format!("b{}", n.ms);
     let mut next = Node::boot_at(c, boot, n.t0, n.w0, n.ms);
     next.next_pid = n.next_pid;
@@ -1131,7 +1149,7 @@ fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
 }
 
 fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let mut n = Node::boot(cfg(&["alb"]), Boot::default());
+    let mut n = Node::boot(model_cfg(), Boot::default());
     let mut w = World::default();
     apply(&mut n, &mut w)?;
     for s in steps {
