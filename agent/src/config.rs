@@ -157,6 +157,8 @@ pub struct HaproxyConfig {
     /// Environment variables HAProxy inherits from the agent, besides `PATH` (and `EBB_DRAINING`,
     /// which ebb sets). Everything else, NATS secrets included, stays with the agent.
     pub env: Vec<String>,
+    /// A worker's log (its stdout and stderr) past this many bytes is cut to its tail.
+    pub worker_log_max_bytes: u64,
 }
 
 impl Default for HaproxyConfig {
@@ -170,6 +172,7 @@ impl Default for HaproxyConfig {
             stop_timeout: Dur::secs(120),
             state_dir: PathBuf::from("/var/lib/ebb"),
             env: Vec::new(),
+            worker_log_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -414,6 +417,11 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "{file}: haproxy.mode = \"master-worker\" is not supported by this version of ebb; use \"direct\""
         ));
     }
+    if config.haproxy.worker_log_max_bytes < 4096 {
+        problems.push(format!(
+            "{file}: haproxy.worker_log_max_bytes must be at least 4096; the default is 16777216 (16 MiB)"
+        ));
+    }
     if config.reload.max_old_workers == 0 {
         problems.push(format!(
             "{file}: reload.max_old_workers must be at least 1; the default is 32"
@@ -613,6 +621,19 @@ mod tests {
         assert_eq!(s.config.drain.min_period, Dur::secs(5));
         assert!(s.config.drain.stop_when_drained);
         assert_eq!(s.node_id(), "web-2");
+    }
+
+    #[test]
+    fn a_worker_log_cap_too_small_to_hold_a_line_is_refused() {
+        let msg = problems(
+            "",
+            HAPROXY_CFG,
+            &[("EBB_HAPROXY__WORKER_LOG_MAX_BYTES", "100")],
+        );
+        assert!(
+            msg.contains("haproxy.worker_log_max_bytes must be at least 4096"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -90,6 +90,7 @@ fn haproxy_check(settings: &Settings) -> Result<(), String> {
     runtime.block_on(ebb_agent::haproxy::launch::check_config(
         &settings.haproxy_binary,
         &settings.config.haproxy.config,
+        &settings.config.haproxy.env,
     ))
 }
 
@@ -106,7 +107,48 @@ fn init_logging(settings: &Settings) {
     }
 }
 
+/// The agent's exit status after a panic (EX_SOFTWARE): distinct from a configuration or startup
+/// failure (1), so that an operator reading `systemctl status` knows it is a bug to report.
+const PANIC_EXIT: i32 = 70;
+
+/// A panic anywhere in the agent ends it. A task that panicked would otherwise die alone and leave
+/// a half-alive agent: answering `status` while nobody watches a worker's exit, say. HAProxy runs
+/// in its own process group and keeps serving; systemd restarts the agent (`Restart=on-failure`
+/// in examples/systemd/ebb.service), and the next agent adopts the workers from the state file.
+///
+/// Plugins are cdylibs with their own copy of std, hence their own panic hook: the SDK catches
+/// their panics and turns them into error answers, which this hook never sees.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        tracing::error!(
+            "the agent panicked ({info}); exiting with status {PANIC_EXIT} so that its supervisor \
+             restarts it; HAProxy keeps serving and the next agent adopts it. Please report this bug"
+        );
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
+/// A test hook, in debug builds only: with `EBB_TEST_PANIC_ON_SIGUSR1=1` in the agent's environment
+/// (read once, at start), a task panics when the agent gets SIGUSR1, as a bug would. It shows the
+/// panic policy from outside (tests/resources.rs); release builds have no such trigger.
+#[cfg(debug_assertions)]
+fn spawn_test_panic_trigger() -> anyhow::Result<()> {
+    if std::env::var_os("EBB_TEST_PANIC_ON_SIGUSR1").is_none_or(|v| v != "1") {
+        return Ok(());
+    }
+    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
+    tokio::spawn(async move {
+        if usr1.recv().await.is_some() {
+            panic!("EBB_TEST_PANIC_ON_SIGUSR1: a task panics, as asked");
+        }
+    });
+    Ok(())
+}
+
 fn run_agent(settings: Settings) -> anyhow::Result<()> {
+    exit_on_panic();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -130,6 +172,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             drain_id: None,
         });
         spawn_signal_handler(inputs_tx.clone())?;
+        #[cfg(debug_assertions)]
+        spawn_test_panic_trigger()?;
 
         let client = connect::connect_agent(&cfg.nats, settings.node_id()).await?;
         let publisher = Publisher {

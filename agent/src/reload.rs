@@ -7,6 +7,8 @@
 //!   reload finishes (and, with `coalesce` set, no sooner than `coalesce` after it finished). Every
 //!   requester of a batch gets that batch's result, which is the reload that applied to it.
 //! - A pushed config that differs from the one already queued does not coalesce: it is a conflict.
+//! - A batch holds at most `max_waiters` requests: past that, a request is a conflict at once, so
+//!   a flood of reloads cannot grow the agent's memory without bound.
 
 use std::time::{Duration, Instant};
 
@@ -27,10 +29,18 @@ pub struct Batch<W> {
     ready_at: Instant,
 }
 
+/// How many requests may wait for the next reload by default. Each one is a reply owed to a
+/// client: hundreds already mean something upstream retries in a loop.
+pub const MAX_WAITERS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("another config (sha256 {queued}) is already queued for the next reload; retry after it")]
-pub struct Conflict {
-    pub queued: String,
+pub enum Conflict {
+    #[error(
+        "another config (sha256 {queued}) is already queued for the next reload; retry after it"
+    )]
+    OtherConfig { queued: String },
+    #[error("{waiters} reload requests already wait for the next reload; retry once it is done")]
+    Full { waiters: usize },
 }
 
 /// The reload being carried out: the batch it answers and what it was started with. The queue is
@@ -50,6 +60,7 @@ pub struct ReloadQueue<W> {
     running: Option<Running<W>>,
     queued: Option<Batch<W>>,
     coalesce: Duration,
+    max_waiters: usize,
 }
 
 impl<W> ReloadQueue<W> {
@@ -58,7 +69,14 @@ impl<W> ReloadQueue<W> {
             running: None,
             queued: None,
             coalesce,
+            max_waiters: MAX_WAITERS,
         }
+    }
+
+    /// Caps the requests one batch may hold (at least one).
+    pub fn with_max_waiters(mut self, max_waiters: usize) -> Self {
+        self.max_waiters = max_waiters.max(1);
+        self
     }
 
     pub fn running(&self) -> Option<&Running<W>> {
@@ -89,10 +107,14 @@ impl<W> ReloadQueue<W> {
                     ready_at: now,
                 });
             }
+            Some(batch) if batch.waiters.len() >= self.max_waiters => {
+                let waiters = batch.waiters.len();
+                return Err((waiter, Conflict::Full { waiters }));
+            }
             Some(batch) => match (&batch.config, config) {
                 (Some(queued), Some(new)) if queued.sha256 != new.sha256 => {
                     let queued = queued.sha256.clone();
-                    return Err((waiter, Conflict { queued }));
+                    return Err((waiter, Conflict::OtherConfig { queued }));
                 }
                 (None, Some(new)) => {
                     batch.config = Some(new);
@@ -128,6 +150,14 @@ impl<W> ReloadQueue<W> {
             draining,
         });
         self.running.as_ref()
+    }
+
+    /// Takes the queued batch without starting it, if one is due: it is refused as a whole.
+    pub fn refuse_due(&mut self, now: Instant) -> Option<Batch<W>> {
+        if self.next_start()? > now {
+            return None;
+        }
+        self.queued.take()
     }
 
     /// The running reload is over (either way): hands it back, to answer its waiters.
@@ -218,7 +248,12 @@ mod tests {
             .request(5, cfg("b"), now)
             .expect_err("another config conflicts");
         assert_eq!(w, 5);
-        assert_eq!(c.queued, cfg("a").expect("cfg").sha256);
+        assert_eq!(
+            c,
+            Conflict::OtherConfig {
+                queued: cfg("a").expect("cfg").sha256
+            }
+        );
         q.finish(now);
         let b = start(&mut q, now).expect("starts");
         assert_eq!(b.batch.waiters, vec![2, 3, 4]);
@@ -248,6 +283,61 @@ mod tests {
         let _ = start(&mut q, now);
         q.request(2, None, now).expect("queued");
         assert_eq!(q.drain_queued(), vec![2]);
+        assert!(!q.has_queued());
+    }
+
+    #[test]
+    fn a_flood_of_reloads_cannot_grow_the_queue_without_bound() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO).with_max_waiters(3);
+        q.request(0, None, now).expect("queued");
+        let _ = start(&mut q, now);
+        for w in 1..=3 {
+            q.request(w, None, now).expect("joins");
+        }
+        let (w, c) = q.request(4, None, now).expect_err("the batch is full");
+        assert_eq!(w, 4);
+        assert_eq!(c, Conflict::Full { waiters: 3 });
+        assert!(
+            c.to_string().contains("3 reload requests already wait"),
+            "{c}"
+        );
+        q.finish(now);
+        assert_eq!(
+            start(&mut q, now).expect("starts").batch.waiters,
+            vec![1, 2, 3]
+        );
+        // Once the batch started, requests queue again.
+        q.request(5, None, now).expect("a new batch");
+    }
+
+    #[test]
+    fn the_default_cap_is_256_waiters() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::ZERO);
+        q.request(0, None, now).expect("queued");
+        let _ = start(&mut q, now);
+        for w in 1..=MAX_WAITERS as i32 {
+            q.request(w, None, now).expect("joins");
+        }
+        assert!(q.request(-1, None, now).is_err());
+    }
+
+    #[test]
+    fn a_refused_batch_is_taken_whole_and_only_when_due() {
+        let now = Instant::now();
+        let mut q = ReloadQueue::new(Duration::from_millis(100));
+        q.request(1, None, now).expect("queued");
+        let _ = start(&mut q, now);
+        q.request(2, None, now).expect("joins");
+        assert!(q.refuse_due(now).is_none(), "not while a reload runs");
+        q.finish(now);
+        assert!(
+            q.refuse_due(now).is_none(),
+            "not before its coalesce window"
+        );
+        let refused = q.refuse_due(now + Duration::from_millis(100)).expect("due");
+        assert_eq!(refused.waiters, vec![2]);
         assert!(!q.has_queued());
     }
 }

@@ -380,4 +380,90 @@ mod tests {
         assert!(matches!(err, StateError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("state.json"), "{err}");
     }
+
+    mod garbage {
+        //! Whatever is in the state file (a torn write on a filesystem without ordering, a file
+        //! edited by hand, another program's JSON), reading it answers, and never panics.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A state file as this agent writes it, with a current and an old worker.
+        fn written() -> Vec<u8> {
+            let mut s = sample();
+            s.restarts = 3;
+            s.stopping = true;
+            serde_json::to_vec_pretty(&s).expect("serialize")
+        }
+
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Truncate(usize),
+            Flip(usize, u8),
+            Insert(usize, Vec<u8>),
+            Remove(usize, usize),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            let snippet = prop_oneof![
+                Just(b"{".to_vec()),
+                Just(b"}".to_vec()),
+                Just(b"\"version\": 4294967296,".to_vec()),
+                Just(b"null".to_vec()),
+                Just(b"-1".to_vec()),
+                Just(b"\"\\u0000\"".to_vec()),
+                Just(b"[[[[[[[[".to_vec()),
+                prop::collection::vec(any::<u8>(), 0..8),
+            ];
+            prop_oneof![
+                any::<usize>().prop_map(Edit::Truncate),
+                (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Flip(i, b)),
+                (any::<usize>(), snippet).prop_map(|(i, s)| Edit::Insert(i, s)),
+                (any::<usize>(), 0..16usize).prop_map(|(i, n)| Edit::Remove(i, n)),
+            ]
+        }
+
+        fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+            for e in edits {
+                let at = |i: usize, len: usize| if len == 0 { 0 } else { i % (len + 1) };
+                match e {
+                    Edit::Truncate(i) => bytes.truncate(at(*i, bytes.len())),
+                    Edit::Flip(i, b) if !bytes.is_empty() => {
+                        let i = i % bytes.len();
+                        bytes[i] ^= b;
+                    }
+                    Edit::Flip(..) => {}
+                    Edit::Insert(i, s) => {
+                        let i = at(*i, bytes.len());
+                        bytes.splice(i..i, s.iter().copied());
+                    }
+                    Edit::Remove(i, n) => {
+                        let i = at(*i, bytes.len());
+                        let end = (i + n).min(bytes.len());
+                        bytes.drain(i..end);
+                    }
+                }
+            }
+            bytes
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn a_damaged_state_file_never_panics(edits in prop::collection::vec(edit(), 0..6)) {
+                let bytes = apply(written(), &edits);
+                if let Ok(state) = parse(&bytes) {
+                    prop_assert!(state.version >= 1 && state.version <= VERSION);
+                    let _ = state.worker_records();
+                }
+            }
+
+            #[test]
+            fn any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = parse(&bytes);
+            }
+        }
+    }
 }

@@ -290,4 +290,66 @@ mod tests {
         assert!(!looks_refused(""));
         assert!(!looks_refused("proc.x: type=sint value=<1>"));
     }
+
+    mod garbage {
+        //! Whatever the admin socket answers (another program on the socket, a newer HAProxy, a
+        //! truncated read), the parsers answer, and never panic.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn field() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                Just("0".to_string()),
+                Just("1".to_string()),
+                Just("2".to_string()),
+                Just("3".to_string()),
+                Just("-1".to_string()),
+                Just("18446744073709551616".to_string()),
+                Just("pxname".to_string()),
+                Just("type".to_string()),
+                Just("scur".to_string()),
+                Just("qcur".to_string()),
+                Just("stot".to_string()),
+                Just("# ".to_string()),
+                Just("Pid:".to_string()),
+                Just("CurrConns:".to_string()),
+                any::<char>().prop_map(String::from),
+            ]
+        }
+
+        fn answer() -> impl Strategy<Value = String> {
+            let line = prop::collection::vec(field(), 0..8).prop_map(|f| f.join(","));
+            prop_oneof![
+                prop::collection::vec(line, 0..5).prop_map(|l| l.join("\n")),
+                // A header ebb knows, then rows of anything.
+                prop::collection::vec(prop::collection::vec(field(), 0..8), 0..5).prop_map(
+                    |rows| {
+                        let mut csv = "# pxname,svname,qcur,scur,stot,type\n".to_string();
+                        for r in rows {
+                            csv.push_str(&r.join(","));
+                            csv.push('\n');
+                        }
+                        csv
+                    }
+                ),
+                prop::collection::vec(any::<u8>(), 0..256)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn show_info_and_show_stat_answers_never_panic(text in answer()) {
+                let _ = parse_pid(&text);
+                let _ = looks_refused(&text);
+                let rows = parse_stat(&text);
+                prop_assert!(rows.len() <= text.lines().count());
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! Nothing here signals the running worker. A bad config or a taken port makes the new process exit
 //! on its own before it is ready, so a failed launch leaves the running worker exactly as it was.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ pub struct LaunchSpec {
     /// agent, so an adopted old worker's `hard-stopped` line can still be read.
     pub log_dir: PathBuf,
     pub startup_timeout: Duration,
+    /// `haproxy.env`: the agent's variables HAProxy gets besides `PATH` and `EBB_DRAINING`.
+    pub env: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -97,15 +100,29 @@ pub async fn launch(
         std::process::id(),
         started.elapsed().as_nanos() ^ u128::from(rand_u64())
     ));
-    let log = std::fs::File::create(&staging).map_err(spawn_err)?;
-    let log_err = log.try_clone().map_err(spawn_err)?;
+    // O_APPEND: every write of HAProxy lands at the end of the file as it is now, so capping the
+    // log (worker::cap_log truncates it) never leaves a hole of zeros before the next line.
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(&staging)
+        .map_err(spawn_err)?;
+    let log_err = match log.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            worker::remove_own_log(&staging, &spec.log_dir);
+            return Err(spawn_err(e));
+        }
+    };
 
     let mut cmd = Command::new(&spec.binary);
     cmd.arg("-db").arg("-f").arg(&spec.config);
     if takeover && spec.admin_socket.exists() {
         cmd.arg("-x").arg(&spec.admin_socket);
     }
-    cmd.env("EBB_DRAINING", if draining { "1" } else { "0" })
+    cmd.env_clear()
+        .envs(child_env(std::env::vars_os(), &spec.env))
+        .env("EBB_DRAINING", if draining { "1" } else { "0" })
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -113,7 +130,13 @@ pub async fn launch(
         // HAProxy, which the agent stops gracefully or leaves running for the next agent.
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            worker::remove_own_log(&staging, &spec.log_dir);
+            return Err(spawn_err(e));
+        }
+    };
 
     let worker = match Worker::from_child(&child, staging.clone(), config_sha256) {
         Ok(w) => w,
@@ -123,10 +146,9 @@ pub async fn launch(
                 .await
                 .map(Exit::from_status)
                 .unwrap_or(Exit::Unknown);
-            return Err(LaunchError::Exited {
-                exit,
-                stderr: worker::startup_error(&worker::log_tail(&staging, 8192)),
-            });
+            let stderr = worker::startup_error(&worker::log_tail(&staging, 8192));
+            worker::remove_own_log(&staging, &spec.log_dir);
+            return Err(LaunchError::Exited { exit, stderr });
         }
     };
     let mut worker = worker;
@@ -204,16 +226,36 @@ async fn wait_ready(
     }
 }
 
+/// HAProxy's environment, from the agent's: `PATH` and the variables `allow` names, nothing else.
+/// The agent's own environment carries its secrets (`EBB_NATS__TOKEN`, credentials paths, cloud
+/// keys for plugins), which HAProxy, its configs and its Lua scripts have no business seeing.
+pub fn child_env(
+    agent: impl IntoIterator<Item = (OsString, OsString)>,
+    allow: &[String],
+) -> Vec<(OsString, OsString)> {
+    agent
+        .into_iter()
+        .filter(|(name, _)| {
+            name == "PATH" || allow.iter().any(|a| name.to_str() == Some(a.as_str()))
+        })
+        // ebb sets it for each worker: an inherited one would say nothing true.
+        .filter(|(name, _)| name != "EBB_DRAINING")
+        .collect()
+}
+
 fn rand_u64() -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0
 }
 
-/// Checks a config with `haproxy -c`, for pushed configs that are not on disk yet.
-pub async fn check_config(binary: &Path, config: &Path) -> Result<(), String> {
+/// Checks a config with `haproxy -c`, for pushed configs that are not on disk yet. It runs in the
+/// environment a worker gets (`env` is `haproxy.env`), so `"${VAR}"` in the config means the same.
+pub async fn check_config(binary: &Path, config: &Path, env: &[String]) -> Result<(), String> {
     let out = Command::new(binary)
         .arg("-c")
         .arg("-f")
         .arg(config)
+        .env_clear()
+        .envs(child_env(std::env::vars_os(), env))
         .stdin(Stdio::null())
         .output()
         .await
@@ -224,5 +266,30 @@ pub async fn check_config(binary: &Path, config: &Path) -> Result<(), String> {
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
         Err(worker::startup_error(&text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haproxy_gets_path_and_the_allowlist_never_the_agents_secrets() {
+        let agent = [
+            ("PATH", "/usr/sbin:/usr/bin"),
+            ("TZ", "UTC"),
+            ("EBB_NATS__TOKEN", "s3cret"),
+            ("NATS_CREDS", "/etc/ebb/nats.creds"),
+            ("AWS_SECRET_ACCESS_KEY", "k"),
+            ("EBB_DRAINING", "1"),
+            ("LANG", "C.UTF-8"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = child_env(agent, &["TZ".into(), "EBB_DRAINING".into(), "HOME".into()]);
+        let names: Vec<_> = env
+            .iter()
+            .map(|(k, _)| k.to_str().expect("utf-8"))
+            .collect();
+        assert_eq!(names, vec!["PATH", "TZ"]);
     }
 }

@@ -240,19 +240,23 @@ pub fn config_args(args: &[&OsStr]) -> Vec<PathBuf> {
     out
 }
 
+/// The arguments in the text of /proc/<pid>/cmdline: NUL-terminated, and an empty one in the
+/// middle is still an argument.
+fn cmdline_args(cmdline: &[u8]) -> Vec<&OsStr> {
+    cmdline
+        .strip_suffix(&[0])
+        .unwrap_or(cmdline)
+        .split(|b| *b == 0)
+        .map(OsStr::from_bytes)
+        .collect()
+}
+
 /// The config files on process `pid`'s command line, absolute and canonicalized where possible.
 pub fn config_files(pid: u32) -> Vec<PathBuf> {
     let Ok(cmdline) = std::fs::read(proc_path(pid, "cmdline")) else {
         return Vec::new();
     };
-    // NUL-terminated arguments; an empty one in the middle is still an argument.
-    let args: Vec<&OsStr> = cmdline
-        .strip_suffix(&[0])
-        .unwrap_or(&cmdline)
-        .split(|b| *b == 0)
-        .map(OsStr::from_bytes)
-        .collect();
-    let files = config_args(&args);
+    let files = config_args(&cmdline_args(&cmdline));
     if files.is_empty() {
         return files;
     }
@@ -353,11 +357,16 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
         return HashSet::new();
     };
     dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|link| {
-            let s = link.to_str()?;
-            s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-        })
+        .filter_map(|link| socket_inode(link.to_str()?))
         .collect()
+}
+
+/// The inode of an fd link such as `socket:[12345]`; `None` for anything else.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The TCP tables of `pid`'s network namespace; `None` when they cannot be read (it exited).
@@ -655,5 +664,77 @@ pub(crate) mod tests {
                 },
             ]
         );
+    }
+
+    mod garbage {
+        //! Whatever /proc holds (a process that changes under the read, a kernel with other
+        //! fields, a command line of any bytes), the parsers answer, and never panic.
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Tokens that look like /proc's, and some that break its rules.
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                Just("(".to_string()),
+                Just(")".to_string()),
+                Just(") S".to_string()),
+                Just("Uid:".to_string()),
+                Just("socket:[".to_string()),
+                Just("]".to_string()),
+                Just("0A".to_string()),
+                Just(":".to_string()),
+                Just("0100007F:1F90".to_string()),
+                Just("18446744073709551616".to_string()),
+                Just("-1".to_string()),
+                Just("é".to_string()),
+                Just("\n".to_string()),
+                Just("\t".to_string()),
+                Just(" ".to_string()),
+                any::<u32>().prop_map(|n| format!("{n:X}")),
+                any::<char>().prop_map(String::from),
+            ]
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::collection::vec(token(), 0..24).prop_map(|t| t.concat()),
+                prop::collection::vec(any::<u8>(), 0..256)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn stat_status_net_tcp_and_fd_links_never_panic(text in text()) {
+                let _ = parse_stat(&text);
+                let _ = parse_real_uid(&text);
+                let _ = socket_inode(&text);
+                prop_assert!(parse_tcp_table(&text).len() <= text.lines().count());
+            }
+
+            #[test]
+            fn a_cmdline_of_any_bytes_never_panics(
+                bytes in prop::collection::vec(any::<u8>(), 0..256)
+            ) {
+                // Mostly NULs, dashes and `f`s: command lines with many (empty) `-f` arguments.
+                let bytes: Vec<u8> = bytes
+                    .into_iter()
+                    .map(|b| match b % 8 {
+                        0..=2 => 0,
+                        3 => b'-',
+                        4 => b'f',
+                        _ => b,
+                    })
+                    .collect();
+                let args = cmdline_args(&bytes);
+                let files = config_args(&args);
+                prop_assert!(files.len() <= args.len());
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! One HAProxy worker process: its identity, a pidfd to signal it safely, its log file, and the
 //! task that reports its exit the moment it happens.
 
+use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -260,12 +261,9 @@ pub fn remove_own_log(log: &Path, log_dir: &Path) {
     let Some(name) = log.file_name().and_then(|n| n.to_str()) else {
         return;
     };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let own_name = match name.strip_suffix(".log") {
         Some(stem) => {
-            stem.strip_prefix("worker-")
-                .and_then(|ids| ids.split_once('-'))
-                .is_some_and(|(pid, start)| digits(pid) && digits(start))
+            is_worker_log_name(name)
                 || stem
                     .strip_prefix("starting-")
                     .is_some_and(|s| !s.is_empty())
@@ -304,6 +302,182 @@ pub fn remove_own_log(log: &Path, log_dir: &Path) {
             log.display(),
             log_dir.display()
         ),
+    }
+    // The tail `cap_log` kept goes with it (never a symlink either: unlinkat does not follow).
+    let kept = format!("{name}.1");
+    let is_file = rustix::fs::statat(&dir, kept.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+    if is_file {
+        let _ = rustix::fs::unlinkat(&dir, kept.as_str(), AtFlags::empty());
+    }
+}
+
+/// A log `launch` created: named by it, directly in `log_dir`. Only those are ever cut: an adopted
+/// HAProxy that someone else started may write to a file that is not ebb's.
+fn is_own_log(path: &Path, log_dir: &Path) -> bool {
+    let named = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        is_worker_log_name(n)
+            || n.strip_prefix("starting-")
+                .and_then(|s| s.strip_suffix(".log"))
+                .is_some_and(|s| !s.is_empty())
+    });
+    named && path.parent() == Some(log_dir)
+}
+
+/// `worker-<pid>-<start>.log`: the name `launch` gives a worker's log once it runs.
+fn is_worker_log_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_suffix(".log")
+        .and_then(|stem| stem.strip_prefix("worker-"))
+        .and_then(|ids| ids.split_once('-'))
+        .is_some_and(|(pid, start)| digits(pid) && digits(start))
+}
+
+/// How often the worker logs are measured: a `stat` per worker, cheap enough to do often, and
+/// often enough that a worker logging fast overshoots its cap by little.
+pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A worker's log, and the worker (by pidfd) whose stdout and stderr write to it.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    pub path: PathBuf,
+    pidfd: Arc<OwnedFd>,
+}
+
+impl Worker {
+    pub fn log_target(&self) -> LogTarget {
+        LogTarget {
+            path: self.log.clone(),
+            pidfd: self.pidfd.clone(),
+        }
+    }
+}
+
+/// Caps one worker's log at `max` bytes: past it, its last `max` bytes (from a line start) are
+/// copied to `<log>.1`, replacing the previous tail, and the log is truncated. HAProxy keeps
+/// writing to the same file, at its new end: the file was opened `O_APPEND`, and since HAProxy
+/// clears that flag when it first logs to stdout (it sets `O_NONBLOCK` with a plain `F_SETFL`),
+/// it is set again here, on the worker's own stdout, reached through its pidfd, just before the
+/// cut. What the worker writes between the copy and the cut is lost (a few lines at most).
+/// Returns whether the log was cut.
+pub fn cap_log(target: &LogTarget, max: u64) -> std::io::Result<bool> {
+    use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    let mut log = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow)
+        .open(&target.path)?;
+    let meta = log.metadata()?;
+    let len = meta.len();
+    if len <= max {
+        return Ok(false);
+    }
+    let stdout =
+        rustix::process::pidfd_getfd(&*target.pidfd, 1, rustix::process::PidfdGetfdFlags::empty())?;
+    let st = rustix::fs::fstat(&stdout)?;
+    if st.st_dev != meta.dev() || st.st_ino != meta.ino() {
+        // Its stdout is not this file (an adopted HAProxy started by someone else): not ours to cut.
+        return Err(std::io::Error::other(
+            "the worker's stdout is another file than its recorded log",
+        ));
+    }
+    let flags = rustix::fs::fcntl_getfl(&stdout)?;
+    rustix::fs::fcntl_setfl(&stdout, flags | rustix::fs::OFlags::APPEND)?;
+
+    log.seek(SeekFrom::Start(len - max))?;
+    let mut reader = BufReader::new(&log).take(max);
+    let mut partial = Vec::new();
+    reader.read_until(b'\n', &mut partial)?;
+    let kept = target.path.with_extension("log.1");
+    let staged = target.path.with_extension("log.1.tmp");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nofollow)
+        .open(&staged)?;
+    std::io::copy(&mut reader, &mut out)?;
+    drop(out);
+    std::fs::rename(&staged, &kept)?;
+    rustix::fs::ftruncate(&stdout, 0)?;
+    Ok(true)
+}
+
+/// [`cap_log`] on each worker's log. A log that cannot be capped is reported once (in `warned`),
+/// not every second.
+pub fn cap_logs(log_dir: &Path, targets: &[LogTarget], max: u64, warned: &mut HashSet<PathBuf>) {
+    warned.retain(|p| targets.iter().any(|t| &t.path == p));
+    for target in targets.iter().filter(|t| is_own_log(&t.path, log_dir)) {
+        let path = target.path.display();
+        match cap_log(target, max) {
+            Ok(true) => tracing::debug!(
+                "worker log {path} passed haproxy.worker_log_max_bytes = {max}: its tail is in {path}.1"
+            ),
+            Ok(false) => {}
+            // The worker exited and its log went meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
+            Err(e) => {
+                if warned.insert(target.path.clone()) {
+                    tracing::warn!(
+                        "cannot cap worker log {path} at haproxy.worker_log_max_bytes = {max}: \
+                         {e}; it grows until the worker exits (an adopted worker may need the \
+                         agent to run as root, or as HAProxy's user with ptrace allowed)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The background task that keeps the workers' logs under `max` bytes (plus what a worker
+/// writes in [`LOG_CHECK_INTERVAL`]); it ends when this is dropped.
+pub struct LogCap {
+    targets: tokio::sync::watch::Sender<Vec<LogTarget>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogCap {
+    pub fn spawn(log_dir: PathBuf, max: u64) -> LogCap {
+        let (targets, rx) = tokio::sync::watch::channel(Vec::<LogTarget>::new());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOG_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut warned = HashSet::new();
+            loop {
+                tick.tick().await;
+                let now: Vec<LogTarget> = rx.borrow().clone();
+                if now.is_empty() {
+                    continue;
+                }
+                // Copying a 16 MiB tail is disk work: off the runtime's threads.
+                let dir = log_dir.clone();
+                let capped = tokio::task::spawn_blocking(move || {
+                    cap_logs(&dir, &now, max, &mut warned);
+                    warned
+                })
+                .await;
+                warned = capped.unwrap_or_default();
+            }
+        });
+        LogCap { targets, task }
+    }
+
+    /// The workers whose logs to keep capped, from now on.
+    pub fn watch(&self, targets: Vec<LogTarget>) {
+        self.targets.send_if_modified(|t| {
+            let same =
+                t.len() == targets.len() && t.iter().zip(&targets).all(|(a, b)| a.path == b.path);
+            *t = targets;
+            !same
+        });
+    }
+}
+
+impl Drop for LogCap {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -390,5 +564,99 @@ mod tests {
         remove_own_log(Path::new(""), &logs);
         // Already gone: nothing to do, nothing to report.
         remove_own_log(&own[0], &logs);
+    }
+
+    /// A process whose stdout is `log`, opened without `O_APPEND` (as HAProxy leaves it).
+    struct Holder(std::process::Child);
+
+    impl Holder {
+        fn start(log: &std::fs::File, path: &Path) -> (Holder, LogTarget) {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .stdout(log.try_clone().expect("dup"))
+                .spawn()
+                .expect("spawn sleep");
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+            let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd");
+            let target = LogTarget {
+                path: path.to_owned(),
+                pidfd: Arc::new(pidfd),
+            };
+            (Holder(child), target)
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_log_past_its_cap_keeps_its_tail_and_the_worker_writes_on_at_its_start() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("worker-1-2.log");
+        let mut writer = std::fs::File::create(&path).expect("create");
+        let (_holder, target) = Holder::start(&writer, &path);
+        for i in 0..100 {
+            writeln!(writer, "line {i:04}").expect("write");
+        }
+        assert!(
+            !cap_log(&target, 10_000).expect("cap"),
+            "under the cap: untouched"
+        );
+        assert!(cap_log(&target, 100).expect("cap"));
+        let kept = std::fs::read_to_string(dir.path().join("worker-1-2.log.1")).expect("tail");
+        assert!(
+            kept.starts_with("line ") && kept.ends_with("line 0099\n"),
+            "{kept}"
+        );
+        assert!(kept.len() <= 100, "{}", kept.len());
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+        // The writer shares the worker's stdout: its next line lands at the start of the cut
+        // file, not after a hole of zeros.
+        writeln!(writer, "after").expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "after\n");
+        remove_own_log(&path, dir.path());
+        assert!(
+            !dir.path().join("worker-1-2.log.1").exists(),
+            "the tail goes with the log"
+        );
+    }
+
+    #[test]
+    fn only_logs_ebb_created_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).expect("mkdir");
+        let mut cut = Vec::new();
+        for path in [
+            dir.path().join("haproxy.log"),
+            dir.path().join("worker-1-2.log"),
+            logs.join("haproxy.log"),
+            logs.join("worker-1-2.log"),
+        ] {
+            let writer = std::fs::File::create(&path).expect("create");
+            let (_holder, target) = Holder::start(&writer, &path);
+            std::fs::write(&path, vec![b'x'; 1000]).expect("write");
+            cap_logs(&logs, &[target], 100, &mut HashSet::new());
+            if std::fs::metadata(&path).expect("stat").len() == 0 {
+                cut.push(path);
+            }
+        }
+        assert_eq!(cut, vec![logs.join("worker-1-2.log")]);
+    }
+
+    #[test]
+    fn a_log_that_is_not_the_workers_stdout_is_never_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stdout = std::fs::File::create(dir.path().join("elsewhere.log")).expect("create");
+        let (_holder, target) = Holder::start(&stdout, &dir.path().join("worker-1-2.log"));
+        std::fs::write(&target.path, vec![b'x'; 10_000]).expect("write");
+        assert!(cap_log(&target, 100).is_err());
+        assert_eq!(std::fs::metadata(&target.path).expect("stat").len(), 10_000);
+        assert!(!dir.path().join("worker-1-2.log.1").exists());
     }
 }

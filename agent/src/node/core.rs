@@ -66,6 +66,9 @@ pub struct CoreConfig {
     pub startup_timeout: Duration,
     pub heartbeat: Duration,
     pub coalesce: Duration,
+    /// `reload.max_old_workers`: a reload that would displace the current worker into one more old
+    /// worker than this is refused. Nothing is ever killed to make room.
+    pub max_old_workers: usize,
     /// The configured plugins, in order: each counts as busy in a drain until it answered for it.
     pub plugins: Vec<String>,
     pub version: String,
@@ -900,6 +903,9 @@ impl NodeCore {
                 self.request_reload(Waiter::Restart, None);
             }
         }
+        if !self.reloads.is_running() && self.current.is_some() {
+            self.refuse_past_the_old_worker_cap(now);
+        }
         if !self.reloads.is_running() {
             let reload_id = uuid::Uuid::new_v4().to_string();
             let draining = self.drain.is_some();
@@ -919,6 +925,44 @@ impl NodeCore {
         self.aim_services();
         if self.dirty {
             self.persist_before_outward();
+        }
+    }
+
+    /// A reload displaces the current worker into an old one, which lives until its last
+    /// connection ends. Past `max_old_workers` the due batch is refused as a whole, at the moment
+    /// it would start (a batch queued behind a reload meets the cap that reload left); making
+    /// room by killing an old worker would cut connections that a client relies on.
+    fn refuse_past_the_old_worker_cap(&mut self, now: Now) {
+        let cap = self.cfg.max_old_workers;
+        if self.old.len() < cap {
+            return;
+        }
+        let Some(batch) = self.reloads.refuse_due(now.mono) else {
+            return;
+        };
+        let oldest: Vec<String> = self
+            .old
+            .iter()
+            .take(3)
+            .map(|w| {
+                let age = drain::unix_ms(now.wall).saturating_sub(w.started_at_ms) / 1000;
+                let connections = self.connections.get(&w.id.pid).copied().unwrap_or(0);
+                let plural = if connections == 1 { "" } else { "s" };
+                format!(
+                    "pid {}, {age} s, {connections} connection{plural}",
+                    w.id.pid
+                )
+            })
+            .collect();
+        let message = format!(
+            "cannot reload: {} old workers are still finishing connections (oldest: {}); a reload \
+             now would exceed reload.max_old_workers = {cap}; wait for them, or raise the cap",
+            self.old.len(),
+            oldest.join("; ")
+        );
+        tracing::warn!("{message}");
+        for waiter in batch.waiters {
+            self.answer_reload(waiter, Err((ErrorCode::Conflict, message.clone())));
         }
     }
 

@@ -36,7 +36,7 @@ pub async fn launch_with(
     tokio::fs::write(&candidate, pushed.text.as_bytes())
         .await
         .map_err(install)?;
-    if let Err(e) = launch::check_config(&spec.binary, &candidate).await {
+    if let Err(e) = launch::check_config(&spec.binary, &candidate, &spec.env).await {
         let _ = tokio::fs::remove_file(&candidate).await;
         return Err(ReloadError::ConfigInvalid(e));
     }

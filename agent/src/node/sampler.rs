@@ -1,12 +1,79 @@
-//! The sampler: a background service that polls the current worker's stats while a drain needs
-//! them, and reports each sample to the node. It reads HAProxy's answers; the node core only sees
-//! the numbers.
+//! The samplers: background services that read how busy the workers are and report the numbers
+//! to the node, so the node's task never waits on HAProxy or /proc.
+//!
+//! - [`Sampler`] polls the current worker's stats while a drain needs them.
+//! - [`ConnectionCounter`] counts the old workers' client connections from /proc, for `status`
+//!   and the `max_old_workers` refusal.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 pub use super::effect::Sample;
 use crate::config::{DrainConfig, IdleRule};
 use crate::haproxy::admin::{AdminSocket, RowKind, StatRow};
+use crate::haproxy::procfs;
+
+/// How often the old workers' connections are recounted while there are old workers.
+pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which workers to count, and the ports that tell their client connections from server ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counting {
+    pub pids: Vec<u32>,
+    pub client_ports: HashSet<u16>,
+}
+
+/// Counts old workers' connections: at once when the set of old workers changes, then every
+/// [`COUNT_INTERVAL`]. The scan reads /proc (each worker's fds and the TCP tables, milliseconds
+/// on a busy host), so it runs on the blocking pool, never on the request path of `status`.
+pub struct ConnectionCounter {
+    target: watch::Sender<Counting>,
+}
+
+impl ConnectionCounter {
+    /// Starts the service; `report` gets each count and returns false once nobody listens.
+    pub fn spawn(report: impl Fn(HashMap<u32, u64>) -> bool + Send + 'static) -> ConnectionCounter {
+        let (target, rx) = watch::channel(Counting::default());
+        tokio::spawn(count(rx, report));
+        ConnectionCounter { target }
+    }
+
+    pub fn target(&self, counting: Counting) {
+        self.target
+            .send_if_modified(|t| std::mem::replace(t, counting.clone()) != counting);
+    }
+}
+
+async fn count(mut target: watch::Receiver<Counting>, report: impl Fn(HashMap<u32, u64>) -> bool) {
+    loop {
+        let counting = target.borrow_and_update().clone();
+        let idle = counting.pids.is_empty();
+        let counts = if idle {
+            HashMap::new()
+        } else {
+            tokio::task::spawn_blocking(move || {
+                procfs::client_connections_of(&counting.pids, &counting.client_ports)
+            })
+            .await
+            .unwrap_or_default()
+        };
+        if !report(counts) {
+            return;
+        }
+        if idle {
+            if target.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(COUNT_INTERVAL) => {}
+            changed = target.changed() => if changed.is_err() { return },
+        }
+    }
+}
 
 /// The running sampler. Dropping it (or the node's end of `target`) stops it.
 pub struct Sampler {

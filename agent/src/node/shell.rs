@@ -24,7 +24,7 @@ use super::core::{
     WorkerSignal,
 };
 use super::launcher::{self, ReloadError};
-use super::sampler::{Sample, Sampler};
+use super::sampler::{ConnectionCounter, Counting, Sample, Sampler};
 use crate::config::Settings;
 use crate::digest::sha256_hex;
 use crate::events::Cause;
@@ -51,6 +51,7 @@ enum Report {
     CommandsDone(CommandJob, Result<(), String>),
     StoppingHookDone,
     AdminAnswers(Vec<u32>),
+    ConnectionCounts(HashMap<u32, u64>),
 }
 
 /// How many samples may wait for the node task; older ones are worth nothing once a newer exists.
@@ -69,6 +70,9 @@ pub struct Shell {
     summary: watch::Sender<Summary>,
     plugins: PluginHost,
     sampler: Sampler,
+    counter: ConnectionCounter,
+    /// The old workers of the counts the core holds, sorted.
+    counted: Vec<u32>,
     checker: Checker,
     queues: AdminQueues,
     /// Ports HAProxy listens on, to tell client connections from server ones.
@@ -78,6 +82,8 @@ pub struct Shell {
     reports: mpsc::UnboundedReceiver<Report>,
     samples: mpsc::Receiver<Sample>,
     disabled: mpsc::UnboundedReceiver<PluginDisabled>,
+    /// Keeps the workers' logs under `haproxy.worker_log_max_bytes` while the node runs.
+    log_cap: worker::LogCap,
 }
 
 fn now() -> Now {
@@ -111,11 +117,18 @@ impl Shell {
             admin_socket: settings.admin_socket.clone(),
             log_dir: hp.state_dir.join("logs"),
             startup_timeout: hp.startup_timeout.0,
+            env: hp.env.clone(),
         };
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (samples_tx, samples) = mpsc::channel(SAMPLE_QUEUE);
         let sampler = Sampler::spawn(admin.clone(), settings.config.drain.clone(), samples_tx);
+        let counter = {
+            let tx = reports_tx.clone();
+            ConnectionCounter::spawn(move |counts| {
+                tx.send(Report::ConnectionCounts(counts)).is_ok()
+            })
+        };
         let checker = {
             let tx = reports_tx.clone();
             Checker::spawn(
@@ -138,6 +151,7 @@ impl Shell {
             .take_disabled()
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
 
+        let log_cap = worker::LogCap::spawn(spec.log_dir.clone(), hp.worker_log_max_bytes);
         let found = adoption::find(&settings, &spec, &admin).await?;
         let cfg = CoreConfig {
             node: settings.node_id().to_string(),
@@ -150,6 +164,7 @@ impl Shell {
             startup_timeout: hp.startup_timeout.0,
             heartbeat: settings.config.nats.heartbeat.0,
             coalesce: settings.config.reload.coalesce.0,
+            max_old_workers: settings.config.reload.max_old_workers,
             plugins: plugins.idle_checkers(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -166,6 +181,8 @@ impl Shell {
             summary,
             plugins,
             sampler,
+            counter,
+            counted: Vec::new(),
             checker,
             queues,
             client_ports: HashSet::new(),
@@ -174,6 +191,7 @@ impl Shell {
             reports,
             samples,
             disabled,
+            log_cap,
         };
         for w in found.workers {
             w.watch_exit(None, shell.exit_reporter());
@@ -189,9 +207,12 @@ impl Shell {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
         let mut inputs_open = true;
         loop {
-            if let Some(outcome) = self.carry_out() {
+            if let Some(outcome) = self.carry_out().await {
                 return outcome;
             }
+            self.aim_counter();
+            self.log_cap
+                .watch(self.workers.values().map(Worker::log_target).collect());
             let summary = Summary {
                 state: self.core.state(),
                 drain_id: self.core.drain_id().map(str::to_string),
@@ -201,7 +222,7 @@ impl Shell {
             let wake = self.core.poll_timeout();
             tokio::select! {
                 input = inputs.recv(), if inputs_open => match input {
-                    Some(Input::Command { command, reply }) => self.on_command(command, reply),
+                    Some(Input::Command { command, reply }) => self.on_command(command, reply).await,
                     Some(Input::Signal(signal)) => self.core.handle_signal(now(), signal),
                     // Every sender is gone: nothing can command the node anymore. Said once: a
                     // closed channel answers at once, every time.
@@ -223,7 +244,7 @@ impl Shell {
         }
     }
 
-    fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
+    async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
         let node = self.settings.node_id().to_string();
         let request_id = command.request_id().map(str::to_string);
         let to = ReplyTo(self.next_reply);
@@ -238,7 +259,7 @@ impl Shell {
         };
         let request = match command {
             Command::Status(_) => {
-                self.count_connections();
+                self.count_if_stale().await;
                 let status = self.core.status(now(), self.plugins.status());
                 let _ = reply.send(Reply::success(&node, request_id, status));
                 return;
@@ -359,6 +380,7 @@ impl Shell {
                 self.confirming = false;
                 self.core.handle_admin_answers(now(), &pids);
             }
+            Report::ConnectionCounts(counts) => self.take_counts(counts),
         }
     }
 
@@ -390,7 +412,7 @@ impl Shell {
     }
 
     /// Carries out every effect the core has ready; returns the outcome once the node is done.
-    fn carry_out(&mut self) -> Option<Outcome> {
+    async fn carry_out(&mut self) -> Option<Outcome> {
         while let Some(effect) = self.core.poll_effect() {
             match effect {
                 Effect::Launch {
@@ -402,10 +424,15 @@ impl Shell {
                 Effect::Signal { worker, signal } => self.signal(worker, signal),
                 Effect::Commands(job) => self.queues.push(job),
                 Effect::Persist(state) => {
-                    if let Err(e) =
-                        state_file::save(&self.settings.config.haproxy.state_dir, &state)
-                    {
-                        tracing::error!("{e}");
+                    // The fsyncs run on the blocking pool; the node's task waits for them, as the
+                    // effects after a persist (a reply, an event) must not leave before it is done.
+                    let dir = self.settings.config.haproxy.state_dir.clone();
+                    let saved =
+                        tokio::task::spawn_blocking(move || state_file::save(&dir, &state)).await;
+                    match saved {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!("{e}"),
+                        Err(e) => tracing::error!("the state file was not written: {e}"),
                     }
                 }
                 Effect::Publish(event) => {
@@ -528,16 +555,47 @@ impl Shell {
         });
     }
 
-    /// Each old worker's open client connections, from /proc, for status.
-    fn count_connections(&mut self) {
-        let pids: Vec<u32> = self
+    /// The old workers the core records now, sorted.
+    fn old_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
             .core
             .workers()
             .skip(usize::from(self.core.current().is_some()))
             .map(|w| w.id.pid)
             .collect();
-        let counts = procfs::client_connections_of(&pids, &self.client_ports);
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Points the connection counter at the old workers the core records now.
+    fn aim_counter(&self) {
+        self.counter.target(Counting {
+            pids: self.old_pids(),
+            client_ports: self.client_ports.clone(),
+        });
+    }
+
+    fn take_counts(&mut self, counts: HashMap<u32, u64>) {
+        let mut counted: Vec<u32> = counts.keys().copied().collect();
+        counted.sort_unstable();
+        self.counted = counted;
         self.core.handle_connection_counts(counts);
+    }
+
+    /// `status` serves the counter's numbers. Only when the old workers changed since its last
+    /// count (a reload a moment ago) does it count them itself, on the blocking pool, so that a
+    /// worker displaced with a request in flight never shows 0 connections.
+    async fn count_if_stale(&mut self) {
+        let pids = self.old_pids();
+        if pids == self.counted {
+            return;
+        }
+        let ports = self.client_ports.clone();
+        let counts =
+            tokio::task::spawn_blocking(move || procfs::client_connections_of(&pids, &ports))
+                .await
+                .unwrap_or_default();
+        self.take_counts(counts);
     }
 
     fn exit_reporter(&self) -> impl FnOnce(ProcessId, Exit) + Send + 'static {

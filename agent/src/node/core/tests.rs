@@ -27,6 +27,7 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         startup_timeout: Duration::from_secs(30),
         heartbeat: Duration::from_secs(3600),
         coalesce: Duration::ZERO,
+        max_old_workers: 32,
         plugins: plugins.iter().map(|p| p.to_string()).collect(),
         version: "test".into(),
     }
@@ -825,6 +826,93 @@ fn a_reload_in_flight_holds_the_drain() {
 }
 
 // -------------------------------------------------------------------------------------------
+// Bounded old workers
+// -------------------------------------------------------------------------------------------
+
+fn capped(max_old_workers: usize) -> Node {
+    let mut c = cfg(&[]);
+    c.max_old_workers = max_old_workers;
+    let mut n = Node::boot(c, Boot::default());
+    n.launch_ok();
+    n.take();
+    n
+}
+
+/// Reloads once, the launch succeeding; returns the new worker's pid.
+fn reload_ok(n: &mut Node) -> u32 {
+    let to = n.request(Request::Reload { pushed: None });
+    let pid = n.launch_ok();
+    assert!(n.reply(to).expect("a reply").ok);
+    n.take();
+    pid
+}
+
+#[test]
+fn reloads_past_max_old_workers_are_refused_and_nothing_is_killed() {
+    // The bug: every reload left one more old worker pinned by a long connection, without bound,
+    // until the host ran out of memory or file descriptors.
+    let mut n = capped(2);
+    reload_ok(&mut n);
+    reload_ok(&mut n);
+    n.core
+        .handle_connection_counts(HashMap::from([(100, 2), (101, 1)]));
+    n.ms += 40_000;
+    let r = n.ask(Request::Reload { pushed: None });
+    assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+    let message = r.error.expect("an error").message;
+    assert!(
+        message.contains("2 old workers are still finishing connections")
+            && message
+                .contains("oldest: pid 100, 40 s, 2 connections; pid 101, 40 s, 1 connection)")
+            && message.contains("would exceed reload.max_old_workers = 2")
+            && message.contains("raise the cap"),
+        "{message}"
+    );
+    assert_eq!(n.launches(), 0);
+    assert!(n.signals().is_empty(), "nothing is killed to make room");
+    n.signal(AgentSignal::Reload);
+    assert_eq!(n.launches(), 0, "SIGHUP meets the same cap");
+    assert_eq!(n.core.workers().count(), 3);
+    // Once an old worker is gone, reloads work again.
+    n.exit(100);
+    n.take();
+    reload_ok(&mut n);
+}
+
+#[test]
+fn a_queued_reload_meets_the_cap_when_it_would_start() {
+    let mut n = capped(1);
+    let first = n.request(Request::Reload { pushed: None });
+    let queued = n.request(Request::Reload { pushed: None });
+    assert_eq!(n.launches(), 1, "the second waits for the first");
+    n.launch_ok();
+    assert!(n.reply(first).expect("a reply").ok);
+    let r = n
+        .reply(queued)
+        .expect("the queued reload is answered at once");
+    assert_eq!(code(&r), Some(ErrorCode::Conflict), "{r:?}");
+    assert!(r
+        .error
+        .expect("an error")
+        .message
+        .contains("max_old_workers = 1"));
+    assert_eq!(n.launches(), 0, "no second launch");
+}
+
+#[test]
+fn a_crash_restart_is_never_held_back_by_the_cap() {
+    // A restart displaces nothing: refusing it would leave the node without a worker.
+    let mut n = capped(1);
+    reload_ok(&mut n);
+    n.exit(101);
+    assert_eq!(n.core.state(), NodeState::Failed);
+    n.advance(10_000);
+    assert_eq!(n.pending_launch().map(|l| l.1), Some(false));
+    n.launch_ok();
+    assert_eq!(n.core.state(), NodeState::Serving);
+}
+
+// -------------------------------------------------------------------------------------------
 // The model: random inputs against a simulated world.
 // -------------------------------------------------------------------------------------------
 
@@ -943,8 +1031,17 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
     let mut exited = false;
     for e in n.take() {
         match e {
-            Effect::Launch { reload_id, .. } => {
+            Effect::Launch {
+                reload_id,
+                takeover,
+                ..
+            } => {
                 prop_assert!(w.pending.is_none(), "one launch at a time");
+                let old = n.core.workers().count() - usize::from(n.core.current().is_some());
+                prop_assert!(
+                    !takeover || old < MODEL_MAX_OLD,
+                    "a reload started with {old} old workers, past the cap"
+                );
                 w.pending = Some(reload_id);
             }
             Effect::Signal { worker, .. } => {
@@ -1016,6 +1113,15 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
     Ok(exited)
 }
 
+/// Low, so that random inputs meet the old-worker cap often.
+const MODEL_MAX_OLD: usize = 2;
+
+fn model_cfg() -> CoreConfig {
+    let mut c = cfg(&["alb"]);
+    c.max_old_workers = MODEL_MAX_OLD;
+    c
+}
+
 fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
     let state = w.persisted.clone().unwrap_or_default();
     // Every live process passes verification (it is ours); which one was recorded current.
@@ -1035,7 +1141,7 @@ fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
         workers,
         answering: socket_answers.then(|| newest.into_iter().collect()),
     };
-    let mut c = cfg(&["alb"]);
+    let mut c = model_cfg();
     c.boot_id = format!("b{}", n.ms);
     let mut next = Node::boot_at(c, boot, n.t0, n.w0, n.ms);
     next.next_pid = n.next_pid;
@@ -1043,7 +1149,7 @@ fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
 }
 
 fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let mut n = Node::boot(cfg(&["alb"]), Boot::default());
+    let mut n = Node::boot(model_cfg(), Boot::default());
     let mut w = World::default();
     apply(&mut n, &mut w)?;
     for s in steps {
