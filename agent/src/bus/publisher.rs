@@ -131,7 +131,7 @@ impl Publisher {
     }
 
     fn store(&mut self, event: Event) {
-        if let Err(e) = self.outbox.push(event) {
+        if let Err(e) = self.outbox.push(vec![event]) {
             tracing::error!("{e}");
         }
     }
