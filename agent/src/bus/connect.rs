@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::{Client, ConnectOptions};
 
+use super::refusals::Refusals;
 use crate::config::NatsConfig;
 
 /// Builds the connect options shared by the agent and `ebb ctl`.
@@ -47,8 +48,13 @@ pub async fn options(cfg: &NatsConfig, name: &str) -> anyhow::Result<ConnectOpti
 }
 
 /// Connects the agent: it retries the first connection in the background and reconnects forever,
-/// logging each change of connection state once.
-pub async fn connect_agent(cfg: &NatsConfig, node: &str) -> anyhow::Result<Client> {
+/// logging each change of connection state once. Publishes the server refuses are recorded in
+/// `refusals` for the publisher.
+pub async fn connect_agent(
+    cfg: &NatsConfig,
+    node: &str,
+    refusals: Refusals,
+) -> anyhow::Result<Client> {
     let url = cfg.url.clone();
     let opts = options(cfg, &format!("ebb-agent {node}"))
         .await?
@@ -56,8 +62,15 @@ pub async fn connect_agent(cfg: &NatsConfig, node: &str) -> anyhow::Result<Clien
         .max_reconnects(None)
         .event_callback(move |event| {
             let url = url.clone();
+            let refusals = refusals.clone();
             async move {
                 match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                        if refusals.note(&text).is_some() =>
+                    {
+                        // The publisher reports it, with the event it concerns.
+                        tracing::debug!("nats: {text}");
+                    }
                     async_nats::Event::Connected => tracing::info!("nats: connected to {url}"),
                     async_nats::Event::Disconnected => {
                         tracing::warn!("nats: disconnected from {url}; reconnecting, events wait in the outbox")

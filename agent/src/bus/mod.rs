@@ -6,3 +6,4 @@ pub mod dedupe;
 pub mod jetstream;
 pub mod outbox;
 pub mod publisher;
+pub mod refusals;
