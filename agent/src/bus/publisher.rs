@@ -88,6 +88,8 @@ struct Notes {
     last_refused: Option<String>,
     /// Why events go out as core messages, while they do.
     stream_off: Option<String>,
+    /// How the stream found differs from the settings: logged when it changes, not a warning,
+    /// since an operator may have meant it.
     stream_differs: Vec<String>,
     /// Why the node record is not in KV, while it is not.
     kv_off: Option<String>,
@@ -122,7 +124,6 @@ impl Notes {
                 "events go out as core NATS messages, not to the events stream: {why}"
             ));
         }
-        out.extend(self.stream_differs.iter().cloned());
         if let Some(why) = &self.kv_off {
             out.push(format!("the node record is not kept in KV: {why}"));
         }
