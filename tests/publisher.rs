@@ -177,6 +177,145 @@ async fn events_flow_on_after_the_stream_is_deleted_and_land_in_it_again() {
     assert_eq!(info.duplicate_window, Duration::from_secs(24 * 3600));
 }
 
+/// A nats-server (JetStream on) where user `agent` may do anything but create streams, and user
+/// `admin` anything at all.
+fn nats_without_stream_creation(dir: &Path) -> NatsServer {
+    std::fs::create_dir_all(dir).expect("nats dir");
+    let conf = write_nats_config(
+        dir,
+        "nats.conf",
+        r#"authorization {
+  users: [
+    { user: "agent", password: "agent-pw",
+      permissions: { publish: { allow: [">"], deny: ["$JS.API.STREAM.CREATE.EBB_EVENTS"] }, subscribe: ">" } }
+    { user: "admin", password: "admin-pw" }
+  ]
+}
+"#,
+    )
+    .expect("write nats.conf");
+    NatsServer::start_with_args(dir, &["-c", conf.to_str().expect("utf-8 path")])
+        .expect("start nats-server")
+}
+
+async fn admin_client(nats: &NatsServer) -> Client {
+    ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
+        .request_timeout(Some(T))
+        .connect(nats.url())
+        .await
+        .expect("connect as admin")
+}
+
+fn events_stream_config(max_age: Duration) -> stream::Config {
+    stream::Config {
+        name: "EBB_EVENTS".into(),
+        subjects: vec!["ebb.event.>".into()],
+        max_age,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_go_out_as_core_messages_while_the_stream_is_missing_then_to_it_again() {
+    let dir = TestDir::new();
+    let nats = nats_without_stream_creation(&dir.join("nats"));
+    let nc = admin_client(&nats).await;
+    let js = jetstream::new(nc.clone());
+    // The operator's stream, with its own max_age: used as it is, and the difference logged.
+    js.create_stream(events_stream_config(Duration::from_secs(3600)))
+        .await
+        .expect("create the events stream");
+    let node = node()
+        .nats_url(&nats.url())
+        .client(nc.clone())
+        .dir(dir.join("node"))
+        .agent(|c| {
+            c.set_str("nats", "user", "agent")
+                .set_str("nats", "password", "agent-pw");
+        })
+        .start()
+        .await;
+    let started = node.events.wait_kind("agent_started", |_| true).await;
+    let started_id = started.msg_id.clone().expect("Msg-Id");
+    wait_for_async(T, "agent_started in EBB_EVENTS", || {
+        let nc = nc.clone();
+        let id = started_id.clone();
+        async move {
+            stream_ids(&nc, "EBB_EVENTS")
+                .await
+                .contains(&id)
+                .then_some(())
+        }
+    })
+    .await;
+    let info = js.get_stream("EBB_EVENTS").await.expect("the stream");
+    assert_eq!(
+        info.cached_info().config.max_age,
+        Duration::from_secs(3600),
+        "the operator's stream is not rewritten"
+    );
+    let log = node.agent.log_text();
+    assert!(
+        log.contains("has max_age 1h where nats.events_max_age is 7days"),
+        "the agent logs what differs:\n{log}"
+    );
+
+    // The stream goes, and the agent may not recreate it: events flow as core messages.
+    js.delete_stream("EBB_EVENTS")
+        .await
+        .expect("delete the stream");
+    let first = reload(&node).await;
+    node.wait_status("a warning that events bypass the stream", |s| {
+        warnings(s).iter().any(|w| w.contains("core NATS messages"))
+    })
+    .await;
+    let second = reload(&node).await;
+    assert_eq!(
+        second["seq"].as_u64(),
+        node.events
+            .all()
+            .iter()
+            .find(|e| e.body["reload_id"] == second["reload_id"])
+            .map(|e| e.seq()),
+    );
+    assert!(first["seq"].as_u64() < second["seq"].as_u64());
+
+    // The operator brings it back: the agent finds it again, and later events land in it.
+    js.create_stream(events_stream_config(Duration::from_secs(7 * 24 * 3600)))
+        .await
+        .expect("recreate the events stream");
+    node.wait_status("the stream in use again", |s| {
+        !warnings(s).iter().any(|w| w.contains("core NATS messages"))
+    })
+    .await;
+    let before = stream_ids(&nc, "EBB_EVENTS").await;
+    let third = reload(&node).await;
+    let id = format!(
+        "{NODE_ID}.{}.{}",
+        third["boot_id"].as_str().expect("boot_id"),
+        third["seq"].as_u64().expect("seq")
+    );
+    let stored = wait_for_async(T, "the later reload in EBB_EVENTS", || {
+        let nc = nc.clone();
+        let id = id.clone();
+        async move {
+            let ids = stream_ids(&nc, "EBB_EVENTS").await;
+            ids.contains(&id).then_some(ids)
+        }
+    })
+    .await;
+    let mut unique = stored.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), stored.len(), "none twice: {stored:?}");
+    let seqs: Vec<u64> = stored
+        .iter()
+        .filter_map(|id| id.rsplit('.').next()?.parse().ok())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {stored:?}");
+    assert!(stored.len() > before.len());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. A torn outbox
 // ---------------------------------------------------------------------------------------------
@@ -386,11 +525,7 @@ fn nats_denying_undrained(dir: &Path) -> NatsServer {
 async fn an_event_the_server_refuses_is_set_aside_and_later_events_flow() {
     let dir = TestDir::new();
     let nats = nats_denying_undrained(&dir.join("nats"));
-    let nc = ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
-        .request_timeout(Some(T))
-        .connect(nats.url())
-        .await
-        .expect("connect as admin");
+    let nc = admin_client(&nats).await;
     let node = node()
         .nats_url(&nats.url())
         .client(nc.clone())

@@ -8,7 +8,7 @@
 //!   Msg-Id, so a retry after a lost ack never duplicates an event); without it, a core publish
 //!   confirmed by a flush. After an error the stream is looked up again (and recreated when
 //!   missing); while it cannot be had, events go out as core messages and the stream is asked
-//!   for again every [`RECHECK_STREAM`];
+//!   for again at every heartbeat interval;
 //! - the heartbeat publishes `P.heartbeat.<node>` (core only, never through the outbox) and keeps
 //!   the node record in KV, looking for the bucket again at every heartbeat while it is missing.
 //!
@@ -37,8 +37,6 @@ use crate::inbox::Summary;
 
 /// How many events the node may hand over before the publisher has taken them into the outbox.
 pub const EVENTS_QUEUE: usize = 256;
-/// While events go out as core messages, how often the stream is asked for again.
-pub const RECHECK_STREAM: Duration = Duration::from_secs(15);
 /// Consecutive refusals by the stream (not timeouts) after which an event is set aside.
 const STREAM_REFUSALS: u32 = 3;
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -295,7 +293,15 @@ impl Sender {
                 if done {
                     return;
                 }
-                self.shared.new_events.notified().await;
+                match self.sink {
+                    // Idle on core NATS: look for the stream on schedule all the same, so that
+                    // status tells the truth before the next event.
+                    Sink::Core(at) => tokio::select! {
+                        _ = self.shared.new_events.notified() => {}
+                        _ = tokio::time::sleep_until(at.into()) => self.resolve().await,
+                    },
+                    _ => self.shared.new_events.notified().await,
+                }
                 continue;
             };
             let failed = match self.send(&event).await {
@@ -397,17 +403,18 @@ impl Sender {
                 Sink::Stream(Box::new(stream.js))
             }
             Resolved::Unavailable(why) => {
+                let recheck = self.cfg.heartbeat.0.max(Duration::from_secs(1));
                 self.shared.note(|n| {
                     if n.stream_off.as_ref() != Some(&why) {
                         tracing::warn!(
                             "events go out as core NATS messages, not to the events stream: \
-                             {why}; asking again every {}s",
-                            RECHECK_STREAM.as_secs()
+                             {why}; asking again every {}",
+                            humantime::format_duration(recheck)
                         );
                     }
                     n.stream_off = Some(why);
                 });
-                Sink::Core(Instant::now() + RECHECK_STREAM)
+                Sink::Core(Instant::now() + recheck)
             }
             Resolved::Retry(why) => {
                 tracing::debug!("cannot reach JetStream yet: {why}");
