@@ -123,7 +123,13 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
                 cfg.haproxy.state_dir.display()
             )
         })?;
-        let outbox = Outbox::open(&cfg.haproxy.state_dir, cfg.nats.outbox_limit)?;
+        // It syncs files: off the runtime's threads.
+        let outbox = {
+            let (dir, limit) = (cfg.haproxy.state_dir.clone(), cfg.nats.outbox_limit);
+            tokio::task::spawn_blocking(move || Outbox::open(&dir, limit))
+                .await
+                .context("the event outbox could not be opened")??
+        };
         // Bounded: the publisher takes events into the outbox at once, so the node only waits
         // while the disk is slow, and the publisher never waits for the node.
         let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);

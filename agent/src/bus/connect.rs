@@ -56,6 +56,7 @@ pub async fn connect_agent(
     refusals: Refusals,
 ) -> anyhow::Result<Client> {
     let url = cfg.url.clone();
+    let events = format!("{}.event.", cfg.prefix);
     let opts = options(cfg, &format!("ebb-agent {node}"))
         .await?
         .retry_on_initial_connect()
@@ -63,13 +64,22 @@ pub async fn connect_agent(
         .event_callback(move |event| {
             let url = url.clone();
             let refusals = refusals.clone();
+            let events = events.clone();
             async move {
                 match event {
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(text))
-                        if refusals.note(&text).is_some() =>
-                    {
-                        // The publisher reports it, with the event it concerns.
-                        tracing::debug!("nats: {text}");
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        match refusals.note(&text) {
+                            // The publisher reports refused events, with the event concerned.
+                            Some(r) if r.subject.starts_with(&events) || !r.first => {
+                                tracing::debug!("nats: {text}")
+                            }
+                            Some(r) => tracing::warn!(
+                                "nats: the server refuses the agent's publishes to {}: {text}; \
+                                 grant its user publish permission there (reported once)",
+                                r.subject
+                            ),
+                            None => tracing::warn!("nats: server error: {text}"),
+                        }
                     }
                     async_nats::Event::Connected => tracing::info!("nats: connected to {url}"),
                     async_nats::Event::Disconnected => {

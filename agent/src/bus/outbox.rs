@@ -261,11 +261,7 @@ impl Outbox {
             return Ok(());
         };
         self.advance_to(front.end);
-        if self.broken
-            || self.queue.is_empty()
-            || self.offset > COMPACT_BYTES
-            || self.skip.len() > COMPACT_SKIPS
-        {
+        if self.broken || self.offset > COMPACT_BYTES || self.skip.len() > COMPACT_SKIPS {
             self.compact()
         } else {
             self.save_position()

@@ -3,7 +3,7 @@
 //! error on the publish itself. The connection's event callback records them here, and the
 //! publisher asks whether the event it is waiting on was one of them.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -12,18 +12,35 @@ const KEPT: usize = 64;
 
 /// The subjects the server refused lately, shared by the connection and the publisher.
 #[derive(Debug, Clone, Default)]
-pub struct Refusals(Arc<Mutex<VecDeque<(Instant, String)>>>);
+pub struct Refusals(Arc<Mutex<Kept>>);
+
+#[derive(Debug, Default)]
+struct Kept {
+    recent: VecDeque<(Instant, String)>,
+    /// Every subject ever refused, so each is reported once.
+    seen: HashSet<String>,
+}
+
+/// A refused publish, as [`Refusals::note`] read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub subject: String,
+    /// The first refusal of this subject.
+    pub first: bool,
+}
 
 impl Refusals {
-    /// Records a server error when it is a refused publish; returns the subject if so.
-    pub fn note(&self, server_error: &str) -> Option<String> {
+    /// Records a server error when it is a refused publish.
+    pub fn note(&self, server_error: &str) -> Option<Refusal> {
         let subject = refused_subject(server_error)?;
         let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.len() >= KEPT {
-            kept.pop_front();
+        if kept.recent.len() >= KEPT {
+            kept.recent.pop_front();
         }
-        kept.push_back((Instant::now(), subject.clone()));
-        Some(subject)
+        kept.recent.push_back((Instant::now(), subject.clone()));
+        // Bounded by the subjects the agent publishes on, which are few.
+        let first = kept.seen.insert(subject.clone());
+        Some(Refusal { subject, first })
     }
 
     /// Whether a publish to `subject` was refused at or after `since`.
@@ -31,6 +48,7 @@ impl Refusals {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .recent
             .iter()
             .any(|(at, s)| *at >= since && s == subject)
     }
@@ -79,9 +97,10 @@ mod tests {
     fn remembers_when() {
         let r = Refusals::default();
         let before = Instant::now();
-        assert!(r
-            .note("Permissions Violation for Publish to \"x.y\"")
-            .is_some());
+        let noted = r.note("Permissions Violation for Publish to \"x.y\"");
+        assert_eq!(noted.map(|n| n.first), Some(true));
+        let again = r.note("Permissions Violation for Publish to \"x.y\"");
+        assert_eq!(again.map(|n| n.first), Some(false));
         assert!(r.refused_since("x.y", before));
         assert!(!r.refused_since("x.z", before));
         assert!(!r.refused_since("x.y", Instant::now() + std::time::Duration::from_secs(1)));
