@@ -94,7 +94,7 @@ async fn reload(node: &NodeFixture) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. The events stream deleted while the agent runs
+// 1. The events stream deleted while the agent runs (recreated by ebb, or by the operator)
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,7 +317,7 @@ async fn events_go_out_as_core_messages_while_the_stream_is_missing_then_to_it_a
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. A torn outbox
+// 2. The outbox: torn on disk, and kept across a killed agent
 // ---------------------------------------------------------------------------------------------
 
 fn old_event(seq: u64, drain_id: &str) -> Value {
@@ -373,6 +373,84 @@ async fn a_torn_outbox_is_read_past_its_bad_lines() {
     // The agent's own events come after, numbered from 1 for its boot.
     let started = node.events.wait_kind("agent_started", |_| true).await;
     assert_eq!(started.body["seq"], 1);
+}
+
+/// Every event line in the outbox logs of `state_dir`.
+fn outbox_text(state_dir: &Path) -> String {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return String::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("outbox.") && name.ends_with(".jsonl")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_made_while_nats_is_away_survives_a_killed_agent() {
+    let mut node = node().start().await;
+    let nc = node.nc.clone();
+    let boot_id = node.status().await["boot_id"]
+        .as_str()
+        .expect("boot_id")
+        .to_string();
+    node.ok("drain", json!({"drain_id": "away", "min_period_ms": 1500}))
+        .await;
+    node.nats()
+        .expect("the fixture's nats-server")
+        .stop()
+        .expect("stop nats-server");
+    let state_dir = node.config.state_dir();
+    wait_until(T, "the drained event in the outbox on disk", || {
+        outbox_text(&state_dir)
+            .lines()
+            .any(|l| l.contains("\"kind\":\"drained\"") && l.contains("\"away\""))
+    });
+    node.agent.kill9().expect("kill -9 the agent");
+    node.nats()
+        .expect("the fixture's nats-server")
+        .start_again()
+        .expect("start nats-server again");
+    node.restart_agent();
+
+    // Sent by the next agent, with the identity the first one gave it.
+    let js = jetstream::new(nc.clone());
+    let drained = wait_for_async(T, "the drained event in EBB_EVENTS", || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("EBB_EVENTS").await.ok()?;
+            let last = stream.info().await.ok()?.state.last_sequence;
+            for seq in 1..=last {
+                let Ok(msg) = stream.get_raw_message(seq).await else {
+                    continue;
+                };
+                let body: Value = serde_json::from_slice(&msg.payload).ok()?;
+                if body["kind"] == "drained" && body["drain_id"] == "away" {
+                    let id = msg
+                        .headers
+                        .get("Nats-Msg-Id")
+                        .map(|v| v.as_str().to_string());
+                    return Some((body, id));
+                }
+            }
+            None
+        }
+    })
+    .await;
+    let (body, msg_id) = drained;
+    assert_eq!(
+        body["boot_id"],
+        boot_id.as_str(),
+        "the first agent's boot: {body}"
+    );
+    let seq = body["seq"].as_u64().expect("seq");
+    assert_eq!(msg_id, Some(format!("{NODE_ID}.{boot_id}.{seq}")));
+    node.wait_status("the outbox emptied", |s| s["outbox_depth"] == 0)
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
