@@ -676,3 +676,39 @@ async fn an_event_the_server_refuses_is_set_aside_and_later_events_flow() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_max_payload_is_set_aside_and_later_events_flow() {
+    let dir = TestDir::new();
+    let nats_dir = dir.join("nats");
+    std::fs::create_dir_all(&nats_dir).expect("nats dir");
+    let conf = write_nats_config(&nats_dir, "nats.conf", "max_payload: 2048\n").expect("conf");
+    let nats = NatsServer::start_with_args(&nats_dir, &["-c", conf.to_str().expect("utf-8")])
+        .expect("start nats-server");
+    let node = node()
+        .nats_url(&nats.url())
+        .dir(dir.join("node"))
+        .start()
+        .await;
+    // The command fits, the event that carries its reason does not.
+    let big = node.ok("reload", json!({"reason": "r".repeat(1800)})).await;
+    let status = node
+        .wait_status("the oversized event in status, nothing stuck", |s| {
+            warnings(s).iter().any(|w| w.contains("max_payload")) && s["outbox_depth"] == 0
+        })
+        .await;
+    assert!(
+        warnings(&status)
+            .iter()
+            .any(|w| w.contains(&format!("ebb.event.{NODE_ID}.reloaded"))),
+        "{status}"
+    );
+    reload(&node).await;
+    assert!(
+        node.events
+            .of_kind("reloaded")
+            .iter()
+            .all(|e| e.body["reload_id"] != big["reload_id"]),
+        "the oversized event never went out"
+    );
+}
