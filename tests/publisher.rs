@@ -490,6 +490,17 @@ async fn heartbeats_go_to_their_own_subject_and_kv_never_to_the_stream() {
     assert_eq!(b["boot_id"], boot_id.as_str());
     assert_eq!(b["state"], "serving");
     assert!(b["time"].is_string(), "{b}");
+    let mut keys: Vec<&str> = b
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["boot_id", "kind", "node", "seq", "state", "time", "v"],
+        "the heartbeat's shape: {b}"
+    );
+    assert_eq!(beat.msg_id, None, "a heartbeat has no Msg-Id of its own");
     let max_seq = node.events.all().iter().map(|e| e.seq()).max();
     assert_eq!(Some(beat.seq()), max_seq, "the seq of the last event: {b}");
 

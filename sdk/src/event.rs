@@ -27,7 +27,8 @@ pub struct Event {
     pub node: String,
     /// UUID made at each agent start. An event sent late (outbox, after a restart) keeps its original one.
     pub boot_id: String,
-    /// Starts at 1 for each `boot_id` and grows by 1 per event.
+    /// Starts at 1 for each `boot_id` and grows by 1 per event. A heartbeat takes none of its own: it
+    /// carries the `seq` of the node's last event.
     pub seq: u64,
     /// RFC 3339 time the event happened (not when it was sent).
     pub time: String,
