@@ -42,7 +42,15 @@ pub async fn events_stream(client: &Client, cfg: &NatsConfig) -> Resolved<Events
         ..Default::default()
     };
     let wanted = config.clone();
+    // Any event subject will do: the stream must take them all.
+    let sample = ebb_sdk::subject::event_subject(&cfg.prefix, "n", "drained");
     match ensure_stream(&js, config).await {
+        Resolved::Ready(found) if !found.subjects.iter().any(|f| subject_matches(f, &sample)) => {
+            Resolved::Unavailable(format!(
+                "stream {} does not take the events (its subjects are {:?}, not {:?})",
+                found.name, found.subjects, wanted.subjects
+            ))
+        }
         Resolved::Ready(found) => Resolved::Ready(EventsStream {
             js,
             differences: differences(&wanted, &found),
@@ -70,13 +78,27 @@ fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<String> {
             humantime::format_duration(wanted.duplicate_window)
         ));
     }
-    if !found.subjects.iter().any(|s| wanted.subjects.contains(s)) {
+    if found.subjects != wanted.subjects {
         out.push(format!(
             "stream {name} has subjects {:?}, not {:?}",
             found.subjects, wanted.subjects
         ));
     }
     out
+}
+
+/// Whether NATS subject filter `filter` (with `*` and `>`) matches the literal `subject`.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for f in filter.split('.') {
+        match (f, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
 }
 
 /// Finds or creates the KV bucket. Its stream is created directly rather than through
@@ -148,5 +170,27 @@ async fn ensure_stream(
             }
             _ => Resolved::Retry(format!("stream {name}: {e}")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn filters_match_as_nats_does() {
+        let s = "ebb.event.web-1.drained";
+        for yes in ["ebb.event.>", ">", "ebb.>", "ebb.*.*.drained", s] {
+            assert!(subject_matches(yes, s), "{yes}");
+        }
+        for no in [
+            "ebb.event",
+            "ebb.event.*",
+            "foo.>",
+            "ebb.event.web-1.drained.x",
+            "",
+        ] {
+            assert!(!subject_matches(no, s), "{no}");
+        }
     }
 }
