@@ -633,3 +633,31 @@ impl Heartbeat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_say_what_went_wrong_and_nothing_when_all_is_well() {
+        assert!(Notes::default().warnings().is_empty());
+        let notes = Notes {
+            depth: 3,
+            unreadable_at_open: 2,
+            dropped: 5,
+            limit: 10,
+            refused: 1,
+            last_refused: Some("undrained n.b.4 on ebb.event.n.undrained: denied".into()),
+            stream_off: Some("JetStream does not answer".into()),
+            stream_differs: vec!["stream EBB_EVENTS has max_age 1h".into()],
+            kv_off: Some("no bucket".into()),
+        };
+        let w = notes.warnings();
+        assert_eq!(w.len(), 5, "{w:?}");
+        assert!(w[0].starts_with("1 event(s) refused") && w[0].contains("n.b.4"));
+        assert!(w[1].starts_with("2 unreadable line(s)"));
+        assert!(w[2].contains("nats.outbox_limit = 10"));
+        assert!(w[3].contains("JetStream does not answer"));
+        assert!(w[4].contains("no bucket"));
+    }
+}
