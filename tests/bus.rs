@@ -989,6 +989,7 @@ async fn events_carry_the_envelope_and_land_in_the_stream_and_kv() {
         "no stream before the agent: {info}"
     );
     let start = SystemTime::now();
+    let beats = EventTap::subscribe(&nc, "ebb.heartbeat.ev-1").await;
     let mut node = node_on(&nc, &nats.url(), dir.path(), "ev-1")
         .events_subject("ebb.event.>")
         .agent(|c| {
@@ -1024,7 +1025,7 @@ async fn events_carry_the_envelope_and_land_in_the_stream_and_kv() {
     node.events
         .wait_kind("worker_exited", |b| b["pid"] == pid0)
         .await;
-    node.events
+    beats
         .wait_kind("heartbeat", |b| b["state"] == "serving")
         .await;
     let end = SystemTime::now();
@@ -2056,6 +2057,7 @@ async fn without_jetstream_events_are_core_messages() {
             .is_err(),
         "no JetStream on this server"
     );
+    let beats = EventTap::subscribe(&nc, "ebb.heartbeat.nojs-1").await;
     let node = node_on(&nc, &nats.url(), dir.path(), "nojs-1")
         .agent(|c| {
             c.set_str("nats", "heartbeat", "1s");
@@ -2078,7 +2080,7 @@ async fn without_jetstream_events_are_core_messages() {
     let id = r["reload_id"].clone();
     let ev = events.wait_kind("reloaded", |b| b["reload_id"] == id).await;
     assert!(ev.msg_id.is_some(), "Msg-Id header on core events too");
-    events.wait_kind("heartbeat", |_| true).await;
+    beats.wait_kind("heartbeat", |_| true).await;
     let reply = command(
         &nc,
         "nojs-1",

@@ -8,7 +8,8 @@ use clap::Parser;
 use ebb_agent::bus::commands::CommandServer;
 use ebb_agent::bus::connect;
 use ebb_agent::bus::outbox::Outbox;
-use ebb_agent::bus::publisher::Publisher;
+use ebb_agent::bus::publisher::{Publisher, PublisherReport, EVENTS_QUEUE};
+use ebb_agent::bus::refusals::Refusals;
 use ebb_agent::cli::{Cli, Commands, ConfigCommand, PluginCommand};
 use ebb_agent::config::{self, LogFormat, Settings};
 use ebb_agent::inbox::{AgentSignal, Input, Summary};
@@ -164,8 +165,17 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
                 cfg.haproxy.state_dir.display()
             )
         })?;
-        let outbox = Outbox::open(&cfg.haproxy.state_dir, cfg.nats.outbox_limit)?;
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        // It syncs files: off the runtime's threads.
+        let outbox = {
+            let (dir, limit) = (cfg.haproxy.state_dir.clone(), cfg.nats.outbox_limit);
+            tokio::task::spawn_blocking(move || Outbox::open(&dir, limit))
+                .await
+                .context("the event outbox could not be opened")??
+        };
+        // Bounded: the publisher takes events into the outbox at once, so the node only waits
+        // while the disk is slow, and the publisher never waits for the node.
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
+        let (report_tx, report_rx) = watch::channel(PublisherReport::default());
         let (inputs_tx, inputs_rx) = mpsc::channel(1024);
         let (summary_tx, summary_rx) = watch::channel(Summary {
             state: NodeState::Starting,
@@ -175,7 +185,9 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         #[cfg(debug_assertions)]
         spawn_test_panic_trigger()?;
 
-        let client = connect::connect_agent(&cfg.nats, settings.node_id()).await?;
+        let refusals = Refusals::default();
+        let client =
+            connect::connect_agent(&cfg.nats, settings.node_id(), refusals.clone()).await?;
         let publisher = Publisher {
             client: client.clone(),
             cfg: cfg.nats.clone(),
@@ -185,6 +197,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             outbox,
             events: events_rx,
             summary: summary_rx,
+            refusals,
+            report: report_tx,
         };
         let publishing = tokio::spawn(publisher.run());
 
@@ -214,6 +228,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             settings.clone(),
             boot_id.clone(),
             events_tx,
+            report_rx,
             summary_tx,
             plugins.clone(),
         )

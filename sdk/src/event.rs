@@ -4,13 +4,17 @@
 //! optionally `requester` and `reason`) followed by the fields of its kind. It is published with the header
 //! `Nats-Msg-Id: <node>.<boot_id>.<seq>` ([`Event::msg_id`]), which JetStream uses to drop duplicates and
 //! core subscribers can use the same way: delivery is at least once.
+//!
+//! Heartbeats are the exception: they go to `P.heartbeat.<node>` ([`Event::subject`] knows), never
+//! to the events stream, carry no Msg-Id, and take no `seq` of their own: theirs is the `seq` of the
+//! last event the node emitted, so a watcher can tell whether it missed one.
 
 use std::fmt;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::status::{Blocker, NodeState};
-use crate::subject::event_subject;
+use crate::subject::{event_subject, heartbeat_subject};
 use crate::PROTOCOL_VERSION;
 
 /// One event.
@@ -23,7 +27,8 @@ pub struct Event {
     pub node: String,
     /// UUID made at each agent start. An event sent late (outbox, after a restart) keeps its original one.
     pub boot_id: String,
-    /// Starts at 1 for each `boot_id` and grows by 1 per event.
+    /// Starts at 1 for each `boot_id` and grows by 1 per event. A heartbeat takes none of its own: it
+    /// carries the `seq` of the node's last event.
     pub seq: u64,
     /// RFC 3339 time the event happened (not when it was sent).
     pub time: String,
@@ -73,9 +78,12 @@ impl Event {
         format!("{}.{}.{}", self.node, self.boot_id, self.seq)
     }
 
-    /// The subject to publish on: `P.event.<node>.<kind>`.
+    /// The subject to publish on: `P.event.<node>.<kind>`, or `P.heartbeat.<node>` for a heartbeat.
     pub fn subject(&self, prefix: &str) -> String {
-        event_subject(prefix, &self.node, self.kind())
+        match self.body {
+            EventBody::Heartbeat { .. } => heartbeat_subject(prefix, &self.node),
+            _ => event_subject(prefix, &self.node, self.kind()),
+        }
     }
 }
 
@@ -144,7 +152,7 @@ pub enum EventBody {
     Undrained { drain_id: String },
     /// HAProxy was stopped.
     Stopped { connections_cut: u64 },
-    /// Periodic sign of life.
+    /// Periodic sign of life, on `P.heartbeat.<node>`; its `seq` is that of the node's last event.
     Heartbeat { state: NodeState },
     /// A plugin was disabled after hanging again and again; it is not called again until the agent
     /// restarts.
@@ -490,7 +498,11 @@ mod tests {
             event.msg_id(),
             "web-1.6f1c2a8e-0000-4000-8000-000000000001.7"
         );
-        assert_eq!(event.subject("ebb"), "ebb.event.web-1.heartbeat");
+        assert_eq!(event.subject("ebb"), "ebb.heartbeat.web-1");
+        let undrained = envelope(EventBody::Undrained {
+            drain_id: "d".into(),
+        });
+        assert_eq!(undrained.subject("ebb"), "ebb.event.web-1.undrained");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! With prefix `P` (default `ebb`):
 //! - commands: `P.node.<node_id>.<verb>`, `P.group.<group>.<verb>`, `P.all.<verb>`;
-//! - events: `P.event.<node_id>.<kind>`.
+//! - events: `P.event.<node_id>.<kind>`;
+//! - heartbeats: `P.heartbeat.<node_id>` (outside `P.event.>`, so outside the events stream).
 //!
 //! Node ids and groups are single subject tokens, so they can never smuggle a `.`, `*` or `>` into a
 //! subject, and they are also valid KV keys.
@@ -134,6 +135,16 @@ pub fn node_event_wildcard(prefix: &str, node: &str) -> String {
     event_subject(prefix, node, "*")
 }
 
+/// `P.heartbeat.<node>`: where a node publishes its heartbeats, as core messages only.
+pub fn heartbeat_subject(prefix: &str, node: &str) -> String {
+    format!("{prefix}.heartbeat.{node}")
+}
+
+/// `P.heartbeat.*`: the heartbeats of the whole fleet.
+pub fn heartbeat_wildcard(prefix: &str) -> String {
+    heartbeat_subject(prefix, "*")
+}
+
 /// The last token of a subject, which is the verb for command subjects and the kind for event subjects.
 pub fn verb_of(subject: &str) -> &str {
     subject.rsplit_once('.').map_or(subject, |(_, last)| last)
@@ -194,6 +205,8 @@ mod tests {
         );
         assert_eq!(event_wildcard("ebb"), "ebb.event.>");
         assert_eq!(node_event_wildcard("ebb", "web-1"), "ebb.event.web-1.*");
+        assert_eq!(heartbeat_subject("ebb", "web-1"), "ebb.heartbeat.web-1");
+        assert_eq!(heartbeat_wildcard("acme.ebb"), "acme.ebb.heartbeat.*");
     }
 
     #[test]

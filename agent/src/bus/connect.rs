@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::{Client, ConnectOptions};
 
+use super::refusals::Refusals;
 use crate::config::NatsConfig;
 
 /// Builds the connect options shared by the agent and `ebb ctl`.
@@ -47,17 +48,39 @@ pub async fn options(cfg: &NatsConfig, name: &str) -> anyhow::Result<ConnectOpti
 }
 
 /// Connects the agent: it retries the first connection in the background and reconnects forever,
-/// logging each change of connection state once.
-pub async fn connect_agent(cfg: &NatsConfig, node: &str) -> anyhow::Result<Client> {
+/// logging each change of connection state once. Publishes the server refuses are recorded in
+/// `refusals` for the publisher.
+pub async fn connect_agent(
+    cfg: &NatsConfig,
+    node: &str,
+    refusals: Refusals,
+) -> anyhow::Result<Client> {
     let url = cfg.url.clone();
+    let events = format!("{}.event.", cfg.prefix);
     let opts = options(cfg, &format!("ebb-agent {node}"))
         .await?
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
             let url = url.clone();
+            let refusals = refusals.clone();
+            let events = events.clone();
             async move {
                 match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        match refusals.note(&text) {
+                            // The publisher reports refused events, with the event concerned.
+                            Some(r) if r.subject.starts_with(&events) || !r.first => {
+                                tracing::debug!("nats: {text}")
+                            }
+                            Some(r) => tracing::warn!(
+                                "nats: the server refuses the agent's publishes to {}: {text}; \
+                                 grant its user publish permission there (reported once)",
+                                r.subject
+                            ),
+                            None => tracing::warn!("nats: server error: {text}"),
+                        }
+                    }
                     async_nats::Event::Connected => tracing::info!("nats: connected to {url}"),
                     async_nats::Event::Disconnected => {
                         tracing::warn!("nats: disconnected from {url}; reconnecting, events wait in the outbox")

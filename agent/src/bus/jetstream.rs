@@ -9,11 +9,6 @@ use async_nats::Client;
 
 use crate::config::NatsConfig;
 
-/// How long the events stream keeps events, and how long it remembers Msg-Ids. The outbox may
-/// hold an event as long as NATS is away; an event older than `max_age` would be expired by the
-/// stream anyway, so deduplicating over the whole of `max_age` covers every redelivery.
-pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
 #[derive(Debug)]
 pub enum Resolved<T> {
     Ready(T),
@@ -23,8 +18,16 @@ pub enum Resolved<T> {
     Retry(String),
 }
 
-/// Finds or creates the events stream (subjects `P.event.>`).
-pub async fn events_stream(client: &Client, cfg: &NatsConfig) -> Resolved<jetstream::Context> {
+/// The events stream, found or created.
+pub struct EventsStream {
+    pub js: jetstream::Context,
+    /// How the stream found differs from what ebb would create (an operator's choice, kept).
+    pub differences: Vec<String>,
+}
+
+/// Finds or creates the events stream (subjects `P.event.>`), with `nats.events_max_age` and
+/// `nats.events_duplicate_window`. A stream that exists is used as it is.
+pub async fn events_stream(client: &Client, cfg: &NatsConfig) -> Resolved<EventsStream> {
     if cfg.events_stream.is_empty() {
         return Resolved::Unavailable("nats.events_stream is \"\"".into());
     }
@@ -33,16 +36,69 @@ pub async fn events_stream(client: &Client, cfg: &NatsConfig) -> Resolved<jetstr
     let config = stream::Config {
         name: cfg.events_stream.clone(),
         subjects: vec![ebb_sdk::subject::event_wildcard(&cfg.prefix)],
-        max_age: EVENTS_MAX_AGE,
-        duplicate_window: EVENTS_MAX_AGE,
+        max_age: cfg.events_max_age.0,
+        duplicate_window: cfg.events_duplicate_window.0,
         storage: stream::StorageType::File,
         ..Default::default()
     };
+    let wanted = config.clone();
+    // Any event subject will do: the stream must take them all.
+    let sample = ebb_sdk::subject::event_subject(&cfg.prefix, "n", "drained");
     match ensure_stream(&js, config).await {
-        Resolved::Ready(()) => Resolved::Ready(js),
+        Resolved::Ready(found) if !found.subjects.iter().any(|f| subject_matches(f, &sample)) => {
+            Resolved::Unavailable(format!(
+                "stream {} does not take the events (its subjects are {:?}, not {:?})",
+                found.name, found.subjects, wanted.subjects
+            ))
+        }
+        Resolved::Ready(found) => Resolved::Ready(EventsStream {
+            js,
+            differences: differences(&wanted, &found),
+        }),
         Resolved::Unavailable(why) => Resolved::Unavailable(why),
         Resolved::Retry(why) => Resolved::Retry(why),
     }
+}
+
+/// What of `found` differs from `wanted`, in the config keys' terms.
+fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let name = &found.name;
+    if found.max_age != wanted.max_age {
+        out.push(format!(
+            "stream {name} has max_age {} where nats.events_max_age is {}",
+            humantime::format_duration(found.max_age),
+            humantime::format_duration(wanted.max_age)
+        ));
+    }
+    if found.duplicate_window != wanted.duplicate_window {
+        out.push(format!(
+            "stream {name} has duplicate_window {} where nats.events_duplicate_window is {}",
+            humantime::format_duration(found.duplicate_window),
+            humantime::format_duration(wanted.duplicate_window)
+        ));
+    }
+    if found.subjects != wanted.subjects {
+        out.push(format!(
+            "stream {name} has subjects {:?}, not {:?}",
+            found.subjects, wanted.subjects
+        ));
+    }
+    out
+}
+
+/// Whether NATS subject filter `filter` (with `*` and `>`) matches the literal `subject`.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for f in filter.split('.') {
+        match (f, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
 }
 
 /// Finds or creates the KV bucket. Its stream is created directly rather than through
@@ -67,7 +123,7 @@ pub async fn node_bucket(client: &Client, cfg: &NatsConfig) -> Resolved<kv::Stor
         ..Default::default()
     };
     match ensure_stream(&js, config).await {
-        Resolved::Ready(()) => match js.get_key_value(bucket.as_str()).await {
+        Resolved::Ready(_) => match js.get_key_value(bucket.as_str()).await {
             Ok(store) => Resolved::Ready(store),
             Err(e) => Resolved::Unavailable(format!("KV bucket {bucket}: {e}")),
         },
@@ -76,20 +132,30 @@ pub async fn node_bucket(client: &Client, cfg: &NatsConfig) -> Resolved<kv::Stor
     }
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resolved<()> {
+/// The stream's config as it is on the server, created from `config` when absent.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Resolved<stream::Config> {
     let name = config.name.clone();
     match js.get_stream(&name).await {
-        Ok(_) => Resolved::Ready(()),
+        Ok(stream) => Resolved::Ready(stream.cached_info().config.clone()),
         Err(e) => match e.kind() {
             GetStreamErrorKind::JetStream(err)
                 if err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
             {
-                match js.create_stream(config).await {
+                match js.create_stream(config.clone()).await {
                     Ok(_) => {
                         tracing::info!("created JetStream stream {name}");
-                        Resolved::Ready(())
+                        Resolved::Ready(config)
                     }
-                    Err(e) => Resolved::Unavailable(format!("cannot create stream {name}: {e}")),
+                    // Another agent may have created it meanwhile.
+                    Err(e) => match js.get_stream(&name).await {
+                        Ok(stream) => Resolved::Ready(stream.cached_info().config.clone()),
+                        Err(_) => {
+                            Resolved::Unavailable(format!("cannot create stream {name}: {e}"))
+                        }
+                    },
                 }
             }
             GetStreamErrorKind::JetStream(err) => {
@@ -104,5 +170,27 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resol
             }
             _ => Resolved::Retry(format!("stream {name}: {e}")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn filters_match_as_nats_does() {
+        let s = "ebb.event.web-1.drained";
+        for yes in ["ebb.event.>", ">", "ebb.>", "ebb.*.*.drained", s] {
+            assert!(subject_matches(yes, s), "{yes}");
+        }
+        for no in [
+            "ebb.event",
+            "ebb.event.*",
+            "foo.>",
+            "ebb.event.web-1.drained.x",
+            "",
+        ] {
+            assert!(!subject_matches(no, s), "{no}");
+        }
     }
 }

@@ -8,3 +8,4 @@ pub mod jetstream;
 pub mod limits;
 pub mod outbox;
 pub mod publisher;
+pub mod refusals;

@@ -1,35 +1,54 @@
 //! Publishing events: outbox first, then NATS, strictly in order, each confirmed before the next.
 //!
-//! With the events stream, a publish is a JetStream publish that waits for its ack; the stream
-//! drops a redelivered Msg-Id, so retrying after a lost ack never duplicates an event in the
-//! stream. Without it, events go out as core messages, confirmed by a flush.
+//! Three tasks share the outbox, none of them waits for the node:
+//! - intake takes the node's events into the outbox as soon as they come (so the bounded channel
+//!   from the node only pushes back while the disk is slow);
+//! - the sender publishes the outbox's front event and removes it once confirmed. With the events
+//!   stream, that is a JetStream publish that waits for its ack (the stream drops a redelivered
+//!   Msg-Id, so a retry after a lost ack never duplicates an event); without it, a core publish
+//!   confirmed by a flush. After an error the stream is looked up again (and recreated when
+//!   missing); while it cannot be had, events go out as core messages and the stream is asked
+//!   for again at every heartbeat interval;
+//! - the heartbeat publishes `P.heartbeat.<node>` (core only, never through the outbox) and keeps
+//!   the node record in KV, looking for the bucket again at every heartbeat while it is missing.
+//!
+//! An event the server refuses for good (no permission to publish its subject; larger than
+//! `max_payload`; refused by the stream again and again) must not stall the events behind it: it
+//! is tried once more as a core message, then set aside (removed from the outbox), logged once at
+//! error level with its subject and Msg-Id, and counted in the status `warnings`.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use async_nats::{jetstream, Client, HeaderMap};
-use ebb_sdk::event::Event;
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::{Client, HeaderMap};
+use ebb_sdk::event::{Event, EventBody};
 use ebb_sdk::status::NodeRecord;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::jetstream::{events_stream, node_bucket, Resolved};
 use super::outbox::Outbox;
+use super::refusals::Refusals;
 use crate::config::NatsConfig;
 use crate::events::rfc3339;
 use crate::inbox::Summary;
 
-enum Sink {
-    Unresolved,
-    Stream(Box<jetstream::Context>),
-    /// Core NATS since this instant; JetStream is asked again after `RECHECK_JETSTREAM`.
-    Core(std::time::Instant),
-}
+/// How many events the node may hand over before the publisher has taken them into the outbox.
+pub const EVENTS_QUEUE: usize = 256;
+/// Consecutive refusals by the stream (not timeouts) after which an event is set aside.
+const STREAM_REFUSALS: u32 = 3;
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Events taken into the outbox with one fsync.
+const INTAKE_BATCH: usize = 256;
 
-const RECHECK_JETSTREAM: Duration = Duration::from_secs(60);
-
-enum Bucket {
-    Unresolved,
-    Ready(Box<jetstream::kv::Store>),
-    Off,
+/// What the publisher tells `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublisherReport {
+    pub outbox_depth: u64,
+    pub warnings: Vec<String>,
 }
 
 pub struct Publisher {
@@ -39,109 +58,555 @@ pub struct Publisher {
     pub groups: Vec<String>,
     pub boot_id: String,
     pub outbox: Outbox,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    pub events: mpsc::Receiver<Event>,
     pub summary: watch::Receiver<Summary>,
+    pub refusals: Refusals,
+    pub report: watch::Sender<PublisherReport>,
 }
 
-const RETRY_FIRST: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+/// What the tasks share.
+struct Shared {
+    outbox: Arc<Mutex<Outbox>>,
+    new_events: Notify,
+    intake_done: AtomicBool,
+    /// `seq` of the last event the node emitted (0 before the first).
+    last_seq: AtomicU64,
+    notes: Mutex<Notes>,
+    report: watch::Sender<PublisherReport>,
+}
+
+/// What went wrong, for the status `warnings`.
+#[derive(Debug, Default)]
+struct Notes {
+    depth: u64,
+    unreadable_at_open: usize,
+    dropped: u64,
+    limit: usize,
+    refused: u64,
+    last_refused: Option<String>,
+    /// Why events go out as core messages, while they do.
+    stream_off: Option<String>,
+    /// How the stream found differs from the settings: logged when it changes, not a warning,
+    /// since an operator may have meant it.
+    stream_differs: Vec<String>,
+    /// Why the node record is not in KV, while it is not.
+    kv_off: Option<String>,
+}
+
+impl Notes {
+    fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.refused > 0 {
+            out.push(format!(
+                "{} event(s) refused by NATS for good and set aside (not in the stream); last: {}",
+                self.refused,
+                self.last_refused.as_deref().unwrap_or("?")
+            ));
+        }
+        if self.unreadable_at_open > 0 {
+            out.push(format!(
+                "{} unreadable line(s) of the event outbox were skipped at start (torn write or \
+                 corruption); see the log",
+                self.unreadable_at_open
+            ));
+        }
+        if self.dropped > 0 {
+            out.push(format!(
+                "{} event(s) dropped because the event outbox was full (nats.outbox_limit = {}); \
+                 NATS was away too long or raise the limit",
+                self.dropped, self.limit
+            ));
+        }
+        if let Some(why) = &self.stream_off {
+            out.push(format!(
+                "events go out as core NATS messages, not to the events stream: {why}"
+            ));
+        }
+        if let Some(why) = &self.kv_off {
+            out.push(format!("the node record is not kept in KV: {why}"));
+        }
+        out
+    }
+}
+
+impl Shared {
+    fn note(&self, f: impl FnOnce(&mut Notes)) {
+        let warnings = {
+            let mut notes = self.notes.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut notes);
+            PublisherReport {
+                outbox_depth: notes.depth,
+                warnings: notes.warnings(),
+            }
+        };
+        self.report.send_if_modified(|r| {
+            let changed = *r != warnings;
+            *r = warnings;
+            changed
+        });
+    }
+
+    /// Runs `f` on the outbox off the async runtime: it syncs files. `None` only when the
+    /// runtime is shutting down.
+    async fn outbox<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Outbox) -> T + Send + 'static,
+    ) -> Option<T> {
+        let outbox = self.outbox.clone();
+        let (result, depth) = tokio::task::spawn_blocking(move || {
+            let mut outbox = outbox.lock().unwrap_or_else(PoisonError::into_inner);
+            let result = f(&mut outbox);
+            (result, outbox.len() as u64)
+        })
+        .await
+        .ok()?;
+        self.note(|n| n.depth = depth);
+        Some(result)
+    }
+}
+
+enum Sink {
+    Unresolved,
+    Stream(Box<jetstream::Context>),
+    /// Core NATS; the stream is asked for again at this instant.
+    Core(Instant),
+}
+
+/// How one publish went.
+enum Sent {
+    Confirmed,
+    /// Refused for good: set it aside.
+    Refused(String),
+    /// The stream answered with an error (not a timeout).
+    StreamRefused(String),
+    /// The stream is gone: look it up again at once.
+    StreamMissing,
+    /// Try again later.
+    Failed(String),
+}
 
 impl Publisher {
-    pub async fn run(mut self) {
-        let mut sink = Sink::Unresolved;
-        let mut bucket = Bucket::Unresolved;
-        let mut retry = RETRY_FIRST;
-        let mut events_open = true;
-        loop {
-            // Take in everything already produced, so the outbox holds it durably.
-            while let Ok(event) = self.events.try_recv() {
-                self.store(event);
+    pub async fn run(self) {
+        let shared = Arc::new(Shared {
+            new_events: Notify::new(),
+            intake_done: AtomicBool::new(false),
+            last_seq: AtomicU64::new(0),
+            notes: Mutex::new(Notes {
+                depth: self.outbox.len() as u64,
+                unreadable_at_open: self.outbox.unreadable_at_open(),
+                limit: self.cfg.outbox_limit,
+                ..Notes::default()
+            }),
+            outbox: Arc::new(Mutex::new(self.outbox)),
+            report: self.report,
+        });
+        shared.note(|_| {});
+        let intake = tokio::spawn(take_in(shared.clone(), self.events));
+        let heartbeat = tokio::spawn(
+            Heartbeat {
+                client: self.client.clone(),
+                cfg: self.cfg.clone(),
+                node: self.node,
+                groups: self.groups,
+                boot_id: self.boot_id,
+                summary: self.summary,
+                shared: shared.clone(),
+                kv_off: None,
             }
-            if self.outbox.is_empty() {
-                if !events_open {
+            .run(),
+        );
+        Sender {
+            client: self.client,
+            cfg: self.cfg,
+            refusals: self.refusals,
+            shared,
+            sink: Sink::Unresolved,
+            stream_refusals: 0,
+        }
+        .run()
+        .await;
+        heartbeat.abort();
+        let _ = intake.await;
+    }
+}
+
+/// Takes the node's events into the outbox as they come.
+async fn take_in(shared: Arc<Shared>, mut events: mpsc::Receiver<Event>) {
+    while let Some(first) = events.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < INTAKE_BATCH {
+            match events.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Some(seq) = batch.iter().map(|e| e.seq).max() {
+            shared.last_seq.fetch_max(seq, Ordering::Relaxed);
+        }
+        match shared.outbox(move |o| (o.push(batch), o.dropped())).await {
+            Some((Ok(dropped), total)) => {
+                for d in &dropped {
+                    tracing::warn!(
+                        msg_id = %d.msg_id(),
+                        "event outbox full: dropping {} event {}",
+                        d.kind(),
+                        d.msg_id()
+                    );
+                }
+                if !dropped.is_empty() {
+                    shared.note(|n| n.dropped = total);
+                }
+            }
+            Some((Err(e), _)) => {
+                tracing::error!("{e}; the events are kept in memory and sent all the same")
+            }
+            None => return,
+        }
+        shared.new_events.notify_one();
+    }
+    shared.intake_done.store(true, Ordering::SeqCst);
+    shared.new_events.notify_one();
+}
+
+struct Sender {
+    client: Client,
+    cfg: NatsConfig,
+    refusals: Refusals,
+    shared: Arc<Shared>,
+    sink: Sink,
+    /// Consecutive times the stream refused the front event.
+    stream_refusals: u32,
+}
+
+impl Sender {
+    /// Sends until the node is gone and the outbox is empty.
+    async fn run(mut self) {
+        let mut retry = RETRY_FIRST;
+        let mut missed_stream = false;
+        loop {
+            // Read before the outbox: once intake is done, what the outbox holds is all there is.
+            let done = self.shared.intake_done.load(Ordering::SeqCst);
+            let Some(front) = self.shared.outbox(|o| o.front().cloned()).await else {
+                return;
+            };
+            let Some(event) = front else {
+                if done {
                     return;
                 }
-                tokio::select! {
-                    event = self.events.recv() => match event {
-                        Some(e) => self.store(e),
-                        None => events_open = false,
+                match self.sink {
+                    // Idle on core NATS: look for the stream on schedule all the same, so that
+                    // status tells the truth before the next event.
+                    Sink::Core(at) => tokio::select! {
+                        _ = self.shared.new_events.notified() => {}
+                        _ = tokio::time::sleep_until(at.into()) => self.resolve().await,
                     },
-                    changed = self.summary.changed() => {
-                        if changed.is_ok() {
-                            self.put_record(&mut bucket).await;
-                        }
-                    }
+                    _ => self.shared.new_events.notified().await,
                 }
                 continue;
-            }
-            if matches!(sink, Sink::Core(since) if since.elapsed() > RECHECK_JETSTREAM) {
-                sink = Sink::Unresolved;
-            }
-            if matches!(sink, Sink::Unresolved) {
-                sink = match events_stream(&self.client, &self.cfg).await {
-                    Resolved::Ready(js) => Sink::Stream(Box::new(js)),
-                    Resolved::Unavailable(why) => {
-                        tracing::warn!(
-                            "events go out as core NATS messages, not to JetStream: {why}"
-                        );
-                        Sink::Core(std::time::Instant::now())
-                    }
-                    Resolved::Retry(why) => {
-                        tracing::debug!("cannot reach JetStream yet: {why}");
-                        Sink::Unresolved
-                    }
-                };
-            }
-            let Some(event) = self.outbox.front().cloned() else {
-                continue;
             };
-            let sent = match &sink {
-                Sink::Unresolved => Err("NATS is not reachable".to_string()),
-                Sink::Stream(js) => publish_stream(js, &self.cfg.prefix, &event).await,
-                Sink::Core(_) => publish_core(&self.client, &self.cfg.prefix, &event).await,
-            };
-            match sent {
-                Ok(()) => {
-                    retry = RETRY_FIRST;
-                    if let Err(e) = self.outbox.pop() {
-                        tracing::error!("{e}");
-                    }
-                    if matches!(event.body, ebb_sdk::event::EventBody::Heartbeat { .. }) {
-                        self.put_record(&mut bucket).await;
+            let failed = match self.send(&event).await {
+                Sent::Confirmed => {
+                    self.done_with(&event).await;
+                    None
+                }
+                Sent::Refused(why) => {
+                    self.set_aside(&event, &why).await;
+                    None
+                }
+                Sent::StreamRefused(why) => {
+                    self.stream_refusals += 1;
+                    if self.stream_refusals >= STREAM_REFUSALS {
+                        self.set_aside(&event, &format!("the events stream refuses it: {why}"))
+                            .await;
+                        None
+                    } else {
+                        Some(why)
                     }
                 }
-                Err(why) => {
+                Sent::StreamMissing if !missed_stream => {
+                    missed_stream = true;
+                    continue;
+                }
+                Sent::StreamMissing => Some("the events stream is missing".to_string()),
+                Sent::Failed(why) => Some(why),
+            };
+            missed_stream = false;
+            match failed {
+                None => retry = RETRY_FIRST,
+                Some(why) => {
                     tracing::debug!(msg_id = %event.msg_id(), "event not published yet: {why}");
-                    // Keep taking events in while waiting to retry.
-                    let wait = tokio::time::sleep(retry);
-                    tokio::pin!(wait);
-                    loop {
-                        tokio::select! {
-                            _ = &mut wait => break,
-                            event = self.events.recv(), if events_open => match event {
-                                Some(e) => self.store(e),
-                                None => events_open = false,
-                            },
-                        }
-                    }
+                    tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
     }
 
-    fn store(&mut self, event: Event) {
-        if let Err(e) = self.outbox.push(event) {
-            tracing::error!("{e}");
+    async fn done_with(&mut self, event: &Event) {
+        self.stream_refusals = 0;
+        let msg_id = event.msg_id();
+        if let Some(Err(e)) = self.shared.outbox(Outbox::pop).await {
+            tracing::error!(msg_id = %msg_id, "{e}");
+        }
+    }
+
+    async fn send(&mut self, event: &Event) -> Sent {
+        if matches!(self.sink, Sink::Core(at) if Instant::now() >= at) {
+            self.sink = Sink::Unresolved;
+        }
+        if matches!(self.sink, Sink::Unresolved) {
+            self.resolve().await;
+        }
+        let subject = event.subject(&self.cfg.prefix);
+        let started = Instant::now();
+        match &self.sink {
+            Sink::Unresolved => Sent::Failed("NATS is not reachable".into()),
+            Sink::Stream(js) => {
+                let sent = publish_stream(js, &subject, event).await;
+                if matches!(sent, Sent::Failed(_) | Sent::StreamMissing) {
+                    self.sink = Sink::Unresolved;
+                }
+                match sent {
+                    Sent::Failed(_) if self.refusals.refused_since(&subject, started) => {
+                        Sent::Refused(permission_denied(&subject))
+                    }
+                    other => other,
+                }
+            }
+            Sink::Core(_) => match publish_core(&self.client, &subject, event).await {
+                Sent::Confirmed if self.refusals.refused_since(&subject, started) => {
+                    Sent::Refused(permission_denied(&subject))
+                }
+                other => other,
+            },
+        }
+    }
+
+    async fn resolve(&mut self) {
+        self.sink = match events_stream(&self.client, &self.cfg).await {
+            Resolved::Ready(stream) => {
+                let differs = stream.differences;
+                self.shared.note(|n| {
+                    if n.stream_off.is_some() {
+                        tracing::info!("events go to the events stream again");
+                    }
+                    if n.stream_differs != differs {
+                        for d in &differs {
+                            tracing::warn!(
+                                "{d}; ebb uses the stream as it is (change it, or the setting)"
+                            );
+                        }
+                    }
+                    n.stream_differs = differs;
+                    n.stream_off = None;
+                });
+                Sink::Stream(Box::new(stream.js))
+            }
+            Resolved::Unavailable(why) => {
+                let recheck = self.cfg.heartbeat.0.max(Duration::from_secs(1));
+                self.shared.note(|n| {
+                    if n.stream_off.as_ref() != Some(&why) {
+                        tracing::warn!(
+                            "events go out as core NATS messages, not to the events stream: \
+                             {why}; asking again every {}",
+                            humantime::format_duration(recheck)
+                        );
+                    }
+                    n.stream_off = Some(why);
+                });
+                Sink::Core(Instant::now() + recheck)
+            }
+            Resolved::Retry(why) => {
+                tracing::debug!("cannot reach JetStream yet: {why}");
+                Sink::Unresolved
+            }
+        };
+    }
+
+    /// Removes an event NATS will never take, after one last try as a core message, so that
+    /// core subscribers may still see it (a `drained` above all).
+    async fn set_aside(&mut self, event: &Event, why: &str) {
+        let subject = event.subject(&self.cfg.prefix);
+        if matches!(self.sink, Sink::Stream(_)) {
+            let _ = publish_core(&self.client, &subject, event).await;
+        }
+        let msg_id = event.msg_id();
+        tracing::error!(
+            subject = %subject,
+            msg_id = %msg_id,
+            "NATS refuses event {} ({msg_id}) on {subject} for good: {why}; it is set aside so \
+             later events flow (it was tried once as a core message)",
+            event.kind()
+        );
+        let last = format!("{} {msg_id} on {subject}: {why}", event.kind());
+        self.shared.note(|n| {
+            n.refused += 1;
+            n.last_refused = Some(last);
+        });
+        self.done_with(event).await;
+    }
+}
+
+fn permission_denied(subject: &str) -> String {
+    format!(
+        "permissions violation: the agent's NATS user may not publish to {subject}; grant it \
+         publish permission on the events subjects"
+    )
+}
+
+fn headers(event: &Event) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", event.msg_id().as_str());
+    h
+}
+
+fn too_large(subject: &str, e: impl std::fmt::Display) -> Sent {
+    Sent::Refused(format!(
+        "larger than the server's max_payload ({e}); raise max_payload or shorten what goes into \
+         the event ({subject})"
+    ))
+}
+
+async fn publish_stream(js: &jetstream::Context, subject: &str, event: &Event) -> Sent {
+    let Ok(payload) = serde_json::to_vec(event) else {
+        return Sent::Refused("it cannot be encoded as JSON".into());
+    };
+    let ack = match js
+        .publish_with_headers(subject.to_string(), headers(event), payload.into())
+        .await
+    {
+        Ok(ack) => ack,
+        Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => return too_large(subject, e),
+        Err(e) => return Sent::Failed(e.to_string()),
+    };
+    match ack.await {
+        Ok(_) => Sent::Confirmed,
+        Err(e) => match e.kind() {
+            PublishErrorKind::StreamNotFound => Sent::StreamMissing,
+            PublishErrorKind::MaxPayloadExceeded => too_large(subject, e),
+            // The server answered, and said no (a stream limit, a message size, ...).
+            PublishErrorKind::Other if std::error::Error::source(&e).is_some() => {
+                Sent::StreamRefused(e.to_string())
+            }
+            _ => Sent::Failed(e.to_string()),
+        },
+    }
+}
+
+async fn publish_core(client: &Client, subject: &str, event: &Event) -> Sent {
+    let Ok(payload) = serde_json::to_vec(event) else {
+        return Sent::Refused("it cannot be encoded as JSON".into());
+    };
+    if client.connection_state() != State::Connected {
+        return Sent::Failed("not connected to NATS".into());
+    }
+    match client
+        .publish_with_headers(subject.to_string(), headers(event), payload.into())
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+            return too_large(subject, e)
+        }
+        Err(e) => return Sent::Failed(e.to_string()),
+    }
+    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+        Ok(Ok(())) => Sent::Confirmed,
+        Ok(Err(e)) => Sent::Failed(e.to_string()),
+        Err(_) => Sent::Failed("flush timed out".into()),
+    }
+}
+
+enum Bucket {
+    Unresolved,
+    Ready(Box<jetstream::kv::Store>),
+    /// Looked for again at the next heartbeat.
+    Off,
+}
+
+/// Heartbeats on `P.heartbeat.<node>` and the node record in KV.
+struct Heartbeat {
+    client: Client,
+    cfg: NatsConfig,
+    node: String,
+    groups: Vec<String>,
+    boot_id: String,
+    summary: watch::Receiver<Summary>,
+    shared: Arc<Shared>,
+    kv_off: Option<String>,
+}
+
+impl Heartbeat {
+    async fn run(mut self) {
+        let every = self.cfg.heartbeat.0;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bucket = Bucket::Unresolved;
+        let mut summary_open = true;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.beat().await;
+                    if matches!(bucket, Bucket::Off) {
+                        bucket = Bucket::Unresolved;
+                    }
+                    self.put_record(&mut bucket).await;
+                }
+                changed = self.summary.changed(), if summary_open => match changed {
+                    Ok(()) => self.put_record(&mut bucket).await,
+                    Err(_) => summary_open = false,
+                },
+            }
+        }
+    }
+
+    async fn beat(&self) {
+        if self.client.connection_state() != State::Connected {
+            return;
+        }
+        let state = self.summary.borrow().state;
+        let heartbeat = Event {
+            v: ebb_sdk::PROTOCOL_VERSION,
+            node: self.node.clone(),
+            boot_id: self.boot_id.clone(),
+            seq: self.shared.last_seq.load(Ordering::Relaxed),
+            time: rfc3339(std::time::SystemTime::now()),
+            requester: None,
+            reason: None,
+            body: EventBody::Heartbeat { state },
+        };
+        let Ok(payload) = serde_json::to_vec(&heartbeat) else {
+            return;
+        };
+        let subject = heartbeat.subject(&self.cfg.prefix);
+        if let Err(e) = self.client.publish(subject.clone(), payload.into()).await {
+            tracing::debug!("heartbeat on {subject} not published: {e}");
         }
     }
 
     async fn put_record(&mut self, bucket: &mut Bucket) {
+        if self.client.connection_state() != State::Connected {
+            return;
+        }
         if matches!(bucket, Bucket::Unresolved) {
             *bucket = match node_bucket(&self.client, &self.cfg).await {
-                Resolved::Ready(store) => Bucket::Ready(Box::new(store)),
+                Resolved::Ready(store) => {
+                    if self.kv_off.take().is_some() {
+                        tracing::info!("the node record is kept in KV again");
+                        self.shared.note(|n| n.kv_off = None);
+                    }
+                    Bucket::Ready(Box::new(store))
+                }
                 Resolved::Unavailable(why) => {
-                    tracing::warn!("node state is not kept in KV: {why}");
+                    if self.kv_off.as_ref() != Some(&why) {
+                        tracing::warn!(
+                            "the node record is not kept in KV: {why}; asking again at every \
+                             heartbeat"
+                        );
+                        let note = why.clone();
+                        self.shared.note(|n| n.kv_off = Some(note));
+                        self.kv_off = Some(why);
+                    }
                     Bucket::Off
                 }
                 Resolved::Retry(_) => Bucket::Unresolved,
@@ -163,40 +628,36 @@ impl Publisher {
             return;
         };
         if let Err(e) = store.put(&self.node, value.into()).await {
-            tracing::debug!("cannot update KV node state: {e}");
+            tracing::debug!("cannot update the node record in KV: {e}; looking for it again");
+            *bucket = Bucket::Unresolved;
         }
     }
 }
 
-fn headers(event: &Event) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", event.msg_id().as_str());
-    h
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn publish_stream(
-    js: &jetstream::Context,
-    prefix: &str,
-    event: &Event,
-) -> Result<(), String> {
-    let subject = ebb_sdk::subject::event_subject(prefix, &event.node, event.kind());
-    let payload = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    let ack = js
-        .publish_with_headers(subject, headers(event), payload.into())
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
-}
-
-async fn publish_core(client: &Client, prefix: &str, event: &Event) -> Result<(), String> {
-    let subject = ebb_sdk::subject::event_subject(prefix, &event.node, event.kind());
-    let payload = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    client
-        .publish_with_headers(subject, headers(event), payload.into())
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::time::timeout(Duration::from_secs(2), client.flush())
-        .await
-        .map_err(|_| "flush timed out".to_string())?
-        .map_err(|e| e.to_string())
+    #[test]
+    fn warnings_say_what_went_wrong_and_nothing_when_all_is_well() {
+        assert!(Notes::default().warnings().is_empty());
+        let notes = Notes {
+            depth: 3,
+            unreadable_at_open: 2,
+            dropped: 5,
+            limit: 10,
+            refused: 1,
+            last_refused: Some("undrained n.b.4 on ebb.event.n.undrained: denied".into()),
+            stream_off: Some("JetStream does not answer".into()),
+            stream_differs: vec!["stream EBB_EVENTS has max_age 1h".into()],
+            kv_off: Some("no bucket".into()),
+        };
+        let w = notes.warnings();
+        assert_eq!(w.len(), 5, "{w:?}");
+        assert!(w[0].starts_with("1 event(s) refused") && w[0].contains("n.b.4"));
+        assert!(w[1].starts_with("2 unreadable line(s)"));
+        assert!(w[2].contains("nats.outbox_limit = 10"));
+        assert!(w[3].contains("JetStream does not answer"));
+        assert!(w[4].contains("no bucket"));
+    }
 }

@@ -64,7 +64,6 @@ pub struct CoreConfig {
     pub stop_timeout: Duration,
     /// Only reported in status: the launcher enforces it.
     pub startup_timeout: Duration,
-    pub heartbeat: Duration,
     pub coalesce: Duration,
     /// `reload.max_old_workers`: a reload that would displace the current worker into one more old
     /// worker than this is refused. Nothing is ever killed to make room.
@@ -154,7 +153,6 @@ pub struct NodeCore {
     connections: HashMap<u32, u64>,
     /// Admin commands that keep failing, per worker: shown in status.
     failing_commands: BTreeMap<ProcessId, String>,
-    next_heartbeat: Instant,
     /// What the sampler and the plugin checker were last told.
     sampling: Option<u32>,
     checking: Option<String>,
@@ -172,7 +170,6 @@ impl NodeCore {
             clock: now,
             envelope: Envelope::new(&cfg.node, &cfg.boot_id),
             reloads: ReloadQueue::new(cfg.coalesce),
-            next_heartbeat: now.mono + cfg.heartbeat,
             cfg,
             lifecycle: Lifecycle::Running,
             exit_when_stopped: false,
@@ -322,16 +319,10 @@ impl NodeCore {
             .drain
             .as_ref()
             .and_then(|d| d.drain.next_wake(self.clock.mono, &self.view(d)));
-        [
-            Some(self.next_heartbeat),
-            self.reloads.next_start(),
-            restart,
-            stop,
-            drain,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.reloads.next_start(), restart, stop, drain]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn state(&self) -> NodeState {
@@ -852,11 +843,6 @@ impl NodeCore {
 
     pub fn handle_timeout(&mut self, now: Now) {
         self.begin(now);
-        if now.mono >= self.next_heartbeat {
-            self.next_heartbeat = now.mono + self.cfg.heartbeat;
-            let state = self.state();
-            self.emit(EventBody::Heartbeat { state }, &Cause::default());
-        }
         self.after(now);
     }
 

@@ -25,6 +25,7 @@ use super::core::{
 };
 use super::launcher::{self, ReloadError};
 use super::sampler::{ConnectionCounter, Counting, Sample, Sampler};
+use crate::bus::publisher::PublisherReport;
 use crate::config::Settings;
 use crate::digest::sha256_hex;
 use crate::events::Cause;
@@ -66,7 +67,10 @@ pub struct Shell {
     workers: HashMap<ProcessId, Worker>,
     replies: HashMap<ReplyTo, oneshot::Sender<Reply>>,
     next_reply: u64,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// Events made by the core, sent to the publisher before the node waits for its next input.
+    unsent: Vec<Event>,
+    publisher: watch::Receiver<PublisherReport>,
     summary: watch::Sender<Summary>,
     plugins: PluginHost,
     sampler: Sampler,
@@ -100,7 +104,8 @@ impl Shell {
     pub async fn start(
         settings: Arc<Settings>,
         boot_id: String,
-        events: mpsc::UnboundedSender<Event>,
+        events: mpsc::Sender<Event>,
+        publisher: watch::Receiver<PublisherReport>,
         summary: watch::Sender<Summary>,
         plugins: PluginHost,
     ) -> anyhow::Result<Shell> {
@@ -162,7 +167,6 @@ impl Shell {
             drain: settings.config.drain.clone(),
             stop_timeout: hp.stop_timeout.0,
             startup_timeout: hp.startup_timeout.0,
-            heartbeat: settings.config.nats.heartbeat.0,
             coalesce: settings.config.reload.coalesce.0,
             max_old_workers: settings.config.reload.max_old_workers,
             plugins: plugins.idle_checkers(),
@@ -178,6 +182,8 @@ impl Shell {
             replies: HashMap::new(),
             next_reply: 0,
             events,
+            unsent: Vec::new(),
+            publisher,
             summary,
             plugins,
             sampler,
@@ -207,7 +213,9 @@ impl Shell {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) -> Outcome {
         let mut inputs_open = true;
         loop {
-            if let Some(outcome) = self.carry_out().await {
+            let outcome = self.carry_out().await;
+            self.send_events().await;
+            if let Some(outcome) = outcome {
                 return outcome;
             }
             self.aim_counter();
@@ -244,6 +252,17 @@ impl Shell {
         }
     }
 
+    /// Hands the core's events to the publisher, in order. It takes them into the outbox without
+    /// waiting for NATS or for the node, so this waits at most for the disk.
+    async fn send_events(&mut self) {
+        for event in self.unsent.drain(..) {
+            // The publisher only goes away when the agent shuts down; the log line stays.
+            if self.events.send(event).await.is_err() {
+                break;
+            }
+        }
+    }
+
     async fn on_command(&mut self, command: Command, reply: oneshot::Sender<Reply>) {
         let node = self.settings.node_id().to_string();
         let request_id = command.request_id().map(str::to_string);
@@ -260,7 +279,10 @@ impl Shell {
         let request = match command {
             Command::Status(_) => {
                 self.count_if_stale().await;
-                let status = self.core.status(now(), self.plugins.status());
+                let mut status = self.core.status(now(), self.plugins.status());
+                let publisher = self.publisher.borrow().clone();
+                status.outbox_depth = Some(publisher.outbox_depth);
+                status.warnings.extend(publisher.warnings);
                 let _ = reply.send(Reply::success(&node, request_id, status));
                 return;
             }
@@ -438,8 +460,7 @@ impl Shell {
                 Effect::Publish(event) => {
                     let json = serde_json::to_string(&event).unwrap_or_default();
                     tracing::info!(target: "ebb::event", kind = event.kind(), seq = event.seq, event = %json, "event {}", event.kind());
-                    // The publisher only goes away when the agent shuts down; the log line stays.
-                    let _ = self.events.send(*event);
+                    self.unsent.push(*event);
                 }
                 Effect::Reply { to, reply } => {
                     if let Some(tx) = self.replies.remove(&to) {

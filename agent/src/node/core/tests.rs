@@ -25,7 +25,6 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         drain,
         stop_timeout: Duration::from_secs(30),
         startup_timeout: Duration::from_secs(30),
-        heartbeat: Duration::from_secs(3600),
         coalesce: Duration::ZERO,
         max_old_workers: 32,
         plugins: plugins.iter().map(|p| p.to_string()).collect(),
