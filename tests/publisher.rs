@@ -693,7 +693,7 @@ async fn an_event_over_max_payload_is_set_aside_and_later_events_flow() {
     let dir = TestDir::new();
     let nats_dir = dir.join("nats");
     std::fs::create_dir_all(&nats_dir).expect("nats dir");
-    let conf = write_nats_config(&nats_dir, "nats.conf", "max_payload: 2048\n").expect("conf");
+    let conf = write_nats_config(&nats_dir, "nats.conf", "max_payload: 1400\n").expect("conf");
     let nats = NatsServer::start_with_args(&nats_dir, &["-c", conf.to_str().expect("utf-8")])
         .expect("start nats-server");
     let node = node()
@@ -701,8 +701,14 @@ async fn an_event_over_max_payload_is_set_aside_and_later_events_flow() {
         .dir(dir.join("node"))
         .start()
         .await;
-    // The command fits, the event that carries its reason does not.
-    let big = node.ok("reload", json!({"reason": "r".repeat(1800)})).await;
+    // The command (~1.3 KB, its fields at their limits) fits, the event that carries its reason
+    // and requester besides its own fields does not.
+    let big = node
+        .ok(
+            "reload",
+            json!({"reason": "r".repeat(1024), "requester": "q".repeat(256)}),
+        )
+        .await;
     let status = node
         .wait_status("the oversized event in status, nothing stuck", |s| {
             warnings(s).iter().any(|w| w.contains("max_payload")) && s["outbox_depth"] == 0
