@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::*;
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 /// Default timeout of every wait.
 const T: Duration = Duration::from_secs(20);
 
@@ -252,35 +251,13 @@ async fn gather(
 
 /// Runs `ebb ctl ARGS…` (killed if it outlives 60 s); returns exit code, stdout and stderr.
 async fn ctl(args: &[&str]) -> (i32, String, String) {
-    let mut cmd = tokio::process::Command::new(EBB);
-    cmd.arg("ctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("EBB_") {
-            cmd.env_remove(&key);
-        }
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("ebb ctl {args:?} still running after 60 s"))
-        .expect("run ebb ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = run_ctl(args, &[], Duration::from_secs(60)).await;
+    (run.code, run.stdout, run.stderr)
 }
 
 /// A nats-server started with a config file (`-c`): auth, TLS or limits.
 fn nats_with_config(dir: &Path, text: &str) -> NatsServer {
-    std::fs::create_dir_all(dir).expect("nats dir");
-    let conf = write_nats_config(dir, "nats.conf", text).expect("write nats.conf");
-    NatsServer::start_with_args(dir, &["-c", conf.to_str().expect("utf-8 path")])
-        .expect("start nats-server")
+    NatsServer::start_with_config(dir, text).expect("start nats-server")
 }
 
 /// A nats-server **without** JetStream (the harness always passes `-js`), on a free port.

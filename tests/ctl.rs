@@ -5,53 +5,20 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use support::*;
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 /// No `ebb ctl` run of this suite may take longer; past it the test fails instead of hanging.
 const CTL_LIMIT: Duration = Duration::from_secs(120);
 
-/// What an `ebb ctl` run left behind.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `ebb ctl ARGS…` with stdin from /dev/null (never a terminal) and none of the caller's
-/// `EBB_*` or `NATS_*` variables, only `env`.
-async fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(EBB);
-    cmd.arg("ctl")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        let key_text = key.to_string_lossy();
-        if key_text.starts_with("EBB_") || key_text.starts_with("NATS_") {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    let out = tokio::time::timeout(CTL_LIMIT, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("ebb ctl {args:?} still running after {CTL_LIMIT:?}"))
-        .expect("run ebb ctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+/// Runs `ebb ctl ARGS…` with only `env` of the `EBB_*`/`NATS_*` variables.
+async fn ctl_env(args: &[&str], env: &[(&str, &str)]) -> CtlRun {
+    run_ctl(args, env, CTL_LIMIT).await
 }
 
 /// `ebb ctl --nats URL ARGS…`.
-async fn ctl(url: &str, args: &[&str]) -> Run {
+async fn ctl(url: &str, args: &[&str]) -> CtlRun {
     let mut all = vec!["--nats", url];
     all.extend_from_slice(args);
     ctl_env(&all, &[]).await

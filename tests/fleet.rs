@@ -3,13 +3,11 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
 
-const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 const FLEET: usize = 20;
 
 /// `size` agents (`n00`, `n01`, …, all in group `g`, heartbeat 1 s), each with its own haproxy,
@@ -40,21 +38,11 @@ async fn start_fleet(size: usize) -> Fleet {
 
 /// Runs `ebb ctl ARGS` against the fleet's nats-server: exit code and stdout.
 async fn ctl(fleet: &Fleet, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(EBB)
-        .arg("ctl")
-        .arg("--nats")
-        .arg(fleet.nats_url())
-        .args(args)
-        .env_remove("EBB_NATS_URL")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run ebb ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let url = fleet.nats_url();
+    let mut all = vec!["--nats", url.as_str()];
+    all.extend_from_slice(args);
+    let run = run_ctl(&all, &[], Duration::from_secs(300)).await;
+    (run.code, run.stdout)
 }
 
 fn json(out: &str) -> Value {

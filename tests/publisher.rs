@@ -177,25 +177,23 @@ async fn events_flow_on_after_the_stream_is_deleted_and_land_in_it_again() {
     assert_eq!(info.duplicate_window, Duration::from_secs(24 * 3600));
 }
 
-/// A nats-server (JetStream on) where user `agent` may do anything but create streams, and user
+/// A nats-server (JetStream on) where user `agent` may publish anything but `deny`, and user
 /// `admin` anything at all.
-fn nats_without_stream_creation(dir: &Path) -> NatsServer {
-    std::fs::create_dir_all(dir).expect("nats dir");
-    let conf = write_nats_config(
+fn nats_denying(dir: &Path, deny: &str) -> NatsServer {
+    NatsServer::start_with_config(
         dir,
-        "nats.conf",
-        r#"authorization {
+        &format!(
+            r#"authorization {{
   users: [
-    { user: "agent", password: "agent-pw",
-      permissions: { publish: { allow: [">"], deny: ["$JS.API.STREAM.CREATE.EBB_EVENTS"] }, subscribe: ">" } }
-    { user: "admin", password: "admin-pw" }
+    {{ user: "agent", password: "agent-pw",
+      permissions: {{ publish: {{ allow: [">"], deny: ["{deny}"] }}, subscribe: ">" }} }}
+    {{ user: "admin", password: "admin-pw" }}
   ]
-}
-"#,
+}}
+"#
+        ),
     )
-    .expect("write nats.conf");
-    NatsServer::start_with_args(dir, &["-c", conf.to_str().expect("utf-8 path")])
-        .expect("start nats-server")
+    .expect("start nats-server")
 }
 
 async fn admin_client(nats: &NatsServer) -> Client {
@@ -218,7 +216,7 @@ fn events_stream_config(max_age: Duration) -> stream::Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_go_out_as_core_messages_while_the_stream_is_missing_then_to_it_again() {
     let dir = TestDir::new();
-    let nats = nats_without_stream_creation(&dir.join("nats"));
+    let nats = nats_denying(&dir.join("nats"), "$JS.API.STREAM.CREATE.EBB_EVENTS");
     let nc = admin_client(&nats).await;
     let js = jetstream::new(nc.clone());
     // The operator's stream, with its own max_age: used as it is, and the difference logged.
@@ -589,31 +587,10 @@ async fn the_node_record_appears_once_kv_can_be_had_without_a_restart() {
 // 5. An event the server refuses for good
 // ---------------------------------------------------------------------------------------------
 
-/// A nats-server (JetStream on) where user `agent` may publish anything but `undrained` events,
-/// and user `admin` anything at all.
-fn nats_denying_undrained(dir: &Path) -> NatsServer {
-    std::fs::create_dir_all(dir).expect("nats dir");
-    let conf = write_nats_config(
-        dir,
-        "nats.conf",
-        r#"authorization {
-  users: [
-    { user: "agent", password: "agent-pw",
-      permissions: { publish: { allow: [">"], deny: ["ebb.event.*.undrained"] }, subscribe: ">" } }
-    { user: "admin", password: "admin-pw" }
-  ]
-}
-"#,
-    )
-    .expect("write nats.conf");
-    NatsServer::start_with_args(dir, &["-c", conf.to_str().expect("utf-8 path")])
-        .expect("start nats-server")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_server_refuses_is_set_aside_and_later_events_flow() {
     let dir = TestDir::new();
-    let nats = nats_denying_undrained(&dir.join("nats"));
+    let nats = nats_denying(&dir.join("nats"), "ebb.event.*.undrained");
     let nc = admin_client(&nats).await;
     let node = node()
         .nats_url(&nats.url())
@@ -693,9 +670,8 @@ async fn an_event_over_max_payload_is_set_aside_and_later_events_flow() {
     let dir = TestDir::new();
     let nats_dir = dir.join("nats");
     std::fs::create_dir_all(&nats_dir).expect("nats dir");
-    let conf = write_nats_config(&nats_dir, "nats.conf", "max_payload: 1400\n").expect("conf");
-    let nats = NatsServer::start_with_args(&nats_dir, &["-c", conf.to_str().expect("utf-8")])
-        .expect("start nats-server");
+    let nats =
+        NatsServer::start_with_config(&nats_dir, "max_payload: 1400\n").expect("start nats-server");
     let node = node()
         .nats_url(&nats.url())
         .dir(dir.join("node"))

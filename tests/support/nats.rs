@@ -38,6 +38,18 @@ impl NatsServer {
         Self::start_with_args(dir, &[])
     }
 
+    /// Like [`NatsServer::start`], with a config file `DIR/nats.conf` holding `text` (auth,
+    /// permissions, limits such as `max_payload`).
+    pub fn start_with_config(dir: &Path, text: &str) -> Result<NatsServer> {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let conf = write_config(dir, "nats.conf", text)?;
+        let conf = conf
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", conf.display()))?
+            .to_owned();
+        Self::start_with_args(dir, &["-c", &conf])
+    }
+
     /// Like [`NatsServer::start`], with extra arguments (such as `["-c", "auth.conf"]`: command-line
     /// flags, including the port, take precedence over the config file). They are kept for
     /// [`NatsServer::restart`].
