@@ -65,6 +65,18 @@ async fn stream_ids(nc: &Client, stream: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the event with Msg-Id `id` is stored in EBB_EVENTS.
+async fn wait_in_stream(nc: &Client, id: &str, what: &str) {
+    wait_for_async(T, what, || async move {
+        stream_ids(nc, "EBB_EVENTS")
+            .await
+            .iter()
+            .any(|stored| stored == id)
+            .then_some(())
+    })
+    .await;
+}
+
 /// The node's record in KV bucket `ebb_nodes`, if there is one.
 async fn kv_record(nc: &Client, node: &str) -> Option<Value> {
     let js = jetstream::new(nc.clone());
@@ -103,17 +115,7 @@ async fn events_flow_on_after_the_stream_is_deleted_and_land_in_it_again() {
     let nc = node.nc.clone();
     let started = node.events.wait_kind("agent_started", |_| true).await;
     let started_id = started.msg_id.clone().expect("Msg-Id");
-    wait_for_async(T, "agent_started in EBB_EVENTS", || {
-        let nc = nc.clone();
-        let id = started_id.clone();
-        async move {
-            stream_ids(&nc, "EBB_EVENTS")
-                .await
-                .contains(&id)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_in_stream(&nc, &started_id, "agent_started in EBB_EVENTS").await;
 
     let js = jetstream::new(nc.clone());
     js.delete_stream("EBB_EVENTS")
@@ -235,17 +237,7 @@ async fn events_go_out_as_core_messages_while_the_stream_is_missing_then_to_it_a
         .await;
     let started = node.events.wait_kind("agent_started", |_| true).await;
     let started_id = started.msg_id.clone().expect("Msg-Id");
-    wait_for_async(T, "agent_started in EBB_EVENTS", || {
-        let nc = nc.clone();
-        let id = started_id.clone();
-        async move {
-            stream_ids(&nc, "EBB_EVENTS")
-                .await
-                .contains(&id)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_in_stream(&nc, &started_id, "agent_started in EBB_EVENTS").await;
     let info = js.get_stream("EBB_EVENTS").await.expect("the stream");
     assert_eq!(
         info.cached_info().config.max_age,
@@ -652,17 +644,7 @@ async fn an_event_the_server_refuses_is_set_aside_and_later_events_flow() {
         "{NODE_ID}.{boot_id}.{}",
         again["seq"].as_u64().expect("seq")
     );
-    wait_for_async(T, "the later reload in EBB_EVENTS", || {
-        let nc = nc.clone();
-        let id = id.clone();
-        async move {
-            stream_ids(&nc, "EBB_EVENTS")
-                .await
-                .contains(&id)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_in_stream(&nc, &id, "the later reload in EBB_EVENTS").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
