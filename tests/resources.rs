@@ -35,6 +35,21 @@ fn spawn_get(port: u16, path: &str) -> JoinHandle<Result<Response, ClientError>>
     tokio::spawn(async move { http_request(port, &path, true, Duration::from_secs(120)).await })
 }
 
+/// Current sessions (`scur`) of frontend `name` on the serving worker, from `show stat`.
+async fn frontend_sessions(node: &NodeFixture, name: &str) -> Option<u64> {
+    let sock = node.haproxy.admin_socket();
+    let stat = tokio::task::spawn_blocking(move || admin_command(&sock, "show stat"))
+        .await
+        .ok()?;
+
+    let stat = stat.ok()?;
+    let row = stat
+        .lines()
+        .find(|l| l.starts_with(&format!("{name},FRONTEND,")))?;
+    // pxname,svname,qcur,qmax,scur,…
+    row.split(',').nth(4)?.parse().ok()
+}
+
 fn log_dir(node: &NodeFixture) -> PathBuf {
     node.config.state_dir().join("logs")
 }
@@ -80,10 +95,14 @@ async fn reloads_past_max_old_workers_are_refused_and_no_haproxy_is_killed() {
     let mut conflicts = Vec::new();
     for i in 0..RELOADS {
         if pinned.len() <= old.len() {
-            // The current worker holds a long request, so it cannot exit once displaced.
-            let before = node.curr_conns().await.unwrap_or(0);
+            // The current worker holds a long request, so it cannot exit once displaced. Counted
+            // on frontend `fe` alone: `CurrConns` also counts admin-socket sessions (the agent's
+            // and this test's own), which come and go.
             pinned.push(spawn_get(port, &format!("/slow?ms={PIN_MS}")));
-            node.wait_conns(before + 1).await;
+            wait_until_async(T, "the long request on the current worker", || async {
+                frontend_sessions(&node, "fe").await.is_some_and(|n| n >= 1)
+            })
+            .await;
         }
         let reply = node.command("reload", json!({})).await;
         if reply["ok"] == true {
