@@ -886,3 +886,84 @@ async fn a_node_id_from_the_environment_keeps_its_leading_zeros() {
     let status = node.status().await;
     assert_eq!(status["node"], "007", "{status}");
 }
+
+/// A pushed config whose loading never ends (a Lua busy loop at load time) must not hold the node:
+/// `haproxy -c` is killed after `push.check_timeout`, the push is `config_invalid` ("check timed
+/// out"), the running worker keeps serving from the untouched file, and the next reload works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_config_whose_check_never_ends_is_killed_and_refused() {
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .agent(|c| {
+            c.set("reload", "allow_config_push", "true")
+                .set_str("push", "check_timeout", "1s");
+        })
+        .start()
+        .await;
+    let pid0 = node.serving_pid().await.expect("serving");
+    let good = node.config_bytes();
+    let lua = node.dir().join("busy.lua");
+    std::fs::write(&lua, "while true do end\n").expect("write busy.lua");
+    let pushed = node
+        .haproxy
+        .clone()
+        .global_line(&format!("lua-load {}", lua.display()))
+        .render();
+    let reply = node
+        .command(
+            "reload",
+            json!({"config": pushed, "config_sha256": ebb_agent::digest::sha256_hex(pushed.as_bytes())}),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], "config_invalid", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("check timed out"), "{message}");
+
+    // Nothing of the check is left: no haproxy -c still spinning, no staged file, the live file
+    // as it was, and the same worker serving.
+    let staged = node
+        .haproxy
+        .path()
+        .parent()
+        .expect("dir")
+        .join(".haproxy.cfg.ebb-new");
+    assert!(!staged.exists(), "{} left behind", staged.display());
+    assert_eq!(node.config_bytes(), good);
+    assert_eq!(node.haproxy_pids().await, vec![pid0]);
+    assert_eq!(node.serving_pid().await, Some(pid0));
+    node.assert_serves().await;
+
+    let result = node.ok("reload", json!({})).await;
+    assert_ne!(result["pid"], pid0, "the next reload works: {result}");
+}
+
+/// A pushed config is installed by rename: the live file keeps its mode, and the previous one is
+/// kept beside it as the last good config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_config_keeps_the_files_mode_and_the_previous_one_beside_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .agent(|c| {
+            c.set("reload", "allow_config_push", "true");
+        })
+        .start()
+        .await;
+    let path = node.haproxy.path();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let old = node.config_bytes();
+    let pushed = node.haproxy.clone().tag("v2").render();
+    node.ok(
+        "reload",
+        json!({"config": pushed, "config_sha256": ebb_agent::digest::sha256_hex(pushed.as_bytes())}),
+    )
+    .await;
+    assert_eq!(node.config_bytes(), pushed.as_bytes());
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640);
+    let last_good = path
+        .parent()
+        .expect("dir")
+        .join(".haproxy.cfg.ebb-last-good");
+    assert_eq!(std::fs::read(&last_good).expect("last good"), old);
+}

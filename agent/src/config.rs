@@ -59,6 +59,7 @@ pub struct Config {
     pub haproxy: HaproxyConfig,
     pub drain: DrainConfig,
     pub reload: ReloadConfig,
+    pub push: PushConfig,
     pub plugins: Vec<PluginConfig>,
     pub log: LogConfig,
 }
@@ -244,6 +245,24 @@ impl Default for ReloadConfig {
     }
 }
 
+/// Pushed configs (a reload that carries the config's text).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// The longest `haproxy -c` of a pushed config may run before it is killed and the push
+    /// refused: loading a config can run code (Lua), and a check that never ends would hold every
+    /// later reload and `stop`.
+    pub check_timeout: Dur,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            check_timeout: Dur::secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
@@ -420,6 +439,11 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
     if config.haproxy.worker_log_max_bytes < 4096 {
         problems.push(format!(
             "{file}: haproxy.worker_log_max_bytes must be at least 4096; the default is 16777216 (16 MiB)"
+        ));
+    }
+    if config.push.check_timeout.is_zero() {
+        problems.push(format!(
+            "{file}: push.check_timeout must be more than 0s; the default is \"10s\""
         ));
     }
     if config.reload.max_old_workers == 0 {

@@ -92,6 +92,7 @@ fn haproxy_check(settings: &Settings) -> Result<(), String> {
         &settings.haproxy_binary,
         &settings.config.haproxy.config,
         &settings.config.haproxy.env,
+        settings.config.push.check_timeout.0,
     ))
 }
 

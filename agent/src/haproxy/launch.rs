@@ -28,6 +28,8 @@ pub struct LaunchSpec {
     pub startup_timeout: Duration,
     /// `haproxy.env`: the agent's variables HAProxy gets besides `PATH` and `EBB_DRAINING`.
     pub env: Vec<String>,
+    /// `push.check_timeout`: the longest `haproxy -c` of a pushed config may run.
+    pub check_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -249,16 +251,33 @@ fn rand_u64() -> u64 {
 
 /// Checks a config with `haproxy -c`, for pushed configs that are not on disk yet. It runs in the
 /// environment a worker gets (`env` is `haproxy.env`), so `"${VAR}"` in the config means the same.
-pub async fn check_config(binary: &Path, config: &Path, env: &[String]) -> Result<(), String> {
-    let out = Command::new(binary)
+///
+/// A check that outlives `timeout` is killed and counts as a refusal: a config can make the check
+/// itself run forever (Lua at load time), and every later reload and `stop` waits behind it.
+pub async fn check_config(
+    binary: &Path,
+    config: &Path,
+    env: &[String],
+    timeout: Duration,
+) -> Result<(), String> {
+    let output = Command::new(binary)
         .arg("-c")
         .arg("-f")
         .arg(config)
         .env_clear()
         .envs(child_env(std::env::vars_os(), env))
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, output)
         .await
+        .map_err(|_| {
+            format!(
+                "check timed out after {} (haproxy -c was killed); a config must load quickly, \
+                 or raise push.check_timeout",
+                humantime::format_duration(timeout)
+            )
+        })?
         .map_err(|e| format!("cannot run {} -c: {e}", binary.display()))?;
     if out.status.success() {
         Ok(())

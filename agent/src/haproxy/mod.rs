@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod adopt;
 pub mod config_file;
+pub mod install;
 pub mod launch;
 pub mod procfs;
 pub mod worker;

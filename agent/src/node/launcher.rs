@@ -1,9 +1,8 @@
-//! Carrying out a reload's launch: install a pushed config (checked with `haproxy -c` first, the
-//! previous file kept as last good), then start the worker. A pushed config whose worker fails
-//! to start is rolled back on disk.
+//! Carrying out a reload's launch: install a pushed config (staged beside the live file, checked
+//! with a bounded `haproxy -c`, renamed into place with the previous file kept as last good), then
+//! start the worker. A pushed config whose worker fails to start is renamed back on disk.
 
-use std::path::Path;
-
+use crate::haproxy::install;
 use crate::haproxy::launch::{self, LaunchError, LaunchSpec, Launched};
 use crate::reload::PushedConfig;
 
@@ -22,43 +21,43 @@ pub async fn launch_with(
     takeover: bool,
     draining: bool,
     pushed: Option<PushedConfig>,
-    backup: &Path,
 ) -> Result<Launched, ReloadError> {
     let Some(pushed) = pushed else {
         return Ok(launch::launch(spec, takeover, draining).await?);
     };
-    let install = |e: std::io::Error| ReloadError::Install(e.to_string());
-    let dir = spec.config.parent().unwrap_or(Path::new("."));
-    let candidate = dir.join(format!(
-        ".ebb-pushed-{}.cfg",
-        &pushed.sha256[..12.min(pushed.sha256.len())]
-    ));
-    tokio::fs::write(&candidate, pushed.text.as_bytes())
-        .await
-        .map_err(install)?;
-    if let Err(e) = launch::check_config(&spec.binary, &candidate, &spec.env).await {
-        let _ = tokio::fs::remove_file(&candidate).await;
+    let config = spec.config.clone();
+    let staged = blocking(move || install::stage(&config, pushed.text.as_bytes())).await?;
+    if let Err(e) = launch::check_config(&spec.binary, &staged, &spec.env, spec.check_timeout).await
+    {
+        let config = spec.config.clone();
+        let _ = tokio::task::spawn_blocking(move || install::discard(&config)).await;
         return Err(ReloadError::ConfigInvalid(e));
     }
-    tokio::fs::copy(&spec.config, backup)
-        .await
-        .map_err(install)?;
-    tokio::fs::rename(&candidate, &spec.config)
-        .await
-        .map_err(install)?;
+    let config = spec.config.clone();
+    blocking(move || install::install(&config)).await?;
     match launch::launch(spec, takeover, draining).await {
         Ok(l) => Ok(l),
         Err(e) => {
             // Leave the config that the running worker was started from, so a crash restart
             // does not pick up a config that cannot start.
-            if let Err(re) = tokio::fs::copy(backup, &spec.config).await {
-                tracing::error!(
-                    "cannot restore {} from {}: {re}",
-                    spec.config.display(),
-                    backup.display()
-                );
+            let config = spec.config.clone();
+            if let Err(re) = blocking(move || install::restore(&config)).await {
+                tracing::error!("{re}; the pushed config that failed to start is still in place");
             }
             Err(e.into())
         }
     }
+}
+
+/// Runs file I/O on the blocking pool.
+async fn blocking<T>(
+    f: impl FnOnce() -> Result<T, install::InstallError> + Send + 'static,
+) -> Result<T, ReloadError>
+where
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ReloadError::Install(format!("the install task failed: {e}")))?
+        .map_err(|e| ReloadError::Install(e.to_string()))
 }

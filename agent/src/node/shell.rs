@@ -123,6 +123,7 @@ impl Shell {
             log_dir: hp.state_dir.join("logs"),
             startup_timeout: hp.startup_timeout.0,
             env: hp.env.clone(),
+            check_timeout: settings.config.push.check_timeout.0,
         };
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
         let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -498,10 +499,9 @@ impl Shell {
         config: Option<PushedConfig>,
     ) {
         let spec = self.spec.clone();
-        let backup = self.settings.config.haproxy.state_dir.join("last-good.cfg");
         let tx = self.reports_tx.clone();
         tokio::spawn(async move {
-            let result = launcher::launch_with(&spec, takeover, draining, config, &backup).await;
+            let result = launcher::launch_with(&spec, takeover, draining, config).await;
             let _ = tx.send(Report::Launched {
                 reload_id,
                 result: Box::new(result),
