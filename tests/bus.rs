@@ -542,7 +542,11 @@ async fn refused_requests_get_their_error_code_and_change_nothing() {
     let hour_ago = rfc3339(SystemTime::now() - Duration::from_secs(3600));
     let other_sha = sha256_hex(b"not the config on disk");
 
-    let forbidden = json!({"request_id": "p-1", "config": node.haproxy.render()}).to_string();
+    let text = node.haproxy.render();
+    let forbidden =
+        json!({"request_id": "p-1", "config": text, "config_sha256": sha256_hex(text.as_bytes())})
+            .to_string();
+    let config_on_reload = json!({"request_id": "rc-1", "config": text}).to_string();
     let expired = |id: &str| json!({"request_id": id, "sent_at": hour_ago, "ttl_ms": 1000});
     // (verb, body, code, a word the message must name). The reply echoes the body's request_id
     // whenever the body is an object that has one, even when something else in it is wrong.
@@ -613,7 +617,8 @@ async fn refused_requests_get_their_error_code_and_change_nothing() {
         ("reload", expired("e-1").to_string(), "expired", ""),
         ("drain", expired("e-2").to_string(), "expired", ""),
         ("stop", expired("e-3").to_string(), "expired", ""),
-        ("reload", forbidden, "forbidden", "allow_config_push"),
+        ("push", forbidden, "forbidden", "push.enabled"),
+        ("reload", config_on_reload, "invalid_request", "`push`"),
         (
             "reload",
             json!({"request_id": "c-1", "config_sha256": other_sha}).to_string(),
@@ -734,7 +739,7 @@ async fn failed_reloads_leave_the_running_worker_serving() {
         .timeout(T)
         .node_id("cfg-1")
         .agent(|c| {
-            c.set("reload", "allow_config_push", "true");
+            c.set("push", "enabled", "true");
         })
         .start()
         .await;
@@ -765,7 +770,7 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
+        "push",
         json!({"request_id": "ci", "config": broken, "config_sha256": sha256_hex(broken.as_bytes())}),
     )
     .await;
@@ -790,7 +795,7 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
+        "push",
         json!({"request_id": "bad-sha", "config": v2, "config_sha256": sha256_hex(&good)}),
     )
     .await;
@@ -801,8 +806,8 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
-        json!({"request_id": "empty", "config": ""}),
+        "push",
+        json!({"request_id": "empty", "config": "", "config_sha256": sha256_hex(b"")}),
     )
     .await;
     assert_error(&reply, "cfg-1", json!("empty"), "invalid_request");
@@ -831,8 +836,8 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
-        json!({"request_id": "rf-push", "config": taken}),
+        "push",
+        json!({"request_id": "rf-push", "config": taken, "config_sha256": sha256_hex(taken.as_bytes())}),
     )
     .await;
     assert_error(&reply, "cfg-1", json!("rf-push"), "reload_failed");
@@ -842,12 +847,17 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
+        "push",
         json!({"request_id": "push", "config": v2, "config_sha256": sha256_hex(v2.as_bytes())}),
     )
     .await;
     let r = assert_ok(&reply, "cfg-1", json!("push"));
     assert_eq!(r["config_sha256"], sha256_hex(v2.as_bytes()));
+    assert_eq!(r["pushed"], true, "{r}");
+    let reloaded = events
+        .wait_kind("reloaded", |b| b["reload_id"] == r["reload_id"])
+        .await;
+    assert_eq!(reloaded.body["pushed"], true, "{:?}", reloaded.body);
     assert_eq!(node.config_bytes(), v2.as_bytes(), "pushed config on disk");
     assert_eq!(
         node.serving_pid().await,
@@ -868,11 +878,12 @@ async fn failed_reloads_leave_the_running_worker_serving() {
     events.wait_kind("drained", |b| b["drain_id"] == "d").await;
     let drained = status_snapshot(&nc, "cfg-1").await;
     assert_eq!(drained["state"], "drained");
+    let text = node.haproxy.render();
     let reply = command(
         &nc,
         "cfg-1",
-        "reload",
-        json!({"request_id": "c-push", "config": node.haproxy.render()}),
+        "push",
+        json!({"request_id": "c-push", "config": text, "config_sha256": sha256_hex(text.as_bytes())}),
     )
     .await;
     assert_error(&reply, "cfg-1", json!("c-push"), "conflict");

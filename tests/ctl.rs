@@ -75,11 +75,14 @@ async fn local_problems_exit_2_before_anything_is_sent() {
     let a_dir = path_arg(dir.path());
     let missing = path_arg(&dir.join("missing.cfg"));
     let garbage = path_arg(&garbage);
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(&config, "global\n").expect("write haproxy.cfg");
+    let a_config = path_arg(&config);
 
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         (
             "a pushed config that does not exist",
-            vec!["reload", "--node", "n1", "--config", &missing],
+            vec!["push", "--node", "n1", "--config", &missing],
             "--config",
         ),
         (
@@ -120,6 +123,11 @@ async fn local_problems_exit_2_before_anything_is_sent() {
         (
             "stop of a group without --yes and without a terminal",
             vec!["stop", "--group", "web"],
+            "--yes",
+        ),
+        (
+            "push to every node without --yes and without a terminal",
+            vec!["push", "--all", "--config", &a_config],
             "--yes",
         ),
     ];
@@ -284,4 +292,39 @@ async fn a_group_stop_with_yes_waits_for_every_node_and_its_long_request() {
         .expect("the slow request's task")
         .unwrap_or_else(|e| panic!("the request in flight was cut by the stop: {e}"));
     assert_eq!(response.status, 200, "{response:?}");
+}
+
+/// `ebb ctl push` end to end: the file is read, hashed and sent; the node checks, installs and
+/// reloads; the reply says `pushed`, and the new config serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_sends_a_config_that_the_node_installs_and_serves() {
+    let node = NodeFixture::builder()
+        .agent(|c| {
+            c.set("push", "enabled", "true");
+        })
+        .start()
+        .await;
+    let v2 = node.haproxy.clone().tag("v2").render();
+    let file = node.dir().join("v2.cfg");
+    std::fs::write(&file, &v2).expect("write v2.cfg");
+    let run = ctl(
+        node.nats_url(),
+        &[
+            "--json",
+            "push",
+            "--node",
+            node.id(),
+            "--config",
+            &path_arg(&file),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "push: {run:?}");
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).expect("--json output");
+    assert_eq!(out["replies"][0]["result"]["pushed"], true, "{run:?}");
+    assert_eq!(node.config_bytes(), v2.as_bytes(), "installed");
+    let response = http_request(node.port(), "/", true, Duration::from_secs(10))
+        .await
+        .expect("GET /");
+    assert_eq!(response.header("x-ebb-config"), Some("v2"));
 }

@@ -320,7 +320,7 @@ fn agent_config_renders_every_section() {
         .node_id("web-1")
         .groups(&["web", "eu"])
         .min_period("250ms")
-        .set("reload", "allow_config_push", "true")
+        .set("push", "enabled", "true")
         .raw("[[plugins]]\nname = \"x\"\npath = \"/nonexistent.so\"");
     let text = agent.render();
     for expected in [
@@ -330,7 +330,7 @@ fn agent_config_renders_every_section() {
         "min_period = \"250ms\"",
         "ignore_frontends = [\"stats\"]",
         "[log]\nformat = \"json\"",
-        "[reload]\nallow_config_push = true",
+        "[push]\nenabled = true",
         "[[plugins]]\nname = \"x\"",
     ] {
         assert!(text.contains(expected), "{expected:?} missing in:\n{text}");

@@ -895,7 +895,8 @@ async fn a_pushed_config_whose_check_never_ends_is_killed_and_refused() {
     let node = NodeFixture::builder()
         .timeout(T)
         .agent(|c| {
-            c.set("reload", "allow_config_push", "true")
+            c.set("push", "enabled", "true")
+                .set_str("push", "policy", "trusted")
                 .set_str("push", "check_timeout", "1s");
         })
         .start()
@@ -911,7 +912,7 @@ async fn a_pushed_config_whose_check_never_ends_is_killed_and_refused() {
         .render();
     let reply = node
         .command(
-            "reload",
+            "push",
             json!({"config": pushed, "config_sha256": ebb_agent::digest::sha256_hex(pushed.as_bytes())}),
         )
         .await;
@@ -945,7 +946,7 @@ async fn a_pushed_config_keeps_the_files_mode_and_the_previous_one_beside_it() {
     let node = NodeFixture::builder()
         .timeout(T)
         .agent(|c| {
-            c.set("reload", "allow_config_push", "true");
+            c.set("push", "enabled", "true");
         })
         .start()
         .await;
@@ -954,7 +955,7 @@ async fn a_pushed_config_keeps_the_files_mode_and_the_previous_one_beside_it() {
     let old = node.config_bytes();
     let pushed = node.haproxy.clone().tag("v2").render();
     node.ok(
-        "reload",
+        "push",
         json!({"config": pushed, "config_sha256": ebb_agent::digest::sha256_hex(pushed.as_bytes())}),
     )
     .await;

@@ -229,7 +229,9 @@ impl Default for DrainConfig {
 pub struct ReloadConfig {
     /// Optional debounce between back-to-back reloads; a lone reload always starts at once.
     pub coalesce: Dur,
-    pub allow_config_push: bool,
+    /// Replaced by `push.enabled`; refused at load with a message that says so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_config_push: Option<bool>,
     /// Most old workers (HAProxy processes still finishing their connections) at once; a reload
     /// that would exceed it is refused as `conflict`, and nothing is killed to make room.
     pub max_old_workers: usize,
@@ -239,16 +241,24 @@ impl Default for ReloadConfig {
     fn default() -> Self {
         ReloadConfig {
             coalesce: Dur::ms(0),
-            allow_config_push: false,
+            allow_config_push: None,
             max_old_workers: 32,
         }
     }
 }
 
-/// Pushed configs (a reload that carries the config's text).
+/// Pushed configs: the `push` verb (docs/SECURITY.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
+    /// Off by default: whoever may push may change what HAProxy does on this node.
+    pub enabled: bool,
+    pub policy: PushPolicy,
+    /// Absolute directories a pushed config may name files in; empty means the config's own
+    /// directory.
+    pub allowed_paths: Vec<PathBuf>,
+    /// nkey public keys (`U…`); when set, every push must be signed by one of them.
+    pub keys: Vec<String>,
     /// The longest `haproxy -c` of a pushed config may run before it is killed and the push
     /// refused: loading a config can run code (Lua), and a check that never ends would hold every
     /// later reload and `stop`.
@@ -258,9 +268,23 @@ pub struct PushConfig {
 impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
+            enabled: false,
+            policy: PushPolicy::Safe,
+            allowed_paths: Vec::new(),
+            keys: Vec::new(),
             check_timeout: Dur::secs(10),
         }
     }
+}
+
+/// What a pushed config may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushPolicy {
+    /// No code, no environment changes, no sockets or files outside `allowed_paths`.
+    Safe,
+    /// Anything HAProxy accepts: whoever may push is root on this node.
+    Trusted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,6 +464,19 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
         problems.push(format!(
             "{file}: haproxy.worker_log_max_bytes must be at least 4096; the default is 16777216 (16 MiB)"
         ));
+    }
+    if config.reload.allow_config_push.is_some() {
+        problems.push(format!(
+            "{file}: reload.allow_config_push is gone: a pushed config has its own verb, `push`; remove the key and set push.enabled = true (see docs/SECURITY.md)"
+        ));
+    }
+    for dir in &config.push.allowed_paths {
+        if !dir.is_absolute() {
+            problems.push(format!(
+                "{file}: push.allowed_paths entry {} is not an absolute directory; write it from /",
+                dir.display()
+            ));
+        }
     }
     if config.push.check_timeout.is_zero() {
         problems.push(format!(

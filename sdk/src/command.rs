@@ -16,7 +16,7 @@ use crate::time::{format_rfc3339_millis, parse_rfc3339};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     /// The verb is not one of status, reload, drain, undrain, stop.
-    #[error("unknown command `{0}`, expected one of status, reload, drain, undrain, stop")]
+    #[error("unknown command `{0}`, expected one of status, reload, drain, undrain, stop, push")]
     UnknownVerb(String),
     /// The body does not fit the verb: not JSON, an unknown field, a wrong type or a bad value.
     /// The message names the field.
@@ -51,6 +51,8 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const MAX_REQUESTER_BYTES: usize = 256;
 /// Longest `reason`, in bytes of UTF-8.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// The longest `signature` of a push: an ed25519 signature is 86 characters of base64url.
+pub const MAX_SIGNATURE_BYTES: usize = 256;
 
 /// True for a valid `request_id` or `drain_id`: 1 to [`MAX_ID_BYTES`] bytes of printable ASCII, no spaces.
 pub fn is_valid_id(id: &str) -> bool {
@@ -173,11 +175,27 @@ request! {
 request! {
     /// Body of `reload`.
     ReloadRequest => Verb::Reload; {
-        /// The full haproxy.cfg text to install; accepted only with `allow_config_push = true`.
+        /// Refused: a pushed config travels on its own verb, `push`, so that permissions can grant
+        /// reload to many and push to few. Kept in the schema only to say so in the error.
         config: Option<String>,
-        /// Lowercase hex SHA-256 of the exact config bytes. With `config` it must match it; without, it is the
-        /// expected hash of the file on disk, and a mismatch gets `conflict`.
+        /// Lowercase hex SHA-256 of the config file on disk as the client expects it; a mismatch
+        /// gets `conflict`.
         config_sha256: Option<String>,
+    }
+}
+
+request! {
+    /// Body of `push`: a whole haproxy.cfg to check, install and reload with. `config` and
+    /// `config_sha256` are required.
+    PushRequest => Verb::Push; {
+        /// The full haproxy.cfg text.
+        config: Option<String>,
+        /// Lowercase hex SHA-256 of the exact bytes of `config`.
+        config_sha256: Option<String>,
+        /// Unpadded base64url ed25519 signature over
+        /// `ebb-push-v1\n<subject>\n<sent_at>\n<config_sha256>` by one of the node's `push.keys`;
+        /// required (with `sent_at` and `ttl_ms`) when the node has keys.
+        signature: Option<String>,
     }
 }
 
@@ -219,6 +237,7 @@ pub enum Command {
     Drain(DrainRequest),
     Undrain(UndrainRequest),
     Stop(StopRequest),
+    Push(PushRequest),
 }
 
 impl Command {
@@ -233,6 +252,7 @@ impl Command {
             Verb::Drain => Command::Drain(decode(body)?),
             Verb::Undrain => Command::Undrain(decode(body)?),
             Verb::Stop => Command::Stop(decode(body)?),
+            Verb::Push => Command::Push(decode(body)?),
         };
         command.validate()?;
         Ok(command)
@@ -246,6 +266,7 @@ impl Command {
             Verb::Drain => Command::Drain(DrainRequest::default()),
             Verb::Undrain => Command::Undrain(UndrainRequest::default()),
             Verb::Stop => Command::Stop(StopRequest::default()),
+            Verb::Push => Command::Push(PushRequest::default()),
         }
     }
 
@@ -257,6 +278,7 @@ impl Command {
             Command::Drain(r) => r,
             Command::Undrain(r) => r,
             Command::Stop(r) => r,
+            Command::Push(r) => r,
         }
     }
 
@@ -298,6 +320,7 @@ impl Command {
             Command::Drain(r) => serde_json::to_vec(r),
             Command::Undrain(r) => serde_json::to_vec(r),
             Command::Stop(r) => serde_json::to_vec(r),
+            Command::Push(r) => serde_json::to_vec(r),
         };
         encoded.unwrap_or_else(|_| b"{}".to_vec())
     }
@@ -318,12 +341,40 @@ impl Command {
         }
         match self {
             Command::Reload(r) => {
-                if r.config.as_deref() == Some("") {
-                    return invalid("config: must not be empty");
+                if r.config.is_some() {
+                    return invalid(
+                        "config: a reload no longer carries a config; send it with the `push` verb \
+                         (same subject, last token `push`), which the node allows with push.enabled",
+                    );
                 }
                 if let Some(hash) = &r.config_sha256 {
                     if !is_sha256_hex(hash) {
                         return invalid("config_sha256: expected 64 lowercase hex digits");
+                    }
+                }
+            }
+            Command::Push(r) => {
+                match r.config.as_deref() {
+                    None => return invalid("config: required (the haproxy.cfg text to install)"),
+                    Some("") => return invalid("config: must not be empty"),
+                    Some(_) => {}
+                }
+                match &r.config_sha256 {
+                    None => {
+                        return invalid(
+                            "config_sha256: required (the lowercase hex SHA-256 of config's bytes)",
+                        )
+                    }
+                    Some(hash) if !is_sha256_hex(hash) => {
+                        return invalid("config_sha256: expected 64 lowercase hex digits")
+                    }
+                    Some(_) => {}
+                }
+                if let Some(sig) = &r.signature {
+                    if sig.is_empty() || sig.len() > MAX_SIGNATURE_BYTES {
+                        return invalid(&format!(
+                            "signature: 1 to {MAX_SIGNATURE_BYTES} bytes of unpadded base64url expected"
+                        ));
                     }
                 }
             }
@@ -352,7 +403,8 @@ into_command!(
     Reload(ReloadRequest),
     Drain(DrainRequest),
     Undrain(UndrainRequest),
-    Stop(StopRequest)
+    Stop(StopRequest),
+    Push(PushRequest)
 );
 
 /// Reads `request_id` from a body that may not parse as its verb's request, so that even a refusal can
@@ -441,7 +493,8 @@ mod tests {
 
     #[test]
     fn empty_body_is_the_default_request() {
-        for verb in Verb::ALL {
+        // A push without its config is refused (below); every other verb has a default request.
+        for verb in Verb::ALL.into_iter().filter(|v| *v != Verb::Push) {
             for body in ["", "  \n\t", "{}", " { } "] {
                 assert_eq!(
                     Command::parse(verb.as_str(), body.as_bytes()),
@@ -582,19 +635,38 @@ mod tests {
             Ok(Command::default_for(Verb::Stop))
         );
         let hash = "0123456789abcdef".repeat(4);
-        let reload = Command::parse(
-            "reload",
-            format!(r#"{{"config":"global\n","config_sha256":"{hash}"}}"#).as_bytes(),
+        let push = Command::parse(
+            "push",
+            format!(r#"{{"config":"global\n","config_sha256":"{hash}","signature":"c2ln"}}"#)
+                .as_bytes(),
         )
         .unwrap();
         assert_eq!(
-            reload,
-            Command::Reload(ReloadRequest {
+            push,
+            Command::Push(PushRequest {
                 config: Some("global\n".into()),
-                config_sha256: Some(hash),
+                config_sha256: Some(hash.clone()),
+                signature: Some("c2ln".into()),
                 ..Default::default()
             })
         );
+        // A reload no longer carries a config: the error points to `push`.
+        let err = Command::parse(
+            "reload",
+            format!(r#"{{"config":"global\n","config_sha256":"{hash}"}}"#).as_bytes(),
+        )
+        .expect_err("config on reload");
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+        assert!(err.to_string().contains("`push`"), "{err}");
+        // A push needs both its config and its hash.
+        for (body, field) in [
+            (format!(r#"{{"config_sha256":"{hash}"}}"#), "config:"),
+            (r#"{"config":"global\n"}"#.to_string(), "config_sha256:"),
+            ("{}".to_string(), "config:"),
+        ] {
+            let err = Command::parse("push", body.as_bytes()).expect_err("incomplete push");
+            assert!(err.to_string().starts_with(field), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -109,6 +109,9 @@ pub enum EventBody {
         config_sha256: String,
         /// True when the node is draining: the new worker serves 503 on health checks from the start.
         draining: bool,
+        /// True when the reload installed a pushed config (`push`); absent otherwise.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pushed: bool,
     },
     /// A reload failed; the running worker was left untouched.
     ReloadFailed { reload_id: String, error: String },
@@ -368,6 +371,7 @@ mod tests {
                 duration_ms: 34,
                 config_sha256: "ab".repeat(32),
                 draining: true,
+                pushed: false,
             },
             json!({"kind":"reloaded","reload_id":"r-1","pid":20,"old_pids":[10,11],"duration_ms":34,
                    "config_sha256":"ab".repeat(32),"draining":true}),

@@ -31,8 +31,8 @@ pub mod subject;
 pub mod time;
 
 pub use command::{
-    Command, CommandError, DrainRequest, ReloadRequest, Request, StatusRequest, StopRequest,
-    UndrainRequest,
+    Command, CommandError, DrainRequest, PushRequest, ReloadRequest, Request, StatusRequest,
+    StopRequest, UndrainRequest,
 };
 pub use event::{Event, EventBody, ExitStatus, WorkerRole};
 pub use reply::{

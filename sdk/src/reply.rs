@@ -155,6 +155,9 @@ pub struct ReloadResult {
     pub duration_ms: u64,
     /// Lowercase hex SHA-256 of the configuration now running.
     pub config_sha256: String,
+    /// True when the reload installed a pushed config (`push`); absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pushed: bool,
 }
 
 /// Result of `drain`. It comes at once; progress arrives as events.
@@ -271,9 +274,22 @@ mod tests {
                 old_pids: vec![10],
                 duration_ms: 33,
                 config_sha256: "00".repeat(32),
+                pushed: false,
             })
             .unwrap(),
             json!({"reload_id":"r-1","pid":20,"old_pids":[10],"duration_ms":33,"config_sha256":"00".repeat(32)})
+        );
+        assert_eq!(
+            serde_json::to_value(ReloadResult {
+                reload_id: "r-2".into(),
+                pid: 21,
+                old_pids: vec![20],
+                duration_ms: 40,
+                config_sha256: "00".repeat(32),
+                pushed: true,
+            })
+            .unwrap()["pushed"],
+            json!(true)
         );
         assert_eq!(
             serde_json::to_value(UndrainResult {

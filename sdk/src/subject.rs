@@ -43,16 +43,18 @@ pub enum Verb {
     Drain,
     Undrain,
     Stop,
+    Push,
 }
 
 impl Verb {
     /// Every verb, in documentation order.
-    pub const ALL: [Verb; 5] = [
+    pub const ALL: [Verb; 6] = [
         Verb::Status,
         Verb::Reload,
         Verb::Drain,
         Verb::Undrain,
         Verb::Stop,
+        Verb::Push,
     ];
 
     /// The verb as it appears in subjects.
@@ -63,6 +65,7 @@ impl Verb {
             Verb::Drain => "drain",
             Verb::Undrain => "undrain",
             Verb::Stop => "stop",
+            Verb::Push => "push",
         }
     }
 }

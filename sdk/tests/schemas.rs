@@ -32,6 +32,7 @@ fn schemas() -> Vec<(&'static str, Schema)> {
         ("drain_request", input::<DrainRequest>()),
         ("undrain_request", input::<UndrainRequest>()),
         ("stop_request", input::<StopRequest>()),
+        ("push_request", input::<PushRequest>()),
         ("reply", output::<Reply>()),
         ("status_result", output::<StatusResult>()),
         ("reload_result", output::<ReloadResult>()),

@@ -165,7 +165,10 @@ impl CommandServer {
         // loop from answering (the in-flight bound keeps commands from filling the queue).
         // Only the wait for the reply runs apart, since a reload takes tens of milliseconds and
         // must not hold up the next request.
-        if let Err(e) = self.inputs.try_send(Input::Command { command, reply: tx }) {
+        if let Err(e) = self.inputs.try_send(Input::Command {
+            command: *command,
+            reply: tx,
+        }) {
             let (code, message) = match e {
                 TrySendError::Full(_) => (
                     ErrorCode::Conflict,
@@ -217,17 +220,12 @@ pub fn parse(verb: &str, body: &[u8]) -> Result<Command, Refusal> {
             ),
         )
     };
-    let most = limits::max_body_bytes(verb, true);
-    if body.len() > most {
-        return Err(too_big(most));
+    if let Some(limit) = limits::max_body_bytes(verb) {
+        if body.len() > limit {
+            return Err(too_big(limit));
+        }
     }
-    let command = Command::parse(verb, body).map_err(|e| refuse(e.code(), e.to_string()))?;
-    let pushes_config = matches!(&command, Command::Reload(r) if r.config.is_some());
-    let limit = limits::max_body_bytes(verb, pushes_config);
-    if body.len() > limit {
-        return Err(too_big(limit));
-    }
-    Ok(command)
+    Command::parse(verb, body).map_err(|e| refuse(e.code(), e.to_string()))
 }
 
 /// A message cut to [`MAX_MESSAGE_BYTES`] (at a character boundary).
@@ -252,7 +250,7 @@ async fn respond(request: &Responder, bytes: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use limits::{MAX_CONFIG_PUSH_BYTES, MAX_REQUEST_BYTES};
+    use limits::MAX_REQUEST_BYTES;
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
@@ -265,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_may_be_64_kib_and_a_pushed_config_1_mib() {
+    fn a_request_may_be_64_kib_and_a_push_what_the_server_allows() {
         let ok = padded(r#"{"request_id":"ok""#, MAX_REQUEST_BYTES);
         assert!(parse("status", &ok).is_ok());
         for verb in ["status", "drain", "undrain", "stop", "reload"] {
@@ -275,11 +273,12 @@ mod tests {
             assert!(err.message.contains("65536"), "{verb}: {}", err.message);
             assert_eq!(err.request_id.as_deref(), Some("big"));
         }
-        let push = padded(r#"{"config":"global\n""#, MAX_CONFIG_PUSH_BYTES);
-        assert!(parse("reload", &push).is_ok());
-        let over = padded(r#"{"config":"global\n""#, MAX_CONFIG_PUSH_BYTES + 1);
-        let err = parse("reload", &over).expect_err("over 1 MiB");
-        assert!(err.message.contains("1048576"), "{}", err.message);
+        let sha = "0".repeat(64);
+        let push = padded(
+            &format!(r#"{{"config_sha256":"{sha}","config":"global\n""#),
+            4 * MAX_REQUEST_BYTES,
+        );
+        assert!(parse("push", &push).is_ok());
     }
 
     #[test]
@@ -433,7 +432,7 @@ mod tests {
         fn parse_never_panics_and_keeps_the_bounds(verb in verb(), body in body()) {
             match parse(&verb, &body) {
                 Ok(command) => {
-                    prop_assert!(body.len() <= MAX_CONFIG_PUSH_BYTES);
+                    prop_assert!(verb == "push" || body.len() <= MAX_REQUEST_BYTES);
                     if let Some(id) = command.request_id() {
                         prop_assert!(ebb_sdk::command::is_valid_id(id));
                     }

@@ -24,7 +24,8 @@ pub enum Admission<R> {
     /// Hand the command to the node, then give its reply to [`Intake::finish`] with the ticket,
     /// or, if the node cannot take it, call [`Intake::refuse`].
     Forward {
-        command: Command,
+        // Boxed: a push carries a whole haproxy.cfg, the other variants a few words.
+        command: Box<Command>,
         responder: R,
         ticket: Ticket,
     },
@@ -109,7 +110,7 @@ impl<R> Intake<R> {
             None => responder,
         };
         Admission::Forward {
-            command,
+            command: Box::new(command),
             responder,
             ticket: Ticket { key, request_id },
         }

@@ -7,11 +7,8 @@ use std::time::{Duration, Instant};
 
 use ebb_sdk::subject::Verb;
 
-/// The largest request body, in bytes.
+/// The largest request body, in bytes, of every verb but `push`.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// The largest body of a `reload` that pushes a whole haproxy.cfg in `config`. The one exception
-/// to [`MAX_REQUEST_BYTES`], until pushed configs get a verb of their own.
-pub const MAX_CONFIG_PUSH_BYTES: usize = 1 << 20;
 
 /// How many requests may wait for the node's answer at once (retries joining one in flight
 /// included). One more is refused at once, so a flood or a slow node cannot pile up work or memory.
@@ -27,14 +24,10 @@ pub const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// buckets, services or the system account with the agent's rights.
 const RESERVED_REPLY_ROOTS: [&str; 4] = ["$JS.", "$KV.", "$SRV.", "$SYS."];
 
-/// The largest body a request on `verb` may have; `pushes_config` when it carries `config`.
-/// Before a body is parsed, ask with `pushes_config = true` for the most it could be.
-pub fn max_body_bytes(verb: &str, pushes_config: bool) -> usize {
-    if pushes_config && verb == Verb::Reload.as_str() {
-        MAX_CONFIG_PUSH_BYTES
-    } else {
-        MAX_REQUEST_BYTES
-    }
+/// The largest body a request on `verb` may have, or `None` for `push`: a whole haproxy.cfg, bounded
+/// by the server's `max_payload` alone (NATS refuses anything larger before it reaches the agent).
+pub fn max_body_bytes(verb: &str) -> Option<usize> {
+    (verb != Verb::Push.as_str()).then_some(MAX_REQUEST_BYTES)
 }
 
 /// The root under which `reply` lies when the agent must not publish there, `None` when it may
@@ -96,13 +89,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_pushed_config_may_be_large() {
-        for verb in Verb::ALL {
-            assert_eq!(max_body_bytes(verb.as_str(), false), MAX_REQUEST_BYTES);
+    fn only_a_push_may_be_large() {
+        for verb in Verb::ALL.into_iter().filter(|v| *v != Verb::Push) {
+            assert_eq!(max_body_bytes(verb.as_str()), Some(MAX_REQUEST_BYTES));
         }
-        assert_eq!(max_body_bytes("reload", true), MAX_CONFIG_PUSH_BYTES);
-        assert_eq!(max_body_bytes("drain", true), MAX_REQUEST_BYTES);
-        assert_eq!(max_body_bytes("explode", true), MAX_REQUEST_BYTES);
+        assert_eq!(max_body_bytes("push"), None);
+        assert_eq!(max_body_bytes("explode"), Some(MAX_REQUEST_BYTES));
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub enum CtlVerb {
         #[command(flatten)]
         target: Target,
     },
-    /// Reload HAProxy seamlessly (from its config file, or a pushed one).
+    /// Reload HAProxy seamlessly from its config file on disk.
     ///
     /// With --max-parallel, a rolling reload: batch after batch, each waiting for its nodes'
     /// `reloaded` events, stopping at the first failure unless --continue-on-error.
@@ -171,15 +171,26 @@ pub enum CtlVerb {
         target: Target,
         #[command(flatten)]
         common: Common,
-        /// Push this haproxy.cfg (the node must allow config push).
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Roll through the nodes N at a time (or P% at a time).
         #[arg(long, value_parser = parse_parallel)]
         max_parallel: Option<Parallel>,
         /// Keep rolling after a node failed.
         #[arg(long, requires = "max_parallel")]
         continue_on_error: bool,
+    },
+    /// Push a haproxy.cfg: each node checks it (its push policy, `haproxy -c`), installs it and
+    /// reloads. The nodes must have push.enabled; see docs/SECURITY.md.
+    Push {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        common: Common,
+        /// The haproxy.cfg to push.
+        #[arg(long)]
+        config: PathBuf,
+        /// Push to a group or every node without asking first.
+        #[arg(long)]
+        yes: bool,
     },
     /// Start draining: each node publishes `drained` once no request can be cut.
     Drain {
@@ -238,6 +249,7 @@ impl CtlVerb {
         match self {
             CtlVerb::Status { target }
             | CtlVerb::Reload { target, .. }
+            | CtlVerb::Push { target, .. }
             | CtlVerb::Drain { target, .. }
             | CtlVerb::Undrain { target, .. }
             | CtlVerb::Stop { target, .. } => Some(target),

@@ -9,6 +9,7 @@
 //! - "No responders" from the server ends it at once: no agent of the target is connected.
 //! - `drain --wait` follows events (subscribed before sending) with a live progress view.
 //! - `reload --max-parallel` rolls through the target in batches ([`rollout`]).
+//! - `push` sends a haproxy.cfg; a group or fleet push asks first.
 //! - `watch` streams events, from JetStream when it is there ([`watch`]).
 
 mod args;
@@ -26,7 +27,7 @@ use std::time::SystemTime;
 
 use ebb_sdk::client::{Client, Target};
 use ebb_sdk::command::{
-    Command, DrainRequest, ReloadRequest, StatusRequest, StopRequest, UndrainRequest,
+    Command, DrainRequest, PushRequest, ReloadRequest, StatusRequest, StopRequest, UndrainRequest,
 };
 
 pub use args::{CtlArgs, CtlVerb};
@@ -68,17 +69,13 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
             target,
             ..
         } => {
-            let mut req = ReloadRequest {
+            let req = ReloadRequest {
                 request_id: common.request_id.clone(),
                 requester: Some(requester()),
                 reason: common.reason.clone(),
                 sent_at: Some(now()),
                 ..ReloadRequest::default()
             };
-            if let Some(text) = pushed {
-                req.config_sha256 = Some(crate::digest::sha256_hex(text.as_bytes()));
-                req.config = Some(text);
-            }
             if let Some(parallel) = max_parallel {
                 let target = target.to_target();
                 return Ok(rollout::run(
@@ -92,6 +89,19 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
                 .await?);
             }
             (Command::Reload(req), Work::Reload)
+        }
+        CtlVerb::Push { common, .. } => {
+            let text = pushed.unwrap_or_default();
+            let req = PushRequest {
+                request_id: common.request_id.clone(),
+                requester: Some(requester()),
+                reason: common.reason.clone(),
+                sent_at: Some(now()),
+                config_sha256: Some(crate::digest::sha256_hex(text.as_bytes())),
+                config: Some(text),
+                ..PushRequest::default()
+            };
+            (Command::Push(req), Work::Push)
         }
         CtlVerb::Drain {
             common,

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::args::{ConnArgs, CtlVerb};
 use super::exit::Failure;
 
-/// Checks the command line; returns the pushed haproxy.cfg of `reload --config`, read once here.
+/// Checks the command line; returns the haproxy.cfg of `push --config`, read once here.
 pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Option<String>, Failure> {
     match verb {
         CtlVerb::Watch(w) => validate_ids(&w.node, &w.group),
@@ -40,9 +40,7 @@ pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Option<String>, Fa
             })?;
     }
     let pushed = match verb {
-        CtlVerb::Reload {
-            config: Some(path), ..
-        } => Some(read("--config", path)?),
+        CtlVerb::Push { config, .. } => Some(read("--config", config)?),
         _ => None,
     };
     if let Some(question) = needs_confirmation(verb) {
@@ -87,6 +85,12 @@ fn needs_confirmation(verb: &CtlVerb) -> Option<String> {
         } if target.node.is_none() => Some(match &target.group {
             Some(g) => format!("Stop HAProxy on every node of group {g}?"),
             None => "Stop HAProxy on every node?".into(),
+        }),
+        CtlVerb::Push {
+            target, yes: false, ..
+        } if target.node.is_none() => Some(match &target.group {
+            Some(g) => format!("Push this config to every node of group {g}?"),
+            None => "Push this config to every node?".into(),
         }),
         _ => None,
     }

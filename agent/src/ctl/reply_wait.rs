@@ -25,6 +25,9 @@ pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
 /// that before it gives up and replies.
 const STOP_ESCALATION: Duration = Duration::from_secs(10);
 
+/// The node's default push.check_timeout: status does not report it.
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The work a verb's reply waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -33,6 +36,9 @@ pub enum Work {
     /// The new worker must be ready; a reload that arrives during another one joins the next, so
     /// it may wait for two startups.
     Reload,
+    /// A reload after `haproxy -c` of the pushed config, which the node bounds by its
+    /// push.check_timeout (default 10 s).
+    Push,
     /// HAProxy must have stopped: within the request's `timeout_ms`, or the node's stop timeout.
     Stop { timeout: Option<Duration> },
 }
@@ -55,6 +61,9 @@ pub fn for_node(work: Work, limits: Limits, margin: Duration) -> Duration {
     let work_takes = match work {
         Work::None => Duration::ZERO,
         Work::Reload => Duration::from_millis(timeouts.startup_ms).saturating_mul(2),
+        Work::Push => {
+            Duration::from_millis(timeouts.startup_ms).saturating_mul(2) + DEFAULT_CHECK_TIMEOUT
+        }
         Work::Stop { timeout } => {
             timeout.unwrap_or(Duration::from_millis(timeouts.stop_ms)) + STOP_ESCALATION
         }

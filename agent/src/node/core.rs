@@ -495,6 +495,7 @@ impl NodeCore {
             })
             .unwrap_or_default();
         let duration_ms = now.mono.duration_since(running.started).as_millis() as u64;
+        let pushed = running.batch.config.is_some();
         self.dirty = true;
         match launched {
             Launched::Ready { worker, launch } => {
@@ -537,6 +538,7 @@ impl NodeCore {
                             duration_ms,
                             config_sha256: config_sha256.clone(),
                             draining,
+                            pushed,
                         },
                         &cause,
                     );
@@ -555,6 +557,7 @@ impl NodeCore {
                     old_pids: displaced,
                     duration_ms,
                     config_sha256,
+                    pushed,
                 };
                 for w in running.batch.waiters {
                     self.answer_reload(w, Ok(result.clone()));

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ebb_sdk::command::Command;
+use ebb_sdk::command::{Command, PushRequest};
 use ebb_sdk::event::Event;
 use ebb_sdk::plugin::{self as hooks, HookEvent};
 use ebb_sdk::reply::{ErrorCode, Reply};
@@ -287,8 +287,17 @@ impl Shell {
                 let _ = reply.send(Reply::success(&node, request_id, status));
                 return;
             }
-            Command::Reload(req) => match self.check_reload(req.config, req.config_sha256) {
-                Ok(pushed) => Request::Reload { pushed },
+            Command::Reload(req) => match self.check_reload(req.config_sha256) {
+                Ok(()) => Request::Reload { pushed: None },
+                Err((code, message)) => {
+                    let _ = reply.send(Reply::failure(&node, request_id, code, message));
+                    return;
+                }
+            },
+            Command::Push(req) => match self.check_push(req) {
+                Ok(pushed) => Request::Reload {
+                    pushed: Some(pushed),
+                },
                 Err((code, message)) => {
                     let _ = reply.send(Reply::failure(&node, request_id, code, message));
                     return;
@@ -304,54 +313,50 @@ impl Shell {
         self.core.handle_request(now(), origin, request);
     }
 
-    /// Validates a reload's own fields; returns the pushed config, if any.
-    fn check_reload(
-        &self,
-        config: Option<String>,
-        sha: Option<String>,
-    ) -> Result<Option<PushedConfig>, (ErrorCode, String)> {
-        match config {
-            Some(text) => {
-                if !self.settings.config.reload.allow_config_push {
-                    return Err((
-                        ErrorCode::Forbidden,
-                        "config push is disabled on this node; set reload.allow_config_push = true to allow it".into(),
-                    ));
-                }
-                let actual = sha256_hex(text.as_bytes());
-                if let Some(expected) = sha {
-                    if expected != actual {
-                        return Err((
-                            ErrorCode::InvalidRequest,
-                            format!("config_sha256 {expected} does not match the pushed config (sha256 {actual}); send the lowercase hex SHA-256 of the exact bytes"),
-                        ));
-                    }
-                }
-                Ok(Some(PushedConfig {
-                    sha256: actual,
-                    text,
-                }))
-            }
-            None => {
-                if let Some(expected) = sha {
-                    let on_disk = std::fs::read(&self.spec.config)
-                        .map(|b| sha256_hex(&b))
-                        .map_err(|e| {
-                            (
-                                ErrorCode::Internal,
-                                format!("cannot read {}: {e}", self.spec.config.display()),
-                            )
-                        })?;
-                    if on_disk != expected {
-                        return Err((
-                            ErrorCode::Conflict,
-                            format!("{} has sha256 {on_disk}, not the expected {expected}; the file changed since you looked", self.spec.config.display()),
-                        ));
-                    }
-                }
-                Ok(None)
+    /// Validates a reload's own field: the hash the client expects of the file on disk.
+    fn check_reload(&self, sha: Option<String>) -> Result<(), (ErrorCode, String)> {
+        let Some(expected) = sha else { return Ok(()) };
+        let on_disk = std::fs::read(&self.spec.config)
+            .map(|b| sha256_hex(&b))
+            .map_err(|e| {
+                (
+                    ErrorCode::Internal,
+                    format!("cannot read {}: {e}", self.spec.config.display()),
+                )
+            })?;
+        if on_disk != expected {
+            return Err((
+                ErrorCode::Conflict,
+                format!("{} has sha256 {on_disk}, not the expected {expected}; the file changed since you looked", self.spec.config.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates a push (its signature was checked by the bus, which knows its subject): allowed
+    /// here, the hash matches the text, and the text passes the push policy.
+    fn check_push(&self, req: PushRequest) -> Result<PushedConfig, (ErrorCode, String)> {
+        let push = &self.settings.config.push;
+        if !push.enabled {
+            return Err((
+                ErrorCode::Forbidden,
+                "config push is disabled on this node; set push.enabled = true to allow it".into(),
+            ));
+        }
+        let text = req.config.unwrap_or_default();
+        let actual = sha256_hex(text.as_bytes());
+        if let Some(expected) = req.config_sha256 {
+            if expected != actual {
+                return Err((
+                    ErrorCode::InvalidRequest,
+                    format!("config_sha256 {expected} does not match the pushed config (sha256 {actual}); send the lowercase hex SHA-256 of the exact bytes"),
+                ));
             }
         }
+        Ok(PushedConfig {
+            sha256: actual,
+            text,
+        })
     }
 
     fn on_report(&mut self, report: Report) {
