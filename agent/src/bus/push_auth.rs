@@ -37,7 +37,8 @@ use super::intake::CLOCK_SKEW;
 pub const MAX_SIGNED_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// A push refused: the reply's error code and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
 pub struct Refusal {
     /// [`ErrorCode::Forbidden`] or [`ErrorCode::InvalidRequest`].
     pub code: ErrorCode,
@@ -262,6 +263,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::Forbidden);
         assert!(err.message.contains("push.keys"), "{}", err.message);
+        assert!(err.to_string().starts_with("forbidden: "), "{err}");
     }
 
     #[test]
