@@ -11,6 +11,8 @@
 //!   and the result of each verb except `status`.
 //! - [`status`]: node states, the `status` result with its drain blockers, and the KV node record.
 //! - [`event`]: the event envelope and every event kind.
+//! - [`push`]: push signatures: the signed payload, signing with an nkey seed, verifying against
+//!   configured public keys.
 //! - [`time`]: the RFC 3339 timestamps used on the wire.
 //! - [`plugin`]: the plugin ABI (a versioned C table, JSON in and out), the safe [`plugin::Plugin`] trait and
 //!   [`export_plugin!`].
@@ -25,6 +27,7 @@ pub mod client;
 pub mod command;
 pub mod event;
 pub mod plugin;
+pub mod push;
 pub mod reply;
 pub mod status;
 pub mod subject;

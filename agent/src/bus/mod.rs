@@ -8,4 +8,5 @@ pub mod jetstream;
 pub mod limits;
 pub mod outbox;
 pub mod publisher;
+pub mod push_auth;
 pub mod refusals;
