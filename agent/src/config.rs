@@ -478,6 +478,11 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    for key in &config.push.keys {
+        if let Err(e) = ebb_sdk::push::check_public_key(key) {
+            problems.push(format!("{file}: push.keys: {e}"));
+        }
+    }
     if config.push.check_timeout.is_zero() {
         problems.push(format!(
             "{file}: push.check_timeout must be more than 0s; the default is \"10s\""

@@ -211,6 +211,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             node: settings.node_id().to_string(),
             groups: cfg.node.groups.clone(),
             inputs: inputs_tx,
+            push_keys: cfg.push.keys.clone(),
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {

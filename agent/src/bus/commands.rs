@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::intake::{Admission, Intake, Ticket};
 use super::limits::{self, DroppedReplies};
+use super::push_auth;
 use crate::inbox::Input;
 
 /// Longest error message sent back: serde's messages quote the offending text, which a client
@@ -32,6 +33,8 @@ pub struct CommandServer {
     pub node: String,
     pub groups: Vec<String>,
     pub inputs: mpsc::Sender<Input>,
+    /// `push.keys`: with any, a push must be signed by one of them for the subject it came on.
+    pub push_keys: Vec<String>,
 }
 
 type Responder = service::Request;
@@ -159,6 +162,26 @@ impl CommandServer {
             }
             Admission::Joined => return,
         };
+        // Here, where the subject is known: a signature holds for one subject. After the intake,
+        // so that a retry of an answered push gets its first reply even once its window closed.
+        if let Command::Push(push) = command.as_ref() {
+            if let Err(refusal) = push_auth::authorize(
+                &self.push_keys,
+                &subject,
+                push.sent_at.as_deref(),
+                push.ttl_ms,
+                push.config_sha256.as_deref().unwrap_or_default(),
+                push.signature.as_deref(),
+                SystemTime::now(),
+            ) {
+                tracing::warn!(%subject, "push refused: {}", refusal.message);
+                let (reply, joined) = intake.refuse(ticket, refusal.code, &refusal.message);
+                for r in std::iter::once(&request).chain(&joined) {
+                    respond(r, reply.clone()).await;
+                }
+                return;
+            }
+        }
         let (tx, rx) = oneshot::channel();
         // Handed to the node here, in arrival order: a drain and the undrain right behind it must
         // reach the node in that order. Never awaited: a node that is busy must not stop this

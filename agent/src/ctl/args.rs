@@ -188,6 +188,10 @@ pub enum CtlVerb {
         /// The haproxy.cfg to push.
         #[arg(long)]
         config: PathBuf,
+        /// Sign the push with this nkey seed file (`SU…`), for nodes with push.keys. The
+        /// signature holds for the subject this push is sent to and for one minute.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
         /// Push to a group or every node without asking first.
         #[arg(long)]
         yes: bool,

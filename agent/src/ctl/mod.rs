@@ -29,6 +29,7 @@ use ebb_sdk::client::{Client, Target};
 use ebb_sdk::command::{
     Command, DrainRequest, PushRequest, ReloadRequest, StatusRequest, StopRequest, UndrainRequest,
 };
+use ebb_sdk::subject::Verb;
 
 pub use args::{CtlArgs, CtlVerb};
 
@@ -36,6 +37,10 @@ use crate::bus::connect;
 use args::ConnArgs;
 use exit::Failure;
 use reply_wait::{Limits, Work};
+
+/// How long a signed push stays valid: enough for clock skew and a slow server, short enough that
+/// a captured push cannot be replayed later.
+const SIGNED_TTL_MS: u64 = 60_000;
 
 /// Runs `ebb ctl`; returns the process exit code.
 pub async fn run(args: CtlArgs) -> u8 {
@@ -50,7 +55,7 @@ pub async fn run(args: CtlArgs) -> u8 {
 
 async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
     let CtlArgs { conn, verb } = args;
-    let pushed = preflight::check(&conn, &verb).await?;
+    let local = preflight::check(&conn, &verb).await?;
     let client = connect_client(&conn).await?;
 
     let (command, work) = match &verb {
@@ -90,17 +95,30 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
             }
             (Command::Reload(req), Work::Reload)
         }
-        CtlVerb::Push { common, .. } => {
-            let text = pushed.unwrap_or_default();
-            let req = PushRequest {
+        CtlVerb::Push { common, target, .. } => {
+            let text = local.pushed.unwrap_or_default();
+            let sha = crate::digest::sha256_hex(text.as_bytes());
+            let sent_at = now();
+            let mut req = PushRequest {
                 request_id: common.request_id.clone(),
                 requester: Some(requester()),
                 reason: common.reason.clone(),
-                sent_at: Some(now()),
-                config_sha256: Some(crate::digest::sha256_hex(text.as_bytes())),
+                sent_at: Some(sent_at.clone()),
+                config_sha256: Some(sha.clone()),
                 config: Some(text),
                 ..PushRequest::default()
             };
+            if let Some(seed) = &local.seed {
+                // Signed for the one subject this push is published on.
+                let subject = target
+                    .to_target()
+                    .subject(client.prefix(), Verb::Push.as_str());
+                req.signature = Some(
+                    ebb_sdk::push::sign(seed, &subject, &sent_at, &sha)
+                        .map_err(|e| Failure::Usage(format!("--sign-key: {e}")))?,
+                );
+                req.ttl_ms = Some(SIGNED_TTL_MS);
+            }
             (Command::Push(req), Work::Push)
         }
         CtlVerb::Drain {

@@ -7,8 +7,17 @@ use std::path::Path;
 use super::args::{ConnArgs, CtlVerb};
 use super::exit::Failure;
 
-/// Checks the command line; returns the haproxy.cfg of `push --config`, read once here.
-pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Option<String>, Failure> {
+/// What the command line names on disk, read once here.
+#[derive(Default)]
+pub struct Local {
+    /// The haproxy.cfg of `push --config`.
+    pub pushed: Option<String>,
+    /// The seed of `push --sign-key`.
+    pub seed: Option<String>,
+}
+
+/// Checks the command line and reads the files it names.
+pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Local, Failure> {
     match verb {
         CtlVerb::Watch(w) => validate_ids(&w.node, &w.group),
         _ => verb
@@ -39,14 +48,23 @@ pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Option<String>, Fa
                 ))
             })?;
     }
-    let pushed = match verb {
-        CtlVerb::Push { config, .. } => Some(read("--config", config)?),
-        _ => None,
-    };
+    let mut local = Local::default();
+    if let CtlVerb::Push {
+        config, sign_key, ..
+    } = verb
+    {
+        local.pushed = Some(read("--config", config)?);
+        if let Some(path) = sign_key {
+            local.seed = Some(
+                ebb_sdk::push::read_seed_file(path)
+                    .map_err(|e| Failure::Usage(format!("--sign-key: {e} (nothing was sent)")))?,
+            );
+        }
+    }
     if let Some(question) = needs_confirmation(verb) {
         confirm(&question)?;
     }
-    Ok(pushed)
+    Ok(local)
 }
 
 /// Ids become subject tokens: a `.`, `*` or `>` would address other nodes than the one named.
