@@ -2,7 +2,9 @@
 
 pub mod admin;
 pub mod adopt;
+pub mod cfg_syntax;
 pub mod config_file;
 pub mod launch;
 pub mod procfs;
+pub mod push_policy;
 pub mod worker;
