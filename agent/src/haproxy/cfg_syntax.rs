@@ -24,7 +24,8 @@
 //!   returned (flagged [`Line::conditional`]): which branch HAProxy takes depends on the host, so
 //!   a check must hold for all of them. `.diag`/`.notice`/`.warning`/`.alert` only print, and are
 //!   not returned. Any other word starting with `.` is an error, as in HAProxy.
-//! - More than 64 words on a line is an error (HAProxy's `MAX_LINE_ARGS`), and so is a NUL.
+//! - More than 64 words on a line is an error (HAProxy's `MAX_LINE_ARGS`), and so is a NUL, and
+//!   a byte order mark at the start (HAProxy 2.6 does not skip it).
 
 use std::fmt;
 
@@ -147,8 +148,15 @@ pub fn parse_all(text: &str) -> (Vec<Line>, Vec<ParseError>) {
     let mut section_name: Option<String> = None;
     // One entry per open `.if`: its line and whether `.else` was seen.
     let mut conds: Vec<(usize, bool)> = Vec::new();
-    // HAProxy skips a UTF-8 byte order mark at the start of the file.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // HAProxy 2.6 reads a byte order mark as part of the first word (`unknown keyword`).
+    if text.starts_with('\u{feff}') {
+        errors.push(ParseError {
+            line: 1,
+            message: "a byte order mark, which HAProxy reads as part of the first word; save \
+                      the file as UTF-8 without one"
+                .to_string(),
+        });
+    }
     for (i, raw) in text.split('\n').enumerate() {
         let number = i + 1;
         let raw = raw.strip_suffix('\r').unwrap_or(raw);
@@ -559,6 +567,7 @@ mod tests {
     fn crlf_and_unicode() {
         let lines = parse("global\r\n  description \"héllo wörld ✓\"\r\n").unwrap();
         assert_eq!(lines[1].word(1), Some("héllo wörld ✓"));
+        assert_eq!(parse("\u{feff}global\n").unwrap_err().line, 1);
     }
 
     proptest! {

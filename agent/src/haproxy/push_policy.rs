@@ -27,7 +27,8 @@
 //!   a client reaches any local service the agent's user can (Docker's socket, the agent's own).
 //!   Abstract sockets (`abns@`, `abnsz@`) are not files, but any local user can reach them: a
 //!   pushed listener there is an unauthenticated door into the host, so they are refused too;
-//!   `fd@`/`sockpair@` (inherited file descriptors) as well. `log /dev/log` is refused like any
+//!   `fd@`/`sockpair@` (inherited file descriptors) as well, but `log fd@1`/`log fd@2` (stdout,
+//!   stderr). `unix-bind` is refused: it moves every unix socket. `log /dev/log` is refused like any
 //!   other unix socket: log to syslog over UDP (`log 127.0.0.1:514 local0`) instead. Besides,
 //!   `stats socket` is allowed only on the admin socket, and not with a `mode` that lets other
 //!   users in: a stats socket on TCP or at another path with `level admin` would hand HAProxy's
@@ -53,7 +54,7 @@
 //! `crl-file`, `ca-verify-file`, `ca-sign-file`, `key`, `ocsp`, `issuer`, `sctl` on `bind`,
 //! `server`, `default-server`, `load` lines, `-f` anywhere, `file`/`lf-file`/`errorfile` in
 //! `http-request`/`http-response`/`http-after-response`/`http-error` rules, `config` of
-//! `filter spoe`, `unix-bind prefix`, `default-path origin`, `backing-file`, and the first
+//! `filter spoe`, `default-path origin`, `backing-file`, and the first
 //! argument of the `map*` converters and `set-map`/`del-map`/`add-acl`/`del-acl`). Beyond them,
 //! every word that starts with `/` is checked as a path, unless the line is one whose `/` words
 //! are HTTP paths and patterns, not files: request and response rules (`http-request`,
@@ -306,9 +307,6 @@ impl Checker<'_> {
             | "module-load"
             | "module-path" => Some(kw),
             "option" if second == "external-check" => Some("option external-check"),
-            "no" if second == "option" && line.word(2) == Some("external-check") => {
-                Some("no option external-check")
-            }
             _ => None,
         };
         if let Some(what) = exec {
@@ -341,6 +339,15 @@ impl Checker<'_> {
         if kw == "stats" && second == "socket" {
             self.admin_socket_mode();
         }
+        if kw == "unix-bind" {
+            self.push(
+                "socket",
+                "`unix-bind` changes where every unix socket is created, the admin socket's \
+                 included, and is refused by push.policy = \"safe\"; keep it in the config on \
+                 disk (reload), or set push.policy = \"trusted\""
+                    .to_string(),
+            );
+        }
         self.files(&mut seen);
         self.parenthesized();
         self.prefixed_sockets(&seen);
@@ -369,6 +376,10 @@ impl Checker<'_> {
             return;
         }
         for addr in w.text.split(',') {
+            // `log fd@1` / `log fd@2` are stdout and stderr.
+            if what == "log" && matches!(addr, "fd@1" | "fd@2") {
+                continue;
+            }
             match classify(addr) {
                 Addr::Unix(path) => {
                     if stats && same_path(path, &self.ctx.admin_socket) {
@@ -443,21 +454,20 @@ impl Checker<'_> {
             "errorfile" => file_at.push((2, Base::None)),
             "server-state-file" | "server-state-file-name" => file_at.push((1, Base::State)),
             "default-path" if line.word(1) == Some("origin") => file_at.push((2, Base::None)),
-            "unix-bind" => {
-                if let Some(i) = words.iter().position(|w| w.text == "prefix") {
-                    file_at.push((i + 1, Base::None));
-                }
-            }
+            // Refused as a whole (socket); its prefix is not checked again.
+            "unix-bind" => seen.iter_mut().for_each(|s| *s = true),
             "load-server-state-from-file" => {}
             _ if bare.ends_with("-file") || bare.ends_with("-base") || bare.ends_with("-path") => {
                 file_at.extend((1..words.len()).map(|i| (i, Base::None)));
             }
             _ => {}
         }
+        let stats_socket = kw == "stats" && second_is(line, "socket");
         if matches!(
             kw,
             "bind" | "server" | "default-server" | "server-template" | "peer" | "load" | "crt"
-        ) || line.section == SectionKind::CrtStore
+        ) || stats_socket
+            || line.section == SectionKind::CrtStore
         {
             for (i, w) in words.iter().enumerate() {
                 if let Some(base) = option_file(&w.text) {
@@ -624,7 +634,8 @@ impl Checker<'_> {
     fn remaining(&mut self, seen: &[bool]) {
         let line = self.line;
         let kw = line.words[0].text.as_str();
-        let request = REQUEST_KEYWORDS.contains(&kw)
+        let stats_socket = kw == "stats" && second_is(line, "socket");
+        let request = (REQUEST_KEYWORDS.contains(&kw) && !stats_socket)
             || (line.section == SectionKind::FcgiApp && FCGI_REMOTE_PATHS.contains(&kw))
             || SectionKind::from_keyword(kw).is_some();
         if request {
@@ -945,7 +956,11 @@ frontend extra
             ("global\n  h1-case-adjust-file /tmp/h\n", &[(2, "path")]),
             ("global\n  51degrees-data-file /tmp/d\n", &[(2, "path")]),
             ("global\n  tune.ssl.keylog-file /tmp/k\n", &[(2, "path")]),
-            ("global\n  unix-bind prefix /tmp mode 777\n", &[(2, "path")]),
+            (
+                "global\n  unix-bind prefix /tmp mode 777\n",
+                &[(2, "socket")],
+            ),
+            ("global\n  log fd@3 local0\n", &[(2, "socket")]),
             (
                 "frontend f\n  bind :443 ssl crt /root/key.pem\n",
                 &[(2, "path")],
@@ -1026,6 +1041,8 @@ frontend extra
             "global\n  stats socket unix@/run/ebb/admin.sock\n",
             "backend b\n  server s ipv4@10.0.0.1:80\n",
             "global\n  log ring@buf local0\n",
+            "global\n  log fd@1 local0\n  log stderr local0\n",
+            "backend b\n  no option external-check\n",
             "fcgi-app php\n  docroot /var/www/html\n  index index.php\n",
             "frontend f\n  monitor-uri /up\n  redirect prefix /x code 301\n",
         ] {
@@ -1138,7 +1155,7 @@ frontend extra
             violations("global\n  errorfile 503 /étc/x\n"),
             [(2, "path")]
         );
-        assert_eq!(violations("\u{feff}global\n"), []);
+        assert_eq!(violations("\u{feff}global\n"), [(1, "syntax")]);
         assert_eq!(violations("\0\n"), [(1, "syntax")]);
         assert_eq!(violations(""), []);
     }
