@@ -64,6 +64,7 @@ const RULES: &[Rule] = &[
     (&["node/core.rs", "node/core/", "node/effect.rs"], IO_AND_RUNTIME, Some(CORE_IMPORTS)),
     (&["drain.rs"], IO_AND_RUNTIME, Some(&["config"])),
     (&["reload.rs", "backoff.rs", "events.rs", "record.rs"], IO_AND_RUNTIME, NOTHING),
+    (&["haproxy/cfg_syntax.rs", "haproxy/push_policy.rs"], IO_AND_RUNTIME, Some(&["haproxy::cfg_syntax"])),
     (&["haproxy/"], &["async_nats", "crate::bus", "crate::node", "crate::plugins", "crate::ctl", "crate::inbox"], ANY),
     (&["bus/"], &["crate::node", "crate::haproxy", "crate::plugins"], ANY),
     (&["plugins/"], &["crate::node", "crate::bus", "crate::haproxy"], ANY),

@@ -2,8 +2,10 @@
 
 pub mod admin;
 pub mod adopt;
+pub mod cfg_syntax;
 pub mod config_file;
 pub mod install;
 pub mod launch;
 pub mod procfs;
+pub mod push_policy;
 pub mod worker;
