@@ -181,3 +181,113 @@ async fn ebb_ctl_push_signs_for_the_subject_it_sends_to() {
     assert_eq!(run.code, 0, "signed push: {run:?}");
     assert_eq!(node.config_bytes(), v2.as_bytes());
 }
+
+/// The safe policy runs before `haproxy -c`: a refused config never reaches HAProxy, so a Lua
+/// file that would write a marker never runs, a `stats socket` on an existing file never replaces
+/// it, and a file outside `allowed_paths` is never read. Each refusal is `config_invalid` naming
+/// the line and the rule; nothing changes on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_safe_policy_refuses_before_haproxy_sees_the_config() {
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .agent(|c| {
+            c.set("push", "enabled", "true");
+        })
+        .start()
+        .await;
+    let dir = node.dir().to_path_buf();
+    let good = node.config_bytes();
+    let pid = node.serving_pid().await.expect("serving");
+    let marker = dir.join("marker");
+    let lua = dir.join("marker.lua");
+    std::fs::write(
+        &lua,
+        format!("io.open(\"{}\", \"w\"):write(\"ran\")\n", marker.display()),
+    )
+    .expect("write marker.lua");
+    // A regular file a second stats socket would replace.
+    let precious = std::env::temp_dir().join(format!("ebb-precious-{}", std::process::id()));
+    std::fs::write(&precious, "keep me\n").expect("write the precious file");
+    let outside = "/etc/hostname";
+
+    let h = node.haproxy.clone();
+    let cases = [
+        (
+            "lua",
+            h.clone()
+                .global_line(&format!("lua-load {}", lua.display())),
+        ),
+        (
+            "lua",
+            h.clone()
+                .global_line(&format!("lua-prepend-path {}/?.lua", dir.display())),
+        ),
+        ("exec", h.clone().global_line("insecure-fork-wanted")),
+        ("exec", h.clone().global_line("external-check")),
+        (
+            "env",
+            h.clone().global_line("setenv LD_PRELOAD /tmp/evil.so"),
+        ),
+        ("env", h.clone().global_line("presetenv X 1")),
+        ("env", h.clone().global_line("resetenv")),
+        ("env", h.clone().global_line("unsetenv PATH")),
+        (
+            "program",
+            h.clone().section("program evil\n    command /bin/true"),
+        ),
+        (
+            "socket",
+            h.clone()
+                .global_line(&format!("stats socket {} level admin", precious.display())),
+        ),
+        (
+            "path",
+            h.clone().frontend_line(&format!(
+                "http-request return status 200 file {outside} if {{ path /leak }}"
+            )),
+        ),
+        ("path", h.clone().global_line("pidfile /etc/ebb-evil.pid")),
+    ];
+    for (rule, cfg) in cases {
+        let text = cfg.render();
+        let body = json!({"config": text, "config_sha256": sha256_hex(text.as_bytes())});
+        let reply = node.command("push", body).await;
+        assert_eq!(reply["error"]["code"], "config_invalid", "{rule}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("line "),
+            "{rule}: names the line: {message}"
+        );
+        assert!(
+            message.contains(rule) || message.contains("refused"),
+            "{rule}: {message}"
+        );
+        assert_eq!(node.config_bytes(), good, "{rule}: nothing installed");
+    }
+    assert!(!marker.exists(), "the pushed Lua never ran");
+    assert_eq!(
+        std::fs::read_to_string(&precious).expect("the precious file"),
+        "keep me\n",
+        "a refused stats socket never replaced the file"
+    );
+    let _ = std::fs::remove_file(&precious);
+    assert_eq!(
+        node.serving_pid().await,
+        Some(pid),
+        "the same worker serves"
+    );
+
+    // A clean config passes the policy and serves.
+    let v2 = h.tag("v2").render();
+    let reply = node
+        .command(
+            "push",
+            json!({"config": v2, "config_sha256": sha256_hex(v2.as_bytes())}),
+        )
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let response = http_request(node.port(), "/", true, T)
+        .await
+        .expect("GET /");
+    assert_eq!(response.header("x-ebb-config"), Some("v2"));
+}

@@ -6,6 +6,7 @@
 //! comes out of [`NodeCore::poll_effect`].
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,12 +27,13 @@ use super::core::{
 use super::launcher::{self, ReloadError};
 use super::sampler::{ConnectionCounter, Counting, Sample, Sampler};
 use crate::bus::publisher::PublisherReport;
-use crate::config::Settings;
+use crate::config::{PushPolicy, Settings};
 use crate::digest::sha256_hex;
 use crate::events::Cause;
 use crate::haproxy::admin::AdminSocket;
 use crate::haproxy::launch::LaunchSpec;
 use crate::haproxy::procfs;
+use crate::haproxy::push_policy::{self, SafePolicy};
 use crate::haproxy::worker::{self, Exit, Worker};
 use crate::inbox::{Input, Summary};
 use crate::plugins::{PluginDisabled, PluginHost};
@@ -350,6 +352,35 @@ impl Shell {
                 return Err((
                     ErrorCode::InvalidRequest,
                     format!("config_sha256 {expected} does not match the pushed config (sha256 {actual}); send the lowercase hex SHA-256 of the exact bytes"),
+                ));
+            }
+        }
+        if push.policy == PushPolicy::Safe {
+            let allowed_paths = if push.allowed_paths.is_empty() {
+                self.spec
+                    .config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .into_iter()
+                    .collect()
+            } else {
+                push.allowed_paths.clone()
+            };
+            let policy = SafePolicy {
+                admin_socket: self.settings.admin_socket.clone(),
+                allowed_paths,
+            };
+            if let Err(violations) = push_policy::check(&text, &policy) {
+                let all: Vec<String> = violations
+                    .iter()
+                    .map(|v| format!("line {} [{}]: {}", v.line, v.rule, v.message))
+                    .collect();
+                return Err((
+                    ErrorCode::ConfigInvalid,
+                    format!(
+                        "push.policy = \"safe\" refuses this config: {}",
+                        all.join("; ")
+                    ),
                 ));
             }
         }
