@@ -247,6 +247,11 @@ async fn the_safe_policy_refuses_before_haproxy_sees_the_config() {
             )),
         ),
         ("path", h.clone().global_line("pidfile /etc/ebb-evil.pid")),
+        (
+            "socket",
+            h.clone()
+                .section("frontend door\n    bind unix@/tmp/ebb-door.sock\n    default_backend be"),
+        ),
     ];
     for (rule, cfg) in cases {
         let text = cfg.render();
@@ -290,4 +295,54 @@ async fn the_safe_policy_refuses_before_haproxy_sees_the_config() {
         .await
         .expect("GET /");
     assert_eq!(response.header("x-ebb-config"), Some("v2"));
+}
+
+/// `ebb ctl push --group` reaches every node of the group, and each one installs and serves the
+/// same file. On one machine the five HAProxy instances share the file's ports (HAProxy binds
+/// with SO_REUSEPORT) and each finds its own admin socket through `NODE_ID`, an environment
+/// variable passed on by `haproxy.env` — which only `push.policy = "trusted"` accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_push_reaches_five_agents() {
+    let ids: Vec<String> = (1..=5).map(|i| format!("gp-{i}")).collect();
+    let fleet = Fleet::start(&ids, |id, node| {
+        node.timeout(T).env("NODE_ID", id).agent(|c| {
+            c.groups(&["edge"])
+                .set("push", "enabled", "true")
+                .set_str("push", "policy", "trusted")
+                .set("haproxy", "env", "[\"NODE_ID\"]");
+        })
+    })
+    .await;
+    fleet.wait_serving().await;
+    let first = fleet.node(&ids[0]);
+    let pushed = first.haproxy.clone().tag("fleet-v2").render().replace(
+        &first.haproxy.admin_socket().display().to_string(),
+        &format!("{}/${{NODE_ID}}/admin.sock", fleet.dir().display()),
+    );
+    let file = fleet.dir().join("fleet-v2.cfg");
+    std::fs::write(&file, &pushed).expect("write the pushed config");
+    let url = fleet.nats_url();
+    let file = file.display().to_string();
+    let run = run_ctl(
+        &[
+            "--nats", &url, "--json", "push", "--group", "edge", "--config", &file, "--yes",
+        ],
+        &[],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(run.code, 0, "group push: {run:?}");
+    let out: Value = serde_json::from_str(&run.stdout).expect("--json output");
+    let replies = out["replies"].as_array().expect("replies");
+    assert_eq!(replies.len(), 5, "{out}");
+    for reply in replies {
+        assert_eq!(reply["result"]["pushed"], true, "{reply}");
+    }
+    for id in &ids {
+        assert_eq!(fleet.node(id).config_bytes(), pushed.as_bytes(), "{id}");
+    }
+    let response = http_request(first.port(), "/", true, T)
+        .await
+        .expect("GET /");
+    assert_eq!(response.header("x-ebb-config"), Some("fleet-v2"));
 }
