@@ -78,9 +78,10 @@ use super::cfg_syntax::{self, Line, SectionKind, Word};
 /// What the `safe` policy allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafePolicy {
-    /// The one unix socket a pushed config may declare (`stats socket`).
+    /// The one unix socket a pushed config may declare (`stats socket`), absolute.
     pub admin_socket: PathBuf,
-    /// Directories (absolute) whose files a pushed config may name.
+    /// Directories whose files a pushed config may name. Absolute; a relative entry allows
+    /// nothing, and so does an empty list.
     pub allowed_paths: Vec<PathBuf>,
 }
 
@@ -387,12 +388,17 @@ impl Checker<'_> {
                     if stats && same_path(path, &self.ctx.admin_socket) {
                         continue;
                     }
+                    let instead = if stats {
+                        "declare only the admin socket"
+                    } else {
+                        "use a TCP address"
+                    };
                     self.push(
                         "socket",
                         format!(
                             "`{what} {addr}` is a unix socket other than the admin socket ({}); \
                              refused by {POLICY}: a listener replaces a file, a client reaches \
-                             local services; use a TCP address, {TRUSTED}",
+                             local services; {instead}, {TRUSTED}",
                             self.ctx.admin_socket.display()
                         ),
                     );
@@ -538,7 +544,7 @@ impl Checker<'_> {
                 format!(
                     "`{what}` is a relative file name, which HAProxy resolves against a \
                      directory the pusher does not choose; refused by {POLICY}; write an absolute \
-                     path under {}, {TRUSTED}",
+                     path under an allowed path ({}), {TRUSTED}",
                     self.allowed()
                 ),
             );
@@ -1175,6 +1181,24 @@ frontend extra
             "{s}"
         );
         assert!(s.contains("/etc/haproxy, /var/lib/ebb/"), "{s}");
+    }
+
+    #[test]
+    fn every_rule_says_which_line_and_what_to_do() {
+        let cfg =
+            "global\n  lua-load /a\n  external-check\n  setenv A b\n  stats socket /tmp/s\n  \
+                   errorfile 503 x\n  errorfile 503 ${X}\n  \"\nprogram p\n";
+        let vs = check(cfg, &policy()).unwrap_err();
+        let rules: Vec<&str> = vs.iter().map(|v| v.rule).collect();
+        assert_eq!(
+            rules,
+            ["lua", "path", "exec", "env", "socket", "path", "variable", "syntax", "program"]
+        );
+        for v in vs {
+            let s = v.to_string();
+            assert!(s.starts_with(&format!("line {}: ", v.line)), "{s}");
+            assert!(s.contains("push.policy = \"safe\""), "{s}");
+        }
     }
 
     #[test]
