@@ -16,7 +16,8 @@
 //!   with the process's rights (`io.open`, `os.execute`).
 //! - [exec] `external-check` and `option external-check` (runs a command per health check),
 //!   `insecure-fork-wanted`, `insecure-setuid-wanted` (lift HAProxy's guards against forking and
-//!   setuid), `ssl-engine`, `ssl-provider`, `ssl-provider-path`, `module-load`, `module-path`
+//!   setuid), `filter opentracing`/`filter opentelemetry` (their config loads a plugin library),
+//!   `ssl-engine`, `ssl-provider`, `ssl-provider-path`, `module-load`, `module-path`
 //!   (load native code).
 //! - [env] `setenv`, `presetenv`, `resetenv`, `unsetenv`: they change the environment that
 //!   later `$VAR`s read and that child processes inherit (`LD_PRELOAD`).
@@ -53,8 +54,8 @@
 //! `errorfile`, every `*-file`/`*-base`/`*-path` keyword, `crt`, `crt-list`, `ca-file`,
 //! `crl-file`, `ca-verify-file`, `ca-sign-file`, `key`, `ocsp`, `issuer`, `sctl` on `bind`,
 //! `server`, `default-server`, `load` lines, `-f` anywhere, `file`/`lf-file`/`errorfile` in
-//! `http-request`/`http-response`/`http-after-response`/`http-error` rules, `config` of
-//! `filter spoe`, `default-path origin`, `backing-file`, and the first
+//! `http-request`/`http-response`/`http-after-response`/`http-error` rules, `config` of a
+//! `filter`, `stats file`, `default-path origin`, `backing-file`, and the first
 //! argument of the `map*` converters and `set-map`/`del-map`/`add-acl`/`del-acl`). Beyond them,
 //! every word that starts with `/` is checked as a path, unless the line is one whose `/` words
 //! are HTTP paths and patterns, not files: request and response rules (`http-request`,
@@ -77,9 +78,10 @@ use super::cfg_syntax::{self, Line, SectionKind, Word};
 /// What the `safe` policy allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafePolicy {
-    /// The one unix socket a pushed config may declare (`stats socket`).
+    /// The one unix socket a pushed config may declare (`stats socket`), absolute.
     pub admin_socket: PathBuf,
-    /// Directories (absolute) whose files a pushed config may name.
+    /// Directories whose files a pushed config may name. Absolute; a relative entry allows
+    /// nothing, and so does an empty list.
     pub allowed_paths: Vec<PathBuf>,
 }
 
@@ -307,6 +309,7 @@ impl Checker<'_> {
             | "module-load"
             | "module-path" => Some(kw),
             "option" if second == "external-check" => Some("option external-check"),
+            "filter" if matches!(second, "opentracing" | "opentelemetry") => Some(kw),
             _ => None,
         };
         if let Some(what) = exec {
@@ -385,12 +388,17 @@ impl Checker<'_> {
                     if stats && same_path(path, &self.ctx.admin_socket) {
                         continue;
                     }
+                    let instead = if stats {
+                        "declare only the admin socket"
+                    } else {
+                        "use a TCP address"
+                    };
                     self.push(
                         "socket",
                         format!(
                             "`{what} {addr}` is a unix socket other than the admin socket ({}); \
                              refused by {POLICY}: a listener replaces a file, a client reaches \
-                             local services; use a TCP address, {TRUSTED}",
+                             local services; {instead}, {TRUSTED}",
                             self.ctx.admin_socket.display()
                         ),
                     );
@@ -485,7 +493,10 @@ impl Checker<'_> {
                 }
             }
         }
-        if kw == "filter" && second_is(line, "spoe") {
+        if kw == "stats" && second_is(line, "file") {
+            file_at.push((2, Base::None));
+        }
+        if kw == "filter" {
             for (i, w) in words.iter().enumerate() {
                 if w.text == "config" {
                     file_at.push((i + 1, Base::None));
@@ -533,7 +544,7 @@ impl Checker<'_> {
                 format!(
                     "`{what}` is a relative file name, which HAProxy resolves against a \
                      directory the pusher does not choose; refused by {POLICY}; write an absolute \
-                     path under {}, {TRUSTED}",
+                     path under an allowed path ({}), {TRUSTED}",
                     self.allowed()
                 ),
             );
@@ -600,8 +611,19 @@ impl Checker<'_> {
                     continue;
                 }
                 let what = format!("{name}({arg})");
+                let Some(text) = unquote_arg(arg) else {
+                    self.push(
+                        "path",
+                        format!(
+                            "`{what}`: a file argument with quotes or backslashes this check \
+                             cannot read with certainty; refused by {POLICY}; write the path \
+                             plainly, {TRUSTED}"
+                        ),
+                    );
+                    continue;
+                };
                 let arg_word = Word {
-                    text: arg.to_string(),
+                    text: text.to_string(),
                     quoted: false,
                     escaped: false,
                     env: w.env && arg.contains('$'),
@@ -634,8 +656,8 @@ impl Checker<'_> {
     fn remaining(&mut self, seen: &[bool]) {
         let line = self.line;
         let kw = line.words[0].text.as_str();
-        let stats_socket = kw == "stats" && second_is(line, "socket");
-        let request = (REQUEST_KEYWORDS.contains(&kw) && !stats_socket)
+        let stats_files = kw == "stats" && matches!(line.word(1), Some("socket" | "file"));
+        let request = (REQUEST_KEYWORDS.contains(&kw) && !stats_files)
             || (line.section == SectionKind::FcgiApp && FCGI_REMOTE_PATHS.contains(&kw))
             || SectionKind::from_keyword(kw).is_some();
         if request {
@@ -708,6 +730,18 @@ fn calls(word: &str) -> Vec<(&str, &str)> {
         out.push((name, after[..end].trim()));
     }
     out
+}
+
+/// A sample-expression argument without its quotes (`'a'`, `"a"`), or `None` if it holds quotes or
+/// backslashes otherwise (HAProxy's argument parser would read them in ways not repeated here).
+fn unquote_arg(arg: &str) -> Option<&str> {
+    let special = |s: &str| s.contains(['\'', '"', '\\']);
+    for q in ['\'', '"'] {
+        if let Some(inner) = arg.strip_prefix(q).and_then(|a| a.strip_suffix(q)) {
+            return (!special(inner)).then_some(inner);
+        }
+    }
+    (!special(arg)).then_some(arg)
 }
 
 /// `path` resolved lexically, or `None` if it is not absolute or a `..` climbs above `/`.
@@ -1012,6 +1046,19 @@ frontend extra
                 &[(2, "path")],
             ),
             ("ring r\n  backing-file /tmp/ring\n", &[(2, "path")]),
+            (
+                "frontend f\n  filter opentracing config /etc/haproxy/ot.cfg\n",
+                &[(2, "exec")],
+            ),
+            ("global\n  stats file /tmp/s\n", &[(2, "path")]),
+            (
+                "frontend f\n  use_backend %[src,map('/etc/passwd')]\n",
+                &[(2, "path")],
+            ),
+            (
+                "frontend f\n  use_backend \"%[src,map('/etc/a\\'b')]\"\n",
+                &[(2, "path")],
+            ),
             ("global\n  some-future-keyword /tmp/x\n", &[(2, "path")]),
             (
                 "global\n  errorfile 503 ${HOME}/.ssh/id_rsa\n",
@@ -1044,6 +1091,8 @@ frontend extra
             "global\n  log fd@1 local0\n  log stderr local0\n",
             "backend b\n  no option external-check\n",
             "fcgi-app php\n  docroot /var/www/html\n  index index.php\n",
+            "frontend f\n  use_backend \"%[src,map('/etc/haproxy/b.map',x)]\"\n",
+            "frontend f\n  filter spoe engine x config /etc/haproxy/spoe.conf\n",
             "frontend f\n  monitor-uri /up\n  redirect prefix /x code 301\n",
         ] {
             assert_eq!(violations(cfg), [], "{cfg}");
@@ -1132,6 +1181,24 @@ frontend extra
             "{s}"
         );
         assert!(s.contains("/etc/haproxy, /var/lib/ebb/"), "{s}");
+    }
+
+    #[test]
+    fn every_rule_says_which_line_and_what_to_do() {
+        let cfg =
+            "global\n  lua-load /a\n  external-check\n  setenv A b\n  stats socket /tmp/s\n  \
+                   errorfile 503 x\n  errorfile 503 ${X}\n  \"\nprogram p\n";
+        let vs = check(cfg, &policy()).unwrap_err();
+        let rules: Vec<&str> = vs.iter().map(|v| v.rule).collect();
+        assert_eq!(
+            rules,
+            ["lua", "path", "exec", "env", "socket", "path", "variable", "syntax", "program"]
+        );
+        for v in vs {
+            let s = v.to_string();
+            assert!(s.starts_with(&format!("line {}: ", v.line)), "{s}");
+            assert!(s.contains("push.policy = \"safe\""), "{s}");
+        }
     }
 
     #[test]
