@@ -29,6 +29,18 @@ fn push_body(config: &str, sign: Option<(&str, &str)>, sent_at: SystemTime, ttl_
     body
 }
 
+/// A serving node that accepts pushes; `f` adds to its agent config.
+async fn push_node(f: impl FnOnce(&mut AgentConfig) + 'static) -> NodeFixture {
+    NodeFixture::builder()
+        .timeout(T)
+        .agent(move |c| {
+            c.set("push", "enabled", "true");
+            f(c);
+        })
+        .start()
+        .await
+}
+
 /// Sends `body` on `subject` and returns the reply.
 async fn request(nc: &async_nats::Client, subject: &str, body: &Value) -> Value {
     let msg = tokio::time::timeout(
@@ -147,14 +159,10 @@ async fn only_a_push_signed_for_its_subject_and_window_is_installed() {
 async fn ebb_ctl_push_signs_for_the_subject_it_sends_to() {
     let key = nkeys::KeyPair::new_user();
     let public = key.public_key();
-    let node = NodeFixture::builder()
-        .timeout(T)
-        .agent(move |c| {
-            c.set("push", "enabled", "true")
-                .set("push", "keys", &format!("[\"{public}\"]"));
-        })
-        .start()
-        .await;
+    let node = push_node(move |c| {
+        c.set("push", "keys", &format!("[\"{public}\"]"));
+    })
+    .await;
     let seed_file = node.dir().join("push.nk");
     std::fs::write(&seed_file, key.seed().expect("seed")).expect("write the seed");
     let v2 = node.haproxy.clone().tag("v2").render();
@@ -188,13 +196,7 @@ async fn ebb_ctl_push_signs_for_the_subject_it_sends_to() {
 /// the line and the rule; nothing changes on the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_safe_policy_refuses_before_haproxy_sees_the_config() {
-    let node = NodeFixture::builder()
-        .timeout(T)
-        .agent(|c| {
-            c.set("push", "enabled", "true");
-        })
-        .start()
-        .await;
+    let node = push_node(|_| {}).await;
     let dir = node.dir().to_path_buf();
     let good = node.config_bytes();
     let pid = node.serving_pid().await.expect("serving");
@@ -345,4 +347,76 @@ async fn a_group_push_reaches_five_agents() {
         .await
         .expect("GET /");
     assert_eq!(response.header("x-ebb-config"), Some("fleet-v2"));
+}
+
+/// A pushed config whose loading never ends (a Lua busy loop at load time) must not hold the node:
+/// `haproxy -c` is killed after `push.check_timeout`, the push is `config_invalid` ("check timed
+/// out"), the running worker keeps serving from the untouched file, and the next reload works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_config_whose_check_never_ends_is_killed_and_refused() {
+    let node = push_node(|c| {
+        c.set_str("push", "policy", "trusted")
+            .set_str("push", "check_timeout", "1s");
+    })
+    .await;
+    let pid0 = node.serving_pid().await.expect("serving");
+    let good = node.config_bytes();
+    let lua = node.dir().join("busy.lua");
+    std::fs::write(&lua, "while true do end\n").expect("write busy.lua");
+    let pushed = node
+        .haproxy
+        .clone()
+        .global_line(&format!("lua-load {}", lua.display()))
+        .render();
+    let reply = node
+        .command(
+            "push",
+            json!({"config": pushed, "config_sha256": sha256_hex(pushed.as_bytes())}),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], "config_invalid", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("check timed out"), "{message}");
+
+    // Nothing of the check is left: no haproxy -c still spinning, no staged file, the live file
+    // as it was, and the same worker serving.
+    let staged = node
+        .haproxy
+        .path()
+        .parent()
+        .expect("dir")
+        .join(".haproxy.cfg.ebb-new");
+    assert!(!staged.exists(), "{} left behind", staged.display());
+    assert_eq!(node.config_bytes(), good);
+    assert_eq!(node.haproxy_pids().await, vec![pid0]);
+    assert_eq!(node.serving_pid().await, Some(pid0));
+    node.assert_serves().await;
+
+    let result = node.ok("reload", json!({})).await;
+    assert_ne!(result["pid"], pid0, "the next reload works: {result}");
+}
+
+/// A pushed config is installed by rename: the live file keeps its mode, and the previous one is
+/// kept beside it as the last good config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_config_keeps_the_files_mode_and_the_previous_one_beside_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = push_node(|_| {}).await;
+    let path = node.haproxy.path();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let old = node.config_bytes();
+    let pushed = node.haproxy.clone().tag("v2").render();
+    node.ok(
+        "push",
+        json!({"config": pushed, "config_sha256": sha256_hex(pushed.as_bytes())}),
+    )
+    .await;
+    assert_eq!(node.config_bytes(), pushed.as_bytes());
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640);
+    let last_good = path
+        .parent()
+        .expect("dir")
+        .join(".haproxy.cfg.ebb-last-good");
+    assert_eq!(std::fs::read(&last_good).expect("last good"), old);
 }
