@@ -198,6 +198,21 @@ fn nats_denying(dir: &Path, deny: &str) -> NatsServer {
     .expect("start nats-server")
 }
 
+/// A serving node in `dir/node` whose agent connects to `nats` as the restricted user `agent`;
+/// the fixture itself talks through `nc`.
+async fn node_as_agent(nats: &NatsServer, nc: &Client, dir: &TestDir) -> NodeFixture {
+    node()
+        .nats_url(&nats.url())
+        .client(nc.clone())
+        .dir(dir.join("node"))
+        .agent(|c| {
+            c.set_str("nats", "user", "agent")
+                .set_str("nats", "password", "agent-pw");
+        })
+        .start()
+        .await
+}
+
 async fn admin_client(nats: &NatsServer) -> Client {
     ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
         .request_timeout(Some(T))
@@ -225,16 +240,7 @@ async fn events_go_out_as_core_messages_while_the_stream_is_missing_then_to_it_a
     js.create_stream(events_stream_config(Duration::from_secs(3600)))
         .await
         .expect("create the events stream");
-    let node = node()
-        .nats_url(&nats.url())
-        .client(nc.clone())
-        .dir(dir.join("node"))
-        .agent(|c| {
-            c.set_str("nats", "user", "agent")
-                .set_str("nats", "password", "agent-pw");
-        })
-        .start()
-        .await;
+    let node = node_as_agent(&nats, &nc, &dir).await;
     let started = node.events.wait_kind("agent_started", |_| true).await;
     let started_id = started.msg_id.clone().expect("Msg-Id");
     wait_in_stream(&nc, &started_id, "agent_started in EBB_EVENTS").await;
@@ -584,16 +590,7 @@ async fn an_event_the_server_refuses_is_set_aside_and_later_events_flow() {
     let dir = TestDir::new();
     let nats = nats_denying(&dir.join("nats"), "ebb.event.*.undrained");
     let nc = admin_client(&nats).await;
-    let node = node()
-        .nats_url(&nats.url())
-        .client(nc.clone())
-        .dir(dir.join("node"))
-        .agent(|c| {
-            c.set_str("nats", "user", "agent")
-                .set_str("nats", "password", "agent-pw");
-        })
-        .start()
-        .await;
+    let node = node_as_agent(&nats, &nc, &dir).await;
     node.ok("drain", json!({"drain_id": "d1", "min_period_ms": 0}))
         .await;
     node.events.drained("d1").await;

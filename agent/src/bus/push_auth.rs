@@ -182,6 +182,24 @@ mod tests {
         at(SENT_AT)
     }
 
+    /// `authorize` of a push sent at `SENT_AT` with `TTL` for `SHA`, carrying `signature`.
+    fn signed(
+        keys: &[String],
+        subject: &str,
+        signature: &str,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        authorize(
+            keys,
+            subject,
+            Some(SENT_AT),
+            Some(TTL),
+            SHA,
+            Some(signature),
+            now,
+        )
+    }
+
     fn code(result: Result<(), Refusal>) -> ErrorCode {
         result.unwrap_err().code
     }
@@ -214,18 +232,7 @@ mod tests {
             t0() - CLOCK_SKEW,
             t0() + Duration::from_millis(TTL) + CLOCK_SKEW,
         ] {
-            assert_eq!(
-                authorize(
-                    &keys,
-                    SUBJECT,
-                    Some(SENT_AT),
-                    Some(TTL),
-                    SHA,
-                    Some(&signature),
-                    now
-                ),
-                Ok(())
-            );
+            assert_eq!(signed(&keys, SUBJECT, &signature, now), Ok(()));
         }
     }
 
@@ -251,16 +258,7 @@ mod tests {
     fn a_foreign_key_is_forbidden() {
         let keys = vec![Signer::new().public];
         let signature = Signer::new().sign(SUBJECT, SENT_AT, SHA);
-        let err = authorize(
-            &keys,
-            SUBJECT,
-            Some(SENT_AT),
-            Some(TTL),
-            SHA,
-            Some(&signature),
-            t0(),
-        )
-        .unwrap_err();
+        let err = signed(&keys, SUBJECT, &signature, t0()).unwrap_err();
         assert_eq!(err.code, ErrorCode::Forbidden);
         assert!(err.message.contains("push.keys"), "{}", err.message);
         assert!(err.to_string().starts_with("forbidden: "), "{err}");
@@ -281,15 +279,7 @@ mod tests {
         ];
         for (signed_for, sent_to) in cases {
             let signature = signer.sign(signed_for, SENT_AT, SHA);
-            let result = authorize(
-                &keys,
-                sent_to,
-                Some(SENT_AT),
-                Some(TTL),
-                SHA,
-                Some(&signature),
-                t0(),
-            );
+            let result = signed(&keys, sent_to, &signature, t0());
             assert_eq!(
                 code(result),
                 ErrorCode::Forbidden,
@@ -321,18 +311,7 @@ mod tests {
         let signer = Signer::new();
         let keys = vec![signer.public.clone()];
         let signature = signer.sign(SUBJECT, SENT_AT, SHA);
-        let check = |now| {
-            authorize(
-                &keys,
-                SUBJECT,
-                Some(SENT_AT),
-                Some(TTL),
-                SHA,
-                Some(&signature),
-                now,
-            )
-            .unwrap_err()
-        };
+        let check = |now| signed(&keys, SUBJECT, &signature, now).unwrap_err();
         let late = check(t0() + Duration::from_millis(TTL) + CLOCK_SKEW + Duration::from_millis(1));
         assert_eq!(late.code, ErrorCode::Forbidden);
         assert!(late.message.contains("expired"), "{}", late.message);
