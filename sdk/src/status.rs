@@ -108,6 +108,10 @@ pub struct Timeouts {
     pub startup_ms: u64,
     /// `haproxy.stop_timeout`: the longest a `stop` without `timeout_ms` takes.
     pub stop_ms: u64,
+    /// `push.check_timeout`: the longest `haproxy -c` of a pushed config runs before a push's
+    /// reload. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_ms: Option<u64>,
 }
 
 /// The HAProxy process tree as the agent sees it.
@@ -368,6 +372,7 @@ mod tests {
             timeouts: Some(Timeouts {
                 startup_ms: 30_000,
                 stop_ms: 120_000,
+                check_ms: Some(10_000),
             }),
             outbox_depth: Some(0),
         }
@@ -401,7 +406,7 @@ mod tests {
                     "blockers": [{"kind": "min_period", "remaining_ms": 29000}]
                 },
                 "plugins": [{"name": "alb", "version": "0.1.0", "healthy": true}],
-                "timeouts": {"startup_ms": 30000, "stop_ms": 120000},
+                "timeouts": {"startup_ms": 30000, "stop_ms": 120000, "check_ms": 10000},
                 "outbox_depth": 0,
                 "last_reload": {
                     "reload_id": "r-1",

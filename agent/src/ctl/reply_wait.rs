@@ -15,18 +15,17 @@ use ebb_sdk::client::{Client, ClientError, Target};
 use ebb_sdk::command::{Command, StatusRequest};
 use ebb_sdk::status::{StatusResult, Timeouts};
 
-/// `haproxy.startup_timeout` and `stop_timeout` of agents that do not report them.
+/// `haproxy.startup_timeout`, `stop_timeout` and `push.check_timeout` of agents that do not
+/// report them: the agent's defaults.
 pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
     startup_ms: 30_000,
     stop_ms: 120_000,
+    check_ms: Some(10_000),
 };
 
 /// After the stop deadline the agent sends SIGTERM, then SIGKILL 5 s later, and again 5 s after
 /// that before it gives up and replies.
 const STOP_ESCALATION: Duration = Duration::from_secs(10);
-
-/// The node's default push.check_timeout: status does not report it.
-const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The work a verb's reply waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +36,7 @@ pub enum Work {
     /// it may wait for two startups.
     Reload,
     /// A reload after `haproxy -c` of the pushed config, which the node bounds by its
-    /// push.check_timeout (default 10 s).
+    /// push.check_timeout.
     Push,
     /// HAProxy must have stopped: within the request's `timeout_ms`, or the node's stop timeout.
     Stop { timeout: Option<Duration> },
@@ -62,7 +61,12 @@ pub fn for_node(work: Work, limits: Limits, margin: Duration) -> Duration {
         Work::None => Duration::ZERO,
         Work::Reload => Duration::from_millis(timeouts.startup_ms).saturating_mul(2),
         Work::Push => {
-            Duration::from_millis(timeouts.startup_ms).saturating_mul(2) + DEFAULT_CHECK_TIMEOUT
+            let check = timeouts
+                .check_ms
+                .or(DEFAULT_TIMEOUTS.check_ms)
+                .unwrap_or_default();
+            Duration::from_millis(timeouts.startup_ms).saturating_mul(2)
+                + Duration::from_millis(check)
         }
         Work::Stop { timeout } => {
             timeout.unwrap_or(Duration::from_millis(timeouts.stop_ms)) + STOP_ESCALATION
@@ -142,6 +146,7 @@ mod tests {
     const NODE: Limits = Limits::Answered(Some(Timeouts {
         startup_ms: 10_000,
         stop_ms: 60_000,
+        check_ms: Some(3_000),
     }));
 
     fn secs(s: u64) -> Duration {
@@ -170,6 +175,13 @@ mod tests {
     #[test]
     fn a_reload_may_wait_for_two_startups() {
         assert_eq!(for_node(Work::Reload, NODE, MARGIN), secs(20 + 5));
+        // A push also waits for the node's own check timeout, or the default when unreported.
+        assert_eq!(for_node(Work::Push, NODE, MARGIN), secs(20 + 3 + 5));
+        let unreported = Limits::Answered(Some(Timeouts {
+            check_ms: None,
+            ..DEFAULT_TIMEOUTS
+        }));
+        assert_eq!(for_node(Work::Push, unreported, MARGIN), secs(60 + 10 + 5));
     }
 
     #[test]
@@ -195,6 +207,7 @@ mod tests {
         let quick = Limits::Answered(Some(Timeouts {
             startup_ms: 1_000,
             stop_ms: 1_000,
+            check_ms: None,
         }));
         let nodes = [quick, NODE, Limits::Silent];
         assert_eq!(

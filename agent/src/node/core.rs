@@ -64,6 +64,8 @@ pub struct CoreConfig {
     pub stop_timeout: Duration,
     /// Only reported in status: the launcher enforces it.
     pub startup_timeout: Duration,
+    /// Only reported in status: the launcher enforces it.
+    pub check_timeout: Duration,
     pub coalesce: Duration,
     /// `reload.max_old_workers`: a reload that would displace the current worker into one more old
     /// worker than this is refused. Nothing is ever killed to make room.
@@ -409,6 +411,7 @@ impl NodeCore {
             warnings: self.warnings(),
             timeouts: Some(Timeouts {
                 startup_ms: self.cfg.startup_timeout.as_millis() as u64,
+                check_ms: Some(self.cfg.check_timeout.as_millis() as u64),
                 stop_ms: self.cfg.stop_timeout.as_millis() as u64,
             }),
             // The outbox is the publisher's; the shell adds its depth.

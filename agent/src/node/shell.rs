@@ -170,6 +170,7 @@ impl Shell {
             drain: settings.config.drain.clone(),
             stop_timeout: hp.stop_timeout.0,
             startup_timeout: hp.startup_timeout.0,
+            check_timeout: settings.config.push.check_timeout.0,
             coalesce: settings.config.reload.coalesce.0,
             max_old_workers: settings.config.reload.max_old_workers,
             plugins: plugins.idle_checkers(),

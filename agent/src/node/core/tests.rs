@@ -25,6 +25,7 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         drain,
         stop_timeout: Duration::from_secs(30),
         startup_timeout: Duration::from_secs(30),
+        check_timeout: Duration::from_secs(10),
         coalesce: Duration::ZERO,
         max_old_workers: 32,
         plugins: plugins.iter().map(|p| p.to_string()).collect(),
