@@ -362,6 +362,8 @@ pub struct Settings {
     pub haproxy_binary: PathBuf,
     /// The admin socket ebb talks to (and passes to `-x`).
     pub admin_socket: PathBuf,
+    /// `push.allowed_paths`, or the config's own directory when it is empty.
+    pub push_allowed_paths: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -563,10 +565,22 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
     }
 
     if problems.is_empty() {
+        let push_allowed_paths = if config.push.allowed_paths.is_empty() {
+            config
+                .haproxy
+                .config
+                .parent()
+                .map(Path::to_path_buf)
+                .into_iter()
+                .collect()
+        } else {
+            config.push.allowed_paths.clone()
+        };
         Ok(Settings {
             config,
             haproxy_binary,
             admin_socket,
+            push_allowed_paths,
         })
     } else {
         Err(ConfigError { problems })

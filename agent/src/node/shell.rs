@@ -6,7 +6,6 @@
 //! comes out of [`NodeCore::poll_effect`].
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -357,19 +356,9 @@ impl Shell {
             }
         }
         if push.policy == PushPolicy::Safe {
-            let allowed_paths = if push.allowed_paths.is_empty() {
-                self.spec
-                    .config
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .into_iter()
-                    .collect()
-            } else {
-                push.allowed_paths.clone()
-            };
             let policy = SafePolicy {
                 admin_socket: self.settings.admin_socket.clone(),
-                allowed_paths,
+                allowed_paths: self.settings.push_allowed_paths.clone(),
             };
             if let Err(violations) = push_policy::check(&text, &policy) {
                 let all: Vec<String> = violations
