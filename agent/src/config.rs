@@ -152,6 +152,11 @@ pub struct HaproxyConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_socket: Option<PathBuf>,
     pub mode: Mode,
+    /// master-worker only: the master CLI (HAProxy's `-S`), with admin level.
+    pub master_socket: PathBuf,
+    /// master-worker only: `false` attaches to a master a service manager runs; `true` makes ebb
+    /// start and own it (`haproxy -W -db -f CFG -S SOCK`).
+    pub manage_master: bool,
     pub startup_timeout: Dur,
     pub stop_timeout: Dur,
     pub state_dir: PathBuf,
@@ -169,6 +174,8 @@ impl Default for HaproxyConfig {
             config: PathBuf::from("/etc/haproxy/haproxy.cfg"),
             admin_socket: None,
             mode: Mode::Direct,
+            master_socket: PathBuf::from("/run/haproxy-master.sock"),
+            manage_master: false,
             startup_timeout: Dur::secs(30),
             stop_timeout: Dur::secs(120),
             state_dir: PathBuf::from("/var/lib/ebb"),
@@ -360,7 +367,8 @@ pub struct Settings {
     pub config: Config,
     /// Absolute path of the haproxy binary.
     pub haproxy_binary: PathBuf,
-    /// The admin socket ebb talks to (and passes to `-x`).
+    /// The admin socket ebb talks to (and passes to `-x`). In master-worker mode it may be empty:
+    /// the master CLI reaches every worker.
     pub admin_socket: PathBuf,
     /// `push.allowed_paths`, or the config's own directory when it is empty.
     pub push_allowed_paths: Vec<PathBuf>,
@@ -457,9 +465,16 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
             "{file}: nats.heartbeat must be more than 0s; the default is \"10s\""
         ));
     }
-    if config.haproxy.mode == Mode::MasterWorker {
+    let attached = config.haproxy.mode == Mode::MasterWorker && !config.haproxy.manage_master;
+    if attached && config.drain.stop_when_drained {
         problems.push(format!(
-            "{file}: haproxy.mode = \"master-worker\" is not supported by this version of ebb; use \"direct\""
+            "{file}: drain.stop_when_drained cannot be used with haproxy.mode = \"master-worker\" and manage_master = false: a service manager runs HAProxy's master, and ebb never stops it; stop it there once drained, or set manage_master = true"
+        ));
+    }
+    if config.haproxy.mode == Mode::MasterWorker && !config.haproxy.master_socket.is_absolute() {
+        problems.push(format!(
+            "{file}: haproxy.master_socket {} must be an absolute path, the one HAProxy's `-S` option names",
+            config.haproxy.master_socket.display()
         ));
     }
     if config.haproxy.worker_log_max_bytes < 4096 {
@@ -550,6 +565,11 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
         Ok(text) => {
             match config_file::find_admin_socket(&text, config.haproxy.admin_socket.as_deref()) {
                 Ok(sock) => admin_socket = sock,
+                // In master-worker mode ebb reaches every worker through the master CLI: an
+                // admin socket is optional (a pushed config may keep the one it names).
+                Err(_)
+                    if config.haproxy.mode == Mode::MasterWorker
+                        && config.haproxy.admin_socket.is_none() => {}
                 Err(e) => problems.push(format!("{}: {e}", cfg_path.display())),
             }
         }

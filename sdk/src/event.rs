@@ -115,6 +115,16 @@ pub enum EventBody {
     },
     /// A reload failed; the running worker was left untouched.
     ReloadFailed { reload_id: String, error: String },
+    /// master-worker mode: the agent attached to HAProxy's master, at start or after the master
+    /// was restarted (a new pid). The drain, if any, goes on with the new master's workers.
+    MasterAttached {
+        pid: u32,
+        /// The master the agent knew before; absent at the agent's first attach.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_pid: Option<u32>,
+        /// HAProxy's version, as the master reports it.
+        version: String,
+    },
     /// A worker exited.
     WorkerExited {
         pid: u32,
@@ -178,6 +188,7 @@ impl EventBody {
             EventBody::AgentStarted { .. } => "agent_started",
             EventBody::Reloaded { .. } => "reloaded",
             EventBody::ReloadFailed { .. } => "reload_failed",
+            EventBody::MasterAttached { .. } => "master_attached",
             EventBody::WorkerExited { .. } => "worker_exited",
             EventBody::ProxyCrashed { .. } => "proxy_crashed",
             EventBody::DrainStarted { .. } => "drain_started",
@@ -382,6 +393,22 @@ mod tests {
                 error: "bind failed".into(),
             },
             json!({"kind":"reload_failed","reload_id":"r-2","error":"bind failed"}),
+        );
+        assert_wire(
+            EventBody::MasterAttached {
+                pid: 7,
+                previous_pid: Some(5),
+                version: "2.8.25".into(),
+            },
+            json!({"kind":"master_attached","pid":7,"previous_pid":5,"version":"2.8.25"}),
+        );
+        assert_wire(
+            EventBody::MasterAttached {
+                pid: 7,
+                previous_pid: None,
+                version: "2.6.12".into(),
+            },
+            json!({"kind":"master_attached","pid":7,"version":"2.6.12"}),
         );
         assert_wire(
             EventBody::WorkerExited {

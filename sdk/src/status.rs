@@ -126,6 +126,10 @@ pub struct HaproxyStatus {
     pub config_sha256: Option<String>,
     /// `direct` or `master-worker`.
     pub mode: String,
+    /// master-worker mode: the pid of HAProxy's master; absent in direct mode and while no master
+    /// answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_pid: Option<u32>,
     /// RFC 3339 start time of the current worker.
     pub started_at: Option<String>,
     /// Restarts after crashes since the agent started.
@@ -340,6 +344,7 @@ mod tests {
                 config: "/etc/haproxy/haproxy.cfg".into(),
                 config_sha256: Some("ab".repeat(32)),
                 mode: "direct".into(),
+                master_pid: None,
                 started_at: Some("2024-05-01T12:00:00.000Z".into()),
                 restarts: 0,
             },

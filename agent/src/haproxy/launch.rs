@@ -228,6 +228,48 @@ async fn wait_ready(
     }
 }
 
+/// Starts a master that ebb owns (master-worker mode, `manage_master = true`):
+/// `haproxy -W -db -f CFG -S SOCK,mode,600,level,admin`, in its own process group, its output
+/// (and its workers') appended to `log`. It gets no `EBB_DRAINING`: every worker it ever forks
+/// would inherit the value of this moment, so drains reach its workers as admin commands only.
+pub fn spawn_master(
+    spec: &LaunchSpec,
+    master_socket: &Path,
+    log: &Path,
+) -> Result<Child, LaunchError> {
+    let spawn_err = |source| LaunchError::Spawn {
+        binary: spec.binary.clone(),
+        source,
+    };
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).map_err(spawn_err)?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .map_err(spawn_err)?;
+    let err = out.try_clone().map_err(spawn_err)?;
+    let mut socket = master_socket.as_os_str().to_owned();
+    socket.push(",mode,600,level,admin");
+    Command::new(&spec.binary)
+        .arg("-W")
+        .arg("-db")
+        .arg("-f")
+        .arg(&spec.config)
+        .arg("-S")
+        .arg(socket)
+        .env_clear()
+        .envs(child_env(std::env::vars_os(), &spec.env))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(spawn_err)
+}
+
 /// HAProxy's environment, from the agent's: `PATH` and the variables `allow` names, nothing else.
 /// The agent's own environment carries its secrets (`EBB_NATS__TOKEN`, credentials paths, cloud
 /// keys for plugins), which HAProxy, its configs and its Lua scripts have no business seeing.

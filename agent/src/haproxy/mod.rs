@@ -6,6 +6,8 @@ pub mod cfg_syntax;
 pub mod config_file;
 pub mod install;
 pub mod launch;
+pub mod master;
 pub mod procfs;
 pub mod push_policy;
 pub mod worker;
+pub mod worker_cli;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::effect::CommandJob;
-use crate::haproxy::admin::{AdminError, AdminSocket};
+use crate::haproxy::worker_cli::{CliError, WorkerCli};
 use crate::record::ProcessId;
 
 /// Attempts per command for errors that may pass (the socket busy with a reload, a worker not yet
@@ -23,13 +23,13 @@ pub type Done = Arc<dyn Fn(CommandJob, Result<(), String>) + Send + Sync>;
 /// The queues, one task per worker that has jobs. Dropping a worker's queue (it exited) ends its
 /// task after the job in hand.
 pub struct AdminQueues {
-    admin: AdminSocket,
+    admin: WorkerCli,
     done: Done,
     queues: HashMap<ProcessId, mpsc::UnboundedSender<CommandJob>>,
 }
 
 impl AdminQueues {
-    pub fn new(admin: AdminSocket, done: Done) -> Self {
+    pub fn new(admin: WorkerCli, done: Done) -> Self {
         AdminQueues {
             admin,
             done,
@@ -58,7 +58,7 @@ impl AdminQueues {
 }
 
 async fn run(
-    admin: AdminSocket,
+    admin: WorkerCli,
     pid: u32,
     mut jobs: mpsc::UnboundedReceiver<CommandJob>,
     done: Done,
@@ -76,13 +76,13 @@ async fn run(
     }
 }
 
-async fn run_one(admin: &AdminSocket, pid: u32, command: &str) -> Result<(), AdminError> {
+async fn run_one(admin: &WorkerCli, pid: u32, command: &str) -> Result<(), CliError> {
     let mut wait = FIRST_RETRY;
     let mut attempt = 1;
     loop {
-        match admin.command_on_retrying(pid, command).await {
+        match admin.command_on(pid, command).await {
             Ok(_) => return Ok(()),
-            Err(e @ AdminError::Refused { .. }) => return Err(e),
+            Err(e) if e.is_refused() => return Err(e),
             Err(e) if attempt >= ATTEMPTS => return Err(e),
             Err(e) => {
                 tracing::debug!(

@@ -32,17 +32,12 @@ pub async fn find(
     spec: &LaunchSpec,
     admin: &AdminSocket,
 ) -> anyhow::Result<Found> {
-    let hp = &settings.config.haproxy;
-    let state = state_file::load(&hp.state_dir)?;
+    let state = state_file::load(&settings.config.haproxy.state_dir)?;
     let mut boot = Boot::default();
     let mut records = Vec::new();
     let mut recorded_boot_id = None;
     if let Some(s) = state {
-        boot.restarts = s.restarts;
-        boot.last_reload = s.last_reload.clone();
-        boot.drain = s.drain.clone();
-        boot.drained_event = s.drained_event.clone();
-        boot.stopping = s.stopping;
+        boot = recorded(&s);
         records = s.worker_records();
         recorded_boot_id = Some(s.kernel_boot_id.clone());
     }
@@ -61,6 +56,20 @@ pub async fn find(
         boot.answering = asked.ok().filter(|pids| !pids.is_empty());
     }
     Ok(Found { boot, workers })
+}
+
+/// What the state file says beyond the processes: restarts, the last reload, the drain, and a
+/// stop in progress. In master-worker mode it is all a start takes from it: the master says which
+/// processes run.
+pub fn recorded(s: &state_file::State) -> Boot {
+    Boot {
+        restarts: s.restarts,
+        last_reload: s.last_reload.clone(),
+        drain: s.drain.clone(),
+        drained_event: s.drained_event.clone(),
+        stopping: s.stopping,
+        ..Boot::default()
+    }
 }
 
 /// The pids that answer `show info` on the admin socket, asked a few times; empty when nobody

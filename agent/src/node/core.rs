@@ -32,7 +32,7 @@ use crate::reload::{PushedConfig, ReloadQueue};
 use crate::state_file::State;
 
 pub use super::effect::{
-    CommandJob, CommandKind, Effect, Launched, Outcome, ReplyTo, Sample, WorkerSignal,
+    CommandJob, CommandKind, Effect, Launched, MasterView, Outcome, ReplyTo, Sample, WorkerSignal,
 };
 
 /// Restart backoff after a crash: 100 ms doubling to 10 s; a worker that ran a minute resets it.
@@ -51,9 +51,21 @@ pub struct Now {
     pub wall: SystemTime,
 }
 
+/// Who forks HAProxy's workers, which decides who signals them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Supervision {
+    /// ebb starts every worker (`direct` mode) and signals each one itself.
+    Direct,
+    /// A master (`haproxy -W`, `master-worker` mode) forks the workers and soft-stops the
+    /// displaced ones at each reload; ebb reloads it through its master CLI. `owned`: ebb started
+    /// the master and may stop it; otherwise a service manager runs it, and ebb never stops it.
+    Master { owned: bool },
+}
+
 /// What the core is told once, at construction.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
+    pub supervision: Supervision,
     pub node: String,
     pub groups: Vec<String>,
     pub boot_id: String,
@@ -138,6 +150,8 @@ pub struct NodeCore {
     /// Exit once HAProxy is stopped (SIGTERM, or SIGUSR2 during a stop).
     exit_when_stopped: bool,
     current: Option<WorkerRecord>,
+    /// master-worker mode: the master last seen, and its version.
+    master: Option<(ProcessId, String)>,
     /// Displaced workers, oldest first, until their exit is reported.
     old: Vec<WorkerRecord>,
     /// The admin socket has not yet said which adopted worker is current: nothing adopted is
@@ -176,6 +190,7 @@ impl NodeCore {
             lifecycle: Lifecycle::Running,
             exit_when_stopped: false,
             current: None,
+            master: None,
             old: Vec::new(),
             unconfirmed: false,
             starting: false,
@@ -275,6 +290,10 @@ impl NodeCore {
     /// An agent may have died between a new worker's readiness and signalling the displaced one;
     /// a second SIGUSR1 to a worker that is already stopping changes nothing.
     fn soft_stop_old(&mut self) {
+        if self.cfg.supervision != Supervision::Direct {
+            // The master told them at the reload that displaced them.
+            return;
+        }
         let ids: Vec<ProcessId> = self.old.iter().map(|w| w.id).collect();
         for worker in ids {
             self.push(Effect::Signal {
@@ -355,6 +374,11 @@ impl NodeCore {
         self.current.iter().chain(self.old.iter())
     }
 
+    /// master-worker mode: the master last seen.
+    pub fn master(&self) -> Option<ProcessId> {
+        self.master.as_ref().map(|(m, _)| *m)
+    }
+
     pub fn is_recorded(&self, id: ProcessId) -> bool {
         self.workers().any(|w| w.id == id)
     }
@@ -384,7 +408,11 @@ impl NodeCore {
                     .as_ref()
                     .map(|w| w.config_sha256.clone())
                     .filter(|s| !s.is_empty()),
-                mode: "direct".into(),
+                mode: match self.cfg.supervision {
+                    Supervision::Direct => "direct".into(),
+                    Supervision::Master { .. } => "master-worker".into(),
+                },
+                master_pid: self.master.as_ref().map(|(m, _)| m.pid),
                 started_at: self
                     .current
                     .as_ref()
@@ -441,6 +469,17 @@ impl NodeCore {
             Request::Reload { pushed } => self.on_reload(Waiter::Request(origin), pushed),
             Request::Drain(req) => self.on_drain(now, origin, req),
             Request::Undrain(req) => self.on_undrain(origin, req),
+            Request::Stop { .. }
+                if self.cfg.supervision == (Supervision::Master { owned: false }) =>
+            {
+                self.reply_err(
+                    origin,
+                    ErrorCode::Conflict,
+                    "cannot stop: HAProxy's master is run by a service manager, not by ebb; stop \
+                     it there (systemctl stop haproxy), or drain the node instead"
+                        .into(),
+                );
+            }
             Request::Stop { timeout } => {
                 let cause = origin.cause.clone();
                 self.begin_stop(now, timeout, Some(origin), cause, None);
@@ -453,6 +492,10 @@ impl NodeCore {
         self.begin(now);
         match signal {
             AgentSignal::Reload => self.on_reload(Waiter::Signal, None),
+            // A master that a service manager runs outlives the agent: SIGTERM detaches.
+            AgentSignal::Stop if self.cfg.supervision == (Supervision::Master { owned: false }) => {
+                self.handle_signal_detach();
+            }
             AgentSignal::Stop => {
                 self.exit_when_stopped = true;
                 match self.lifecycle {
@@ -460,18 +503,87 @@ impl NodeCore {
                     _ => self.begin_stop(now, None, None, Cause::default(), None),
                 }
             }
-            AgentSignal::Detach => match self.lifecycle {
-                // Finish the stop first: the next agent must not find a half-stopped HAProxy.
-                Lifecycle::Stopping(_) => self.exit_when_stopped = true,
-                Lifecycle::Stopped { .. } => self.exit(),
-                Lifecycle::Running => {
-                    tracing::info!("detaching: haproxy keeps running for the next agent to adopt");
-                    self.persist();
-                    self.push(Effect::Exit(Outcome::Detached));
-                }
-            },
+            AgentSignal::Detach => self.handle_signal_detach(),
         }
         self.after(now);
+    }
+
+    fn handle_signal_detach(&mut self) {
+        match self.lifecycle {
+            // Finish the stop first: the next agent must not find a half-stopped HAProxy.
+            Lifecycle::Stopping(_) => self.exit_when_stopped = true,
+            Lifecycle::Stopped { .. } => self.exit(),
+            Lifecycle::Running => {
+                tracing::info!("detaching: haproxy keeps running for the next agent to adopt");
+                self.persist();
+                self.push(Effect::Exit(Outcome::Detached));
+            }
+        }
+    }
+
+    /// master-worker mode: what the master says now. A new master (restarted under the agent) is
+    /// reported; a worker the master forked on its own (`systemctl reload haproxy`, or a new
+    /// master's first worker) becomes current and, during a drain, gets the drain's commands.
+    pub fn handle_master_view(&mut self, now: Now, view: MasterView) {
+        self.begin(now);
+        let previous = self.master.as_ref().map(|(m, _)| *m);
+        if previous != Some(view.master) {
+            tracing::info!(
+                pid = view.master.pid,
+                version = %view.version,
+                "attached to haproxy master {}",
+                view.master.pid
+            );
+            self.emit(
+                EventBody::MasterAttached {
+                    pid: view.master.pid,
+                    previous_pid: previous.map(|m| m.pid),
+                    version: view.version.clone(),
+                },
+                &Cause::default(),
+            );
+        }
+        self.master = Some((view.master, view.version));
+        let forked = view
+            .current
+            .filter(|w| !self.is_recorded(w.id) && matches!(self.lifecycle, Lifecycle::Running));
+        // During a reload of ebb's own, the launch reports the new worker.
+        if let (Some(worker), false) = (forked, self.reloads.is_running()) {
+            self.adopt_forked(now, worker);
+        }
+        self.after(now);
+    }
+
+    fn adopt_forked(&mut self, now: Now, worker: WorkerRecord) {
+        let pid = worker.id.pid;
+        let config_sha256 = worker.config_sha256.clone();
+        let displaced = self.install_current(worker);
+        self.restart_at = None;
+        tracing::info!(pid, old_pids = ?displaced, "the haproxy master forked worker {pid}: it is current");
+        let draining = self.drain.is_some();
+        if draining {
+            self.send_drain_commands_to_current(pid);
+        }
+        let reload_id = uuid::Uuid::new_v4().to_string();
+        self.last_reload = Some(LastReload {
+            reload_id: reload_id.clone(),
+            at: rfc3339(now.wall),
+            ok: true,
+            duration_ms: 0,
+            error: None,
+        });
+        self.emit(
+            EventBody::Reloaded {
+                reload_id,
+                pid,
+                old_pids: displaced,
+                duration_ms: 0,
+                config_sha256,
+                draining,
+                pushed: false,
+            },
+            &Cause::default(),
+        );
     }
 
     pub fn handle_launched(&mut self, now: Now, reload_id: &str, launched: Launched) {
@@ -814,8 +926,18 @@ impl NodeCore {
         s.phase = StopPhase::Soft {
             deadline: now.mono + s.timeout,
         };
-        self.soft_stop_old();
-        self.retire_current();
+        if self.cfg.supervision == Supervision::Direct {
+            self.soft_stop_old();
+            self.retire_current();
+        } else {
+            // One SIGUSR1 to the master stops every worker it has, old ones included.
+            let all: Vec<ProcessId> = self.workers().map(|w| w.id).collect();
+            if let Some(w) = self.current.take() {
+                self.old.push(w);
+            }
+            self.dirty = true;
+            self.stop_signal(&all, WorkerSignal::SoftStop);
+        }
         self.after(now);
     }
 
@@ -986,24 +1108,43 @@ impl NodeCore {
         let mut displaced = Vec::new();
         if let Some(previous) = self.current.replace(worker) {
             displaced.push(previous.id.pid);
-            self.push(Effect::Signal {
-                worker: previous.id,
-                signal: WorkerSignal::SoftStop,
-            });
+            // In master-worker mode the master soft-stopped it at the reload.
+            if self.cfg.supervision == Supervision::Direct {
+                self.push(Effect::Signal {
+                    worker: previous.id,
+                    signal: WorkerSignal::SoftStop,
+                });
+            }
             self.old.push(previous);
         }
         self.dirty = true;
         displaced
     }
 
+    /// The stop's soft phase for the current worker: it joins the old ones on their way out.
     fn retire_current(&mut self) {
         if let Some(w) = self.current.take() {
-            self.push(Effect::Signal {
-                worker: w.id,
-                signal: WorkerSignal::SoftStop,
-            });
+            self.stop_signal(&[w.id], WorkerSignal::SoftStop);
             self.old.push(w);
             self.dirty = true;
+        }
+    }
+
+    /// A stop's signal to these workers: each one's own in direct mode; the master's, which
+    /// passes it on to all of them, in master-worker mode. A kill goes to each as well: a worker
+    /// whose master is gone is nobody's to stop.
+    fn stop_signal(&mut self, workers: &[ProcessId], signal: WorkerSignal) {
+        let master = match self.cfg.supervision {
+            Supervision::Direct => None,
+            Supervision::Master { .. } => self.master.as_ref().map(|(m, _)| *m),
+        };
+        if let Some(master) = master {
+            self.push(Effect::SignalMaster { master, signal });
+        }
+        if master.is_none() || signal == WorkerSignal::Kill {
+            for &worker in workers {
+                self.push(Effect::Signal { worker, signal });
+            }
         }
     }
 

@@ -70,6 +70,14 @@ pub enum Effect {
         worker: ProcessId,
         signal: WorkerSignal,
     },
+    /// master-worker mode, a master ebb owns: the signal goes to the master, which passes it on
+    /// to every worker (SIGUSR1 to a worker behind the master's back would make it exit as a
+    /// failed current worker). For `HardStop`, the shell counts the workers' open client
+    /// connections first, as for `Signal`.
+    SignalMaster {
+        master: ProcessId,
+        signal: WorkerSignal,
+    },
     /// Queue admin commands on the worker's own queue.
     Commands(CommandJob),
     /// Write the state file durably (temp file, fsync, rename, fsync of the directory).
@@ -121,4 +129,15 @@ pub enum Launched {
         config_invalid: bool,
         message: String,
     },
+}
+
+/// master-worker mode: what the master CLI's `show proc` said, with each process verified by its
+/// start time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterView {
+    pub master: ProcessId,
+    /// HAProxy's version, as the master reports it.
+    pub version: String,
+    /// The newest worker under `# workers`: the one the master forked last.
+    pub current: Option<WorkerRecord>,
 }

@@ -14,6 +14,9 @@ pub enum ReloadError {
     Install(String),
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// master-worker mode: the master refused the reload, or did not answer.
+    #[error("{0}")]
+    Master(String),
 }
 
 pub async fn launch_with(
@@ -25,6 +28,19 @@ pub async fn launch_with(
     let Some(pushed) = pushed else {
         return Ok(launch::launch(spec, takeover, draining).await?);
     };
+    install_pushed(spec, pushed).await?;
+    match launch::launch(spec, takeover, draining).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            restore(spec).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Stages a pushed config beside the live file, checks it with a bounded `haproxy -c`, and renames
+/// it into place, keeping the previous file as the last good one.
+pub async fn install_pushed(spec: &LaunchSpec, pushed: PushedConfig) -> Result<(), ReloadError> {
     let config = spec.config.clone();
     let staged = blocking(move || install::stage(&config, pushed.text.as_bytes())).await?;
     if let Err(e) = launch::check_config(&spec.binary, &staged, &spec.env, spec.check_timeout).await
@@ -34,18 +50,15 @@ pub async fn launch_with(
         return Err(ReloadError::ConfigInvalid(e));
     }
     let config = spec.config.clone();
-    blocking(move || install::install(&config)).await?;
-    match launch::launch(spec, takeover, draining).await {
-        Ok(l) => Ok(l),
-        Err(e) => {
-            // Leave the config that the running worker was started from, so a crash restart
-            // does not pick up a config that cannot start.
-            let config = spec.config.clone();
-            if let Err(re) = blocking(move || install::restore(&config)).await {
-                tracing::error!("{re}; the pushed config that failed to start is still in place");
-            }
-            Err(e.into())
-        }
+    blocking(move || install::install(&config)).await
+}
+
+/// Puts back the config the running worker was started from, so a crash restart does not pick
+/// up a pushed config that cannot start.
+pub async fn restore(spec: &LaunchSpec) {
+    let config = spec.config.clone();
+    if let Err(re) = blocking(move || install::restore(&config)).await {
+        tracing::error!("{re}; the pushed config that failed to start is still in place");
     }
 }
 

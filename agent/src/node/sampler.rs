@@ -12,8 +12,10 @@ use tokio::sync::{mpsc, watch};
 
 pub use super::effect::Sample;
 use crate::config::{DrainConfig, IdleRule};
-use crate::haproxy::admin::{AdminSocket, RowKind, StatRow};
+use crate::haproxy::admin::{RowKind, StatRow};
+use crate::haproxy::master::MasterCli;
 use crate::haproxy::procfs;
+use crate::haproxy::worker_cli::WorkerCli;
 
 /// How often the old workers' connections are recounted while there are old workers.
 pub const COUNT_INTERVAL: Duration = Duration::from_secs(1);
@@ -34,9 +36,13 @@ pub struct ConnectionCounter {
 
 impl ConnectionCounter {
     /// Starts the service; `report` gets each count and returns false once nobody listens.
-    pub fn spawn(report: impl Fn(HashMap<u32, u64>) -> bool + Send + 'static) -> ConnectionCounter {
+    /// In master-worker mode (`master`), each old worker counts its own (`@!<pid> show info`).
+    pub fn spawn(
+        master: Option<MasterCli>,
+        report: impl Fn(HashMap<u32, u64>) -> bool + Send + 'static,
+    ) -> ConnectionCounter {
         let (target, rx) = watch::channel(Counting::default());
-        tokio::spawn(count(rx, report));
+        tokio::spawn(count(master, rx, report));
         ConnectionCounter { target }
     }
 
@@ -46,18 +52,43 @@ impl ConnectionCounter {
     }
 }
 
-async fn count(mut target: watch::Receiver<Counting>, report: impl Fn(HashMap<u32, u64>) -> bool) {
+/// The client connections of `counting.pids`: from /proc on the blocking pool, or, in
+/// master-worker mode, each worker's `CurrConns` through the master CLI, one short connection at
+/// a time (a session held open to an old worker would delay its exit).
+pub async fn count_connections(
+    master: Option<&MasterCli>,
+    counting: Counting,
+) -> HashMap<u32, u64> {
+    match master {
+        Some(cli) => {
+            let mut counts = HashMap::new();
+            for pid in counting.pids {
+                if let Ok(n) = cli.connections(pid).await {
+                    counts.insert(pid, n);
+                }
+            }
+            counts
+        }
+        None => tokio::task::spawn_blocking(move || {
+            procfs::client_connections_of(&counting.pids, &counting.client_ports)
+        })
+        .await
+        .unwrap_or_default(),
+    }
+}
+
+async fn count(
+    master: Option<MasterCli>,
+    mut target: watch::Receiver<Counting>,
+    report: impl Fn(HashMap<u32, u64>) -> bool,
+) {
     loop {
         let counting = target.borrow_and_update().clone();
         let idle = counting.pids.is_empty();
         let counts = if idle {
             HashMap::new()
         } else {
-            tokio::task::spawn_blocking(move || {
-                procfs::client_connections_of(&counting.pids, &counting.client_ports)
-            })
-            .await
-            .unwrap_or_default()
+            count_connections(master.as_ref(), counting).await
         };
         if !report(counts) {
             return;
@@ -82,7 +113,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// Starts the service; it samples nothing until [`Sampler::target`] names a worker.
-    pub fn spawn(admin: AdminSocket, cfg: DrainConfig, samples: mpsc::Sender<Sample>) -> Sampler {
+    pub fn spawn(admin: WorkerCli, cfg: DrainConfig, samples: mpsc::Sender<Sample>) -> Sampler {
         let (target, rx) = watch::channel(None);
         tokio::spawn(run(admin, cfg, rx, samples));
         Sampler { target }
@@ -96,7 +127,7 @@ impl Sampler {
 }
 
 async fn run(
-    admin: AdminSocket,
+    admin: WorkerCli,
     cfg: DrainConfig,
     mut target: watch::Receiver<Option<u32>>,
     samples: mpsc::Sender<Sample>,

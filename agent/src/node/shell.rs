@@ -21,19 +21,22 @@ use super::adoption;
 use super::checker::{Checker, Verdicts};
 use super::core::{
     CommandJob, CoreConfig, Effect, Launched, NodeCore, Now, Origin, Outcome, ReplyTo, Request,
-    WorkerSignal,
+    Supervision, WorkerSignal,
 };
 use super::launcher::{self, ReloadError};
+use super::master::{self, MasterSpec};
 use super::sampler::{ConnectionCounter, Counting, Sample, Sampler};
 use crate::bus::publisher::PublisherReport;
-use crate::config::{PushPolicy, Settings};
+use crate::config::{Mode, PushPolicy, Settings};
 use crate::digest::sha256_hex;
 use crate::events::Cause;
 use crate::haproxy::admin::AdminSocket;
 use crate::haproxy::launch::LaunchSpec;
+use crate::haproxy::master::{MasterCli, ProcList};
 use crate::haproxy::procfs;
 use crate::haproxy::push_policy::{self, SafePolicy};
 use crate::haproxy::worker::{self, Exit, Worker};
+use crate::haproxy::worker_cli::WorkerCli;
 use crate::inbox::{Input, Summary};
 use crate::plugins::{PluginDisabled, PluginHost};
 use crate::record::ProcessId;
@@ -48,6 +51,15 @@ enum Report {
         reload_id: String,
         result: Box<Result<crate::haproxy::launch::Launched, ReloadError>>,
     },
+    /// master-worker mode: a reload through the master, carried out.
+    MasterLaunched {
+        reload_id: String,
+        result: Box<Result<master::Ready, ReloadError>>,
+    },
+    /// master-worker mode: what `show proc` says now.
+    MasterList(ProcList),
+    /// master-worker mode: a worker exited, and the master's reload count read just after.
+    MasterExited(ProcessId, Exit, Option<u32>),
     Ports(u32, HashSet<u16>),
     Verdicts(Verdicts),
     CommandsDone(CommandJob, Result<(), String>),
@@ -89,6 +101,11 @@ pub struct Shell {
     disabled: mpsc::UnboundedReceiver<PluginDisabled>,
     /// Keeps the workers' logs under `haproxy.worker_log_max_bytes` while the node runs.
     log_cap: worker::LogCap,
+    /// master-worker mode: how to reach the master, and what is known of it.
+    master: Option<MasterSpec>,
+    watch: master::Watch,
+    /// The old workers' connections as last counted: what a forced exit cut.
+    last_counts: HashMap<u32, u64>,
 }
 
 fn now() -> Now {
@@ -127,12 +144,28 @@ impl Shell {
             check_timeout: settings.config.push.check_timeout.0,
         };
         let admin = AdminSocket::new(&settings.admin_socket, Duration::from_secs(2));
+        let master_spec = (hp.mode == Mode::MasterWorker).then(|| MasterSpec {
+            cli: MasterCli::new(&hp.master_socket, master::CLI_TIMEOUT),
+            socket: hp.master_socket.clone(),
+            owned: hp.manage_master,
+            launch: spec.clone(),
+            log: spec.log_dir.join("master.log"),
+            max_reloads: master::max_reloads(&hp.config),
+        });
+        let supervision = match &master_spec {
+            None => Supervision::Direct,
+            Some(m) => Supervision::Master { owned: m.owned },
+        };
+        let cli = match &master_spec {
+            None => WorkerCli::Admin(admin.clone()),
+            Some(m) => WorkerCli::Master(m.cli.clone()),
+        };
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let (samples_tx, samples) = mpsc::channel(SAMPLE_QUEUE);
-        let sampler = Sampler::spawn(admin.clone(), settings.config.drain.clone(), samples_tx);
+        let sampler = Sampler::spawn(cli.clone(), settings.config.drain.clone(), samples_tx);
         let counter = {
             let tx = reports_tx.clone();
-            ConnectionCounter::spawn(move |counts| {
+            ConnectionCounter::spawn(master_spec.as_ref().map(|m| m.cli.clone()), move |counts| {
                 tx.send(Report::ConnectionCounts(counts)).is_ok()
             })
         };
@@ -147,7 +180,7 @@ impl Shell {
         let queues = {
             let tx = reports_tx.clone();
             AdminQueues::new(
-                admin.clone(),
+                cli.clone(),
                 Arc::new(move |job, result| {
                     let _ = tx.send(Report::CommandsDone(job, result));
                 }),
@@ -159,8 +192,33 @@ impl Shell {
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
 
         let log_cap = worker::LogCap::spawn(spec.log_dir.clone(), hp.worker_log_max_bytes);
-        let found = adoption::find(&settings, &spec, &admin).await?;
+        let (found, master_found) = match &master_spec {
+            None => (adoption::find(&settings, &spec, &admin).await?, None),
+            Some(m) => {
+                let state = state_file::load(&hp.state_dir)?;
+                let mut boot = state.as_ref().map(adoption::recorded).unwrap_or_default();
+                let found = master::find(m).await;
+                let mut workers = Vec::new();
+                if let Some(f) = &found {
+                    boot.answering = Some(f.answering.clone());
+                }
+                if let Some(f) = found.as_ref() {
+                    for (w, current) in &f.workers {
+                        boot.workers.push((w.record(), *current));
+                    }
+                }
+                let mut found = found;
+                if let Some(f) = found.as_mut() {
+                    workers = std::mem::take(&mut f.workers)
+                        .into_iter()
+                        .map(|(w, _)| w)
+                        .collect();
+                }
+                (adoption::Found { boot, workers }, found)
+            }
+        };
         let cfg = CoreConfig {
+            supervision,
             node: settings.node_id().to_string(),
             groups: settings.config.node.groups.clone(),
             boot_id,
@@ -201,7 +259,19 @@ impl Shell {
             samples,
             disabled,
             log_cap,
+            master: master_spec,
+            watch: master::Watch::default(),
+            last_counts: HashMap::new(),
         };
+        if let (Some(m), Some(f)) = (&shell.master, master_found) {
+            shell.watch.master = Some(f.master);
+            if let Some(view) = shell.watch.learn(m, f.list) {
+                shell.core.handle_master_view(now(), view);
+            }
+            shell.spawn_watch(m.cli.clone());
+        } else if let Some(m) = &shell.master {
+            shell.spawn_watch(m.cli.clone());
+        }
         for w in found.workers {
             w.watch_exit(None, shell.exit_reporter());
             shell.workers.insert(w.id, w);
@@ -382,7 +452,58 @@ impl Shell {
 
     fn on_report(&mut self, report: Report) {
         match report {
-            Report::Exited(id, exit) => self.on_exit(id, exit),
+            Report::Exited(id, exit) if self.master.is_some() => self.judge_exit(id, exit),
+            Report::Exited(id, exit) => self.on_exit(id, exit, None),
+            Report::MasterExited(id, exit, reloads_now) => {
+                let spec_max = self.master.as_ref().and_then(|m| m.max_reloads);
+                let forced = self
+                    .watch
+                    .killed_by_max_reloads(id.pid, spec_max, reloads_now)
+                    .then(|| self.last_counts.get(&id.pid).copied().unwrap_or(0));
+                if forced.is_some() {
+                    tracing::warn!(
+                        pid = id.pid,
+                        "old worker {} was killed by the master: it outlived mworker-max-reloads",
+                        id.pid
+                    );
+                }
+                self.on_exit(id, exit, forced);
+            }
+            Report::MasterLaunched { reload_id, result } => {
+                let launched = match *result {
+                    Ok(ready) => {
+                        let master::Ready {
+                            worker,
+                            started_master,
+                            duration,
+                        } = ready;
+                        if let Some(child) = started_master {
+                            self.own_master(child);
+                        }
+                        worker.watch_exit(None, self.exit_reporter());
+                        let record = worker.record();
+                        if self.client_ports.is_empty() {
+                            self.client_ports = procfs::listening_ports(worker.pid());
+                        } else {
+                            self.spawn_ports(worker.pid());
+                        }
+                        self.workers.insert(worker.id, worker);
+                        // The next `show proc` tells the core about this master, if it is new.
+                        self.watch.forget_last();
+                        self.poll_master_now();
+                        Launched::Ready {
+                            worker: record,
+                            launch: duration,
+                        }
+                    }
+                    Err(e) => Launched::Failed {
+                        config_invalid: matches!(e, ReloadError::ConfigInvalid(_)),
+                        message: e.to_string(),
+                    },
+                };
+                self.core.handle_launched(now(), &reload_id, launched);
+            }
+            Report::MasterList(list) => self.on_master_list(list),
             Report::Launched { reload_id, result } => {
                 let launched = match *result {
                     Ok(l) => {
@@ -433,13 +554,19 @@ impl Shell {
         }
     }
 
-    fn on_exit(&mut self, id: ProcessId, exit: Exit) {
+    fn on_exit(&mut self, id: ProcessId, exit: Exit, forced: Option<u64>) {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
         self.queues.forget(id);
-        let log = worker::log_tail(&w.log, 64 * 1024);
-        let hard_stopped = worker::hard_stopped_connections(&log);
+        self.last_counts.remove(&id.pid);
+        // In master-worker mode the log is the master's, shared by every worker.
+        let log = if self.master.is_some() {
+            String::new()
+        } else {
+            worker::log_tail(&w.log, 64 * 1024)
+        };
+        let hard_stopped = forced.or_else(|| worker::hard_stopped_connections(&log));
         match exit {
             Exit::Code(c) if c != 0 && self.core.current().is_some_and(|c| c.id == id) => {
                 tracing::error!(
@@ -451,7 +578,9 @@ impl Shell {
             }
             _ => tracing::info!(pid = id.pid, "worker {} exited ({exit})", id.pid),
         }
-        worker::remove_own_log(&w.log, &self.spec.log_dir);
+        if self.master.is_none() {
+            worker::remove_own_log(&w.log, &self.spec.log_dir);
+        }
         let status = match exit {
             Exit::Code(c) => ebb_sdk::event::ExitStatus::Code(c),
             Exit::Unknown => ebb_sdk::event::ExitStatus::Unknown,
@@ -471,6 +600,7 @@ impl Shell {
                     config,
                 } => self.launch(reload_id, takeover, draining, config),
                 Effect::Signal { worker, signal } => self.signal(worker, signal),
+                Effect::SignalMaster { master, signal } => self.signal_master(master, signal),
                 Effect::Commands(job) => self.queues.push(job),
                 Effect::Persist(state) => {
                     // The fsyncs run on the blocking pool; the node's task waits for them, as the
@@ -511,7 +641,12 @@ impl Shell {
                 Effect::Sample(pid) => self.sampler.target(pid),
                 Effect::Check(ctx) => self.checker.target(ctx.map(|c| *c)),
                 Effect::ConfirmCurrent => self.confirm_current(),
-                Effect::Exit(outcome) => return Some(outcome),
+                Effect::Exit(outcome) => {
+                    if matches!(outcome, Outcome::Stopped { .. }) {
+                        self.await_owned_master().await;
+                    }
+                    return Some(outcome);
+                }
             }
         }
         None
@@ -524,8 +659,19 @@ impl Shell {
         draining: bool,
         config: Option<PushedConfig>,
     ) {
-        let spec = self.spec.clone();
         let tx = self.reports_tx.clone();
+        if let Some(m) = &self.master {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let result = master::launch(&m, takeover, config).await;
+                let _ = tx.send(Report::MasterLaunched {
+                    reload_id,
+                    result: Box::new(result),
+                });
+            });
+            return;
+        }
+        let spec = self.spec.clone();
         tokio::spawn(async move {
             let result = launcher::launch_with(&spec, takeover, draining, config).await;
             let _ = tx.send(Report::Launched {
@@ -579,6 +725,136 @@ impl Shell {
         }
     }
 
+    /// A stop's signal to a master ebb owns; it passes it on to every worker.
+    fn signal_master(&mut self, id: ProcessId, signal: WorkerSignal) {
+        let Some(m) = self.watch.master.as_ref().filter(|m| m.id == id) else {
+            tracing::error!(
+                pid = id.pid,
+                "no handle for master {}: not signalled",
+                id.pid
+            );
+            return;
+        };
+        let sig = match signal {
+            WorkerSignal::SoftStop => Signal::USR1,
+            WorkerSignal::HardStop => {
+                let open: u64 = self
+                    .core
+                    .workers()
+                    .map(|w| procfs::client_connections(w.id.pid, &self.client_ports))
+                    .sum();
+                tracing::warn!(
+                    pid = id.pid,
+                    open,
+                    "hard-stopping haproxy (master {}) with {open} open connections",
+                    id.pid
+                );
+                self.core.handle_connections_cut(now(), open);
+                Signal::TERM
+            }
+            WorkerSignal::Kill => Signal::KILL,
+        };
+        if let Err(e) = m.signal(sig) {
+            tracing::error!(pid = id.pid, "cannot signal master {}: {e}", id.pid);
+        }
+    }
+
+    /// Asks the master what it runs every [`master::WATCH_INTERVAL`], for as long as the node runs.
+    fn spawn_watch(&self, cli: MasterCli) {
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                tokio::time::sleep(master::WATCH_INTERVAL).await;
+                if let Ok(list) = cli.show_proc().await {
+                    if tx.send(Report::MasterList(list)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn poll_master_now(&self) {
+        let Some(m) = &self.master else { return };
+        let cli = m.cli.clone();
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(list) = cli.show_proc().await {
+                let _ = tx.send(Report::MasterList(list));
+            }
+        });
+    }
+
+    fn on_master_list(&mut self, list: ProcList) {
+        let Some(m) = self.master.clone() else { return };
+        let Some(view) = self.watch.learn(&m, list) else {
+            return;
+        };
+        if let Some(record) = &view.current {
+            if !self.workers.contains_key(&record.id) {
+                match master::track(&m, record.id.pid) {
+                    Ok(w) if w.id == record.id => {
+                        w.watch_exit(None, self.exit_reporter());
+                        self.workers.insert(w.id, w);
+                    }
+                    // Gone already, or another process by now: the core hears nothing of it.
+                    _ => return,
+                }
+            }
+        }
+        self.core.handle_master_view(now(), view);
+    }
+
+    /// An exit in master-worker mode: the master's reload count right after it says whether the
+    /// master killed it for `mworker-max-reloads`.
+    fn judge_exit(&self, id: ProcessId, exit: Exit) {
+        let Some(m) = &self.master else { return };
+        let cli = m.cli.clone();
+        let tx = self.reports_tx.clone();
+        tokio::spawn(async move {
+            let reloads = match cli.show_proc().await {
+                Ok(list) => list.master.map(|m| m.reloads),
+                Err(_) => None,
+            };
+            let _ = tx.send(Report::MasterExited(id, exit, reloads));
+        });
+    }
+
+    /// Reaps a master ebb started; its exit makes the watch look again at once.
+    fn own_master(&mut self, mut child: tokio::process::Child) {
+        let tx = self.reports_tx.clone();
+        let cli = self.master.as_ref().map(|m| m.cli.clone());
+        self.watch.owned_exit = Some(tokio::spawn(async move {
+            let status = child.wait().await;
+            tracing::info!("the haproxy master exited ({status:?})");
+            if let Some(cli) = cli {
+                if let Ok(list) = cli.show_proc().await {
+                    let _ = tx.send(Report::MasterList(list));
+                }
+            }
+        }));
+    }
+
+    /// After a stop, a master ebb owns exits once its last worker did: wait for it (bounded), so
+    /// the next start does not find it still on its socket.
+    async fn await_owned_master(&mut self) {
+        let Some(task) = self.watch.owned_exit.take() else {
+            return;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            if let Some(m) = &self.watch.master {
+                tracing::warn!(
+                    pid = m.pid(),
+                    "the haproxy master outlived its workers: killing it"
+                );
+                let _ = m.signal(Signal::KILL);
+            }
+        }
+    }
+
     /// Asks the admin socket who answers, with backoff, until someone does.
     fn confirm_current(&mut self) {
         if self.confirming {
@@ -626,6 +902,7 @@ impl Shell {
         let mut counted: Vec<u32> = counts.keys().copied().collect();
         counted.sort_unstable();
         self.counted = counted;
+        self.last_counts = counts.clone();
         self.core.handle_connection_counts(counts);
     }
 
@@ -637,11 +914,12 @@ impl Shell {
         if pids == self.counted {
             return;
         }
-        let ports = self.client_ports.clone();
-        let counts =
-            tokio::task::spawn_blocking(move || procfs::client_connections_of(&pids, &ports))
-                .await
-                .unwrap_or_default();
+        let counting = Counting {
+            pids,
+            client_ports: self.client_ports.clone(),
+        };
+        let master = self.master.as_ref().map(|m| &m.cli);
+        let counts = super::sampler::count_connections(master, counting).await;
         self.take_counts(counts);
     }
 

@@ -149,13 +149,8 @@ impl NodeCore {
         };
         s.phase = next;
         let ids: Vec<ProcessId> = self.workers().map(|w| w.id).collect();
-        for worker in ids {
-            tracing::warn!(
-                pid = worker.pid,
-                "stop timeout: {signal:?} to worker {}",
-                worker.pid
-            );
-            self.push(Effect::Signal { worker, signal });
-        }
+        let pids: Vec<u32> = ids.iter().map(|w| w.pid).collect();
+        tracing::warn!(?pids, "stop timeout: {signal:?} to workers {pids:?}");
+        self.stop_signal(&ids, signal);
     }
 }

@@ -17,6 +17,7 @@ fn cfg(plugins: &[&str]) -> CoreConfig {
         ..DrainConfig::default()
     };
     CoreConfig {
+        supervision: Supervision::Direct,
         node: "n1".into(),
         groups: vec![],
         boot_id: "b1".into(),
@@ -1049,6 +1050,9 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
                     n.core.is_recorded(worker),
                     "signalled {worker:?}, which is not recorded"
                 );
+            }
+            Effect::SignalMaster { master, .. } => {
+                prop_assert_eq!(n.core.master(), Some(master), "signalled a master it does not know");
             }
             Effect::Commands(job) => w.jobs.push(job),
             Effect::Persist(s) => w.persisted = Some(*s),

@@ -1,0 +1,433 @@
+//! The master-worker half of the shell: what it does differently when HAProxy's master forks the
+//! workers (`haproxy.mode = "master-worker"`). The node core is the same; only how a reload is
+//! carried out, how the processes are found, and how an exit is judged change.
+//!
+//! - A reload is the master CLI's `reload`, answered once the new worker answers `@!<pid> show
+//!   info` (HAProxy 2.7+ says `Success=0|1`; 2.6 says nothing, so `show proc` is compared).
+//! - Where no worker runs: attached, wait for the service manager's master to have one; owned,
+//!   start the master (`haproxy -W -db -S …`).
+//! - The master is watched (`show proc`, at [`WATCH_INTERVAL`]): a worker it forked on its own
+//!   (`systemctl reload haproxy`) or a new master goes to the core as a [`MasterView`].
+//! - An old worker the master killed for `mworker-max-reloads` is judged forced, never clean.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::process::Child;
+
+use super::effect::MasterView;
+use super::launcher::{self, ReloadError};
+use crate::digest::sha256_hex;
+use crate::haproxy::launch::{self, LaunchSpec};
+use crate::haproxy::master::{MasterCli, MasterError, ProcList};
+use crate::haproxy::procfs;
+use crate::haproxy::worker::Worker;
+use crate::record::{ProcessId, WorkerRecord};
+use crate::reload::PushedConfig;
+
+/// How often the master is asked what it runs, between the agent's own reloads.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// One exchange with the master CLI.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a start waits for the master CLI at first before building from nothing.
+const FIRST_ASK: Duration = Duration::from_millis(500);
+
+/// How the agent reaches the master, and what it may do to it.
+#[derive(Debug, Clone)]
+pub struct MasterSpec {
+    pub cli: MasterCli,
+    pub socket: PathBuf,
+    /// ebb started the master and owns it (`manage_master = true`).
+    pub owned: bool,
+    pub launch: LaunchSpec,
+    /// Where an owned master's output (and its workers') goes.
+    pub log: PathBuf,
+    /// The config's `mworker-max-reloads`, if any.
+    pub max_reloads: Option<u32>,
+}
+
+/// A worker the master runs, ready for the core.
+#[derive(Debug)]
+pub struct Ready {
+    pub worker: Worker,
+    /// The master, when this launch started it.
+    pub started_master: Option<Child>,
+    pub duration: Duration,
+}
+
+/// Makes the master run a new current worker: a reload through its CLI, or, where none runs, the
+/// worker a master has (attached: waiting for the service manager's; owned: starting one).
+pub async fn launch(
+    spec: &MasterSpec,
+    takeover: bool,
+    pushed: Option<PushedConfig>,
+) -> Result<Ready, ReloadError> {
+    let started = Instant::now();
+    let pushed_config = pushed.is_some();
+    if let Some(pushed) = pushed {
+        launcher::install_pushed(&spec.launch, pushed).await?;
+    }
+    let result = launch_installed(spec, takeover, started).await;
+    if result.is_err() && pushed_config {
+        launcher::restore(&spec.launch).await;
+    }
+    result
+}
+
+async fn launch_installed(
+    spec: &MasterSpec,
+    takeover: bool,
+    started: Instant,
+) -> Result<Ready, ReloadError> {
+    let timeout = spec.launch.startup_timeout;
+    let before = tokio::time::timeout(FIRST_ASK, spec.cli.show_proc()).await;
+    let before = match before {
+        Ok(Ok(list)) if list.master.is_some() => Some(list),
+        _ => None,
+    };
+    let (pid, started_master) = match before {
+        Some(list) if takeover || list.workers.is_empty() => {
+            (reload(spec, &list, timeout).await?, None)
+        }
+        Some(list) => (newest_answering(spec, &list).await?, None),
+        None if spec.owned => {
+            tracing::info!(
+                "starting the haproxy master: {} -W -db -f {} -S {}",
+                spec.launch.binary.display(),
+                spec.launch.config.display(),
+                spec.socket.display()
+            );
+            let child = launch::spawn_master(&spec.launch, &spec.socket, &spec.log)
+                .map_err(|e| ReloadError::Master(e.to_string()))?;
+            match wait_for_worker(spec, timeout).await {
+                Ok(pid) => (pid, Some(child)),
+                Err(e) => {
+                    stop_child(child).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => (wait_for_worker(spec, timeout).await?, None),
+    };
+    let worker = track(spec, pid).map_err(ReloadError::Master)?;
+    Ok(Ready {
+        worker,
+        started_master,
+        duration: started.elapsed(),
+    })
+}
+
+async fn reload(
+    spec: &MasterSpec,
+    before: &ProcList,
+    timeout: Duration,
+) -> Result<u32, ReloadError> {
+    match spec.cli.reload(before, timeout).await {
+        Ok(pid) => Ok(pid),
+        Err(MasterError::ReloadFailed { logs, .. }) => {
+            // HAProxy 2.6 does not say why: its own `-c` on the same file does.
+            let why = match logs.filter(|l| !l.trim().is_empty()) {
+                Some(logs) => logs,
+                None => launch::check_config(
+                    &spec.launch.binary,
+                    &spec.launch.config,
+                    &spec.launch.env,
+                    spec.launch.check_timeout,
+                )
+                .await
+                .err()
+                .unwrap_or_else(|| "the master reported a failed reload".into()),
+            };
+            Err(ReloadError::Master(format!(
+                "haproxy master refused the reload of {}: {why}",
+                spec.launch.config.display()
+            )))
+        }
+        Err(e) => Err(ReloadError::Master(e.to_string())),
+    }
+}
+
+/// The newest current worker that answers.
+async fn newest_answering(spec: &MasterSpec, list: &ProcList) -> Result<u32, ReloadError> {
+    let mut pids: Vec<u32> = list.workers.iter().map(|p| p.pid).collect();
+    pids.sort_by_key(|&pid| std::cmp::Reverse(procfs::start_time(pid).unwrap_or(0)));
+    for pid in pids {
+        if spec.cli.show_info(pid).await.is_ok() {
+            return Ok(pid);
+        }
+    }
+    Err(ReloadError::Master(format!(
+        "haproxy master on {}: no worker answers `show info`",
+        spec.socket.display()
+    )))
+}
+
+/// Waits until a master answers with a worker that answers.
+async fn wait_for_worker(spec: &MasterSpec, timeout: Duration) -> Result<u32, ReloadError> {
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(5);
+    loop {
+        let last;
+        match spec.cli.show_proc().await {
+            Ok(list) if !list.workers.is_empty() => match newest_answering(spec, &list).await {
+                Ok(pid) => return Ok(pid),
+                Err(e) => last = e.to_string(),
+            },
+            Ok(_) => last = "the master runs no worker".into(),
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() + wait > deadline {
+            let fix = if spec.owned {
+                "see the master's output in ".to_string() + &spec.log.display().to_string()
+            } else {
+                "is the service that runs it up? (systemctl status haproxy); its `-S` must name \
+                 this socket with level admin"
+                    .to_string()
+            };
+            return Err(ReloadError::Master(format!(
+                "no haproxy master with a worker answered on {} within {}: {last}; {fix}",
+                spec.socket.display(),
+                humantime::format_duration(timeout)
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(200));
+    }
+}
+
+async fn stop_child(mut child: Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// Takes hold of a worker (or the master) the master CLI named: its pidfd, checked against its
+/// start time, so a later signal or exit can only be this process's.
+pub fn track(spec: &MasterSpec, pid: u32) -> Result<Worker, String> {
+    let config_sha256 = std::fs::read(&spec.launch.config)
+        .map(|b| sha256_hex(&b))
+        .unwrap_or_default();
+    hold(pid, spec.log.clone(), config_sha256)
+}
+
+fn hold(pid: u32, log: PathBuf, config_sha256: String) -> Result<Worker, String> {
+    let start_time = procfs::start_time(pid)
+        .map_err(|e| format!("haproxy process {pid} named by the master is gone: {e}"))?;
+    let record = WorkerRecord {
+        id: ProcessId { pid, start_time },
+        started_at_ms: crate::drain::unix_ms(SystemTime::now()),
+        log,
+        config_sha256,
+    };
+    Worker::adopt(&record).map_err(|e| e.to_string())
+}
+
+/// What a start finds: the master's processes, each held by its pidfd. `None` when no master
+/// answers (the first launch then waits for one, or starts it).
+pub async fn find(spec: &MasterSpec) -> Option<Found> {
+    let list = tokio::time::timeout(FIRST_ASK, spec.cli.show_proc())
+        .await
+        .ok()?
+        .ok()?;
+    let master = list.master.as_ref()?;
+    let master_handle = hold(master.pid, spec.log.clone(), String::new()).ok()?;
+    let config_sha256 = std::fs::read(&spec.launch.config)
+        .map(|b| sha256_hex(&b))
+        .unwrap_or_default();
+    let mut workers = Vec::new();
+    let newest_current = list
+        .workers
+        .iter()
+        .map(|p| p.pid)
+        .max_by_key(|&pid| procfs::start_time(pid).unwrap_or(0));
+    for p in list.workers.iter().chain(list.old_workers.iter()) {
+        match hold(p.pid, spec.log.clone(), config_sha256.clone()) {
+            Ok(w) => workers.push((w, Some(p.pid) == newest_current)),
+            Err(e) => tracing::info!("not adopted: {e}"),
+        }
+    }
+    Some(Found {
+        version: master.version.clone(),
+        master: master_handle,
+        workers,
+        answering: list.workers.iter().map(|p| p.pid).collect(),
+        list,
+    })
+}
+
+pub struct Found {
+    pub master: Worker,
+    pub version: String,
+    /// Each worker's handle, and whether it is the master's newest current worker.
+    pub workers: Vec<(Worker, bool)>,
+    /// The pids under `# workers`.
+    pub answering: Vec<u32>,
+    pub list: ProcList,
+}
+
+/// The shell's memory of the master: its handle, and what it needs to judge an old worker's
+/// exit. Facts about the node stay in the core; these are facts about HAProxy's processes.
+#[derive(Debug, Default)]
+pub struct Watch {
+    pub master: Option<Worker>,
+    /// An owned master's process, reaped by the task that waits on it.
+    pub owned_exit: Option<tokio::task::JoinHandle<()>>,
+    /// The master's reload count when each worker was born (its count minus the reloads the
+    /// worker survived): how many reloads it has survived since is how `mworker-max-reloads`
+    /// judges it.
+    born: HashMap<u32, u32>,
+    master_reloads: u32,
+    last: Option<ProcList>,
+}
+
+impl Watch {
+    /// Learns from a `show proc`. Returns the view for the core when the master or its newest
+    /// worker changed since the last one.
+    pub fn learn(&mut self, spec: &MasterSpec, list: ProcList) -> Option<MasterView> {
+        let master = list.master.clone()?;
+        self.master_reloads = master.reloads;
+        for p in list.workers.iter().chain(list.old_workers.iter()) {
+            self.born
+                .entry(p.pid)
+                .or_insert(master.reloads.saturating_sub(p.reloads));
+        }
+        let changed = self.last.as_ref().is_none_or(|l| {
+            l.master.as_ref().map(|m| m.pid) != Some(master.pid) || l.workers != list.workers
+        });
+        self.last = Some(list.clone());
+        if !changed {
+            return None;
+        }
+        if self.master.as_ref().map(Worker::pid) != Some(master.pid) {
+            match hold(master.pid, spec.log.clone(), String::new()) {
+                Ok(handle) => self.master = Some(handle),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    return None;
+                }
+            }
+        }
+        let master_id = self.master.as_ref()?.id;
+        let newest = list
+            .workers
+            .iter()
+            .map(|p| p.pid)
+            .max_by_key(|&pid| procfs::start_time(pid).unwrap_or(0));
+        let current = newest
+            .and_then(|pid| track(spec, pid).ok())
+            .map(|w| w.record());
+        Some(MasterView {
+            master: master_id,
+            version: master.version,
+            current,
+        })
+    }
+
+    /// Whether the master killed this old worker for surviving more than `mworker-max-reloads`
+    /// reloads. `reloads_now` is the master's reload count read after the exit.
+    pub fn killed_by_max_reloads(
+        &mut self,
+        pid: u32,
+        max_reloads: Option<u32>,
+        reloads_now: Option<u32>,
+    ) -> bool {
+        let born = self.born.remove(&pid);
+        let now = reloads_now
+            .unwrap_or(self.master_reloads)
+            .max(self.master_reloads);
+        match (max_reloads, born) {
+            (Some(max), Some(born)) => now.saturating_sub(born) > max,
+            _ => false,
+        }
+    }
+
+    pub fn forget_last(&mut self) {
+        self.last = None;
+    }
+}
+
+/// The global section's `mworker-max-reloads`, if set.
+pub fn max_reloads(config: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let mut in_global = false;
+    let mut found = None;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let indented = line.starts_with(char::is_whitespace);
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if !indented {
+            in_global = first == "global";
+            continue;
+        }
+        if in_global && first == "mworker-max-reloads" {
+            found = words.next().and_then(|n| n.parse().ok());
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::haproxy::master::Proc;
+
+    fn list(master_reloads: u32, workers: &[(u32, u32)], old: &[(u32, u32)]) -> ProcList {
+        let proc = |&(pid, reloads): &(u32, u32)| Proc {
+            pid,
+            reloads,
+            version: "2.6.12".into(),
+        };
+        ProcList {
+            master: Some(Proc {
+                pid: 1,
+                reloads: master_reloads,
+                version: "2.6.12".into(),
+            }),
+            failed: Some(0),
+            workers: workers.iter().map(proc).collect(),
+            old_workers: old.iter().map(proc).collect(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_worker_killed_past_mworker_max_reloads_is_forced_never_clean() {
+        let mut w = Watch::default();
+        // Born at master reload 3; survives reloads 4 and 5; killed at 6 with max 2.
+        w.born.insert(10, 3);
+        w.master_reloads = 5;
+        assert!(w.killed_by_max_reloads(10, Some(2), Some(6)));
+        w.born.insert(11, 3);
+        assert!(!w.killed_by_max_reloads(11, Some(2), Some(5)));
+        w.born.insert(12, 0);
+        assert!(!w.killed_by_max_reloads(12, None, Some(50)));
+    }
+
+    #[test]
+    fn birth_comes_from_the_master_count_minus_the_reloads_survived() {
+        let mut w = Watch::default();
+        let l = list(5, &[(20, 0)], &[(10, 2)]);
+        w.master_reloads = l.master.as_ref().map(|m| m.reloads).unwrap_or(0);
+        for p in l.workers.iter().chain(l.old_workers.iter()) {
+            w.born.insert(p.pid, 5 - p.reloads);
+        }
+        assert_eq!(w.born.get(&10), Some(&3));
+        assert_eq!(w.born.get(&20), Some(&5));
+    }
+
+    #[test]
+    fn reads_mworker_max_reloads_from_global_only() {
+        let dir = std::env::temp_dir().join(format!("ebb-mr-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let cfg = dir.join("h.cfg");
+        let _ = std::fs::write(
+            &cfg,
+            "global\n    mworker-max-reloads 2 # comment\ndefaults\n    mode http\n",
+        );
+        assert_eq!(max_reloads(&cfg), Some(2));
+        let _ = std::fs::write(&cfg, "defaults\n    mworker-max-reloads 2\n");
+        assert_eq!(max_reloads(&cfg), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
