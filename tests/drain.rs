@@ -21,7 +21,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use support::*;
-use tokio::task::JoinHandle;
 
 const NODE: &str = NODE_ID;
 /// Default timeout of every wait. Generous: the tests share a small machine with other work.
@@ -46,34 +45,6 @@ async fn start_drain(ctx: &NodeFixture, body: Value) -> Value {
     assert_eq!(result["state"], "draining", "{body}: {result}");
     assert_eq!(result["drained_at"], Value::Null, "{body}: {result}");
     result
-}
-
-/// `GET path` with `Connection: close` in a task of its own: the response and the instant it was
-/// complete.
-fn spawn_get(port: u16, path: &str) -> JoinHandle<(Result<Response, ClientError>, Instant)> {
-    let path = path.to_string();
-    tokio::spawn(async move {
-        let response = http_request(port, &path, true, Duration::from_secs(60)).await;
-        (response, Instant::now())
-    })
-}
-
-/// Awaits a request started with [`spawn_get`]; it must be a full 200 with `body`.
-async fn full_200(
-    request: JoinHandle<(Result<Response, ClientError>, Instant)>,
-    body: &str,
-) -> Instant {
-    let (response, done) = tokio::time::timeout(Duration::from_secs(60), request)
-        .await
-        .expect("the request ends")
-        .expect("request task");
-    let response = response.unwrap_or_else(|e| panic!("the request was cut: {e}"));
-    assert_eq!(
-        (response.status, response.body.as_str()),
-        (200, body),
-        "{response:?}"
-    );
-    done
 }
 
 fn blockers(status: &Value) -> Vec<Value> {

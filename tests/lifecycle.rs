@@ -47,12 +47,6 @@ async fn stays_quiet(mut violation: impl FnMut() -> Option<String>) {
     }
 }
 
-fn as_pid(v: &Value) -> u32 {
-    v.as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("not a pid: {v}"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. SIGHUP after `stop` must not bring HAProxy back behind the node's back
 // ---------------------------------------------------------------------------------------------

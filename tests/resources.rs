@@ -16,18 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 use tokio::task::JoinHandle;
 
 /// Default timeout of every wait. Generous: the tests share a 2-core machine.
 const T: Duration = Duration::from_secs(30);
-
-fn as_pid(v: &Value) -> u32 {
-    v.as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("not a pid: {v}"))
-}
 
 /// `GET path` (Connection: close) in a task of its own.
 fn spawn_get(port: u16, path: &str) -> JoinHandle<Result<Response, ClientError>> {

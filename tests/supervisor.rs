@@ -57,44 +57,11 @@ async fn reload(node: &NodeFixture) -> (u32, Value) {
     (pid, result)
 }
 
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
-fn as_pid(v: &Value) -> u32 {
-    v.as_u64()
-        .and_then(|p| u32::try_from(p).ok())
-        .unwrap_or_else(|| panic!("not a pid: {v}"))
-}
-
 fn old_worker_pids(status: &Value) -> Vec<u32> {
     status["old_workers"]
         .as_array()
         .map(|a| a.iter().map(|w| as_pid(&w["pid"])).collect())
         .unwrap_or_default()
-}
-
-/// `GET path` (Connection: close) in a task of its own: the response and when it was complete.
-type Pending = JoinHandle<(Result<Response, ClientError>, Instant)>;
-
-fn spawn_get(port: u16, path: &str) -> Pending {
-    let path = path.to_string();
-    tokio::spawn(async move {
-        let response = http_request(port, &path, true, Duration::from_secs(60)).await;
-        (response, Instant::now())
-    })
-}
-
-/// Awaits a [`spawn_get`] request: it must be a full 200 with `body`. Returns when it completed.
-async fn full_200(request: Pending, body: &str) -> Instant {
-    let (response, done) = request.await.expect("request task");
-    let response = response.unwrap_or_else(|e| panic!("the request was cut: {e}"));
-    assert_eq!(
-        (response.status, response.body.as_str()),
-        (200, body),
-        "{response:?}"
-    );
-    done
 }
 
 /// A backend whose `/hold` requests are answered only once the test calls [`Gate::release`], so

@@ -773,3 +773,30 @@ async fn worker(
         }
     }
 }
+
+/// A `GET` started by [`spawn_get`]: the response and the instant it was complete.
+pub type Pending = tokio::task::JoinHandle<(Result<Response, ClientError>, std::time::Instant)>;
+
+/// `GET path` with `Connection: close`, in a task of its own.
+pub fn spawn_get(port: u16, path: &str) -> Pending {
+    let path = path.to_string();
+    tokio::spawn(async move {
+        let response = http_request(port, &path, true, Duration::from_secs(60)).await;
+        (response, std::time::Instant::now())
+    })
+}
+
+/// Awaits a [`spawn_get`] request: it must be a full 200 with `body`. Returns when it completed.
+pub async fn full_200(request: Pending, body: &str) -> std::time::Instant {
+    let (response, done) = tokio::time::timeout(Duration::from_secs(60), request)
+        .await
+        .expect("the request ends within 60 s")
+        .expect("request task");
+    let response = response.unwrap_or_else(|e| panic!("the request was cut: {e}"));
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, body),
+        "{response:?}"
+    );
+    done
+}

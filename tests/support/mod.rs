@@ -26,6 +26,7 @@ pub mod ctl;
 pub mod events;
 pub mod haproxy;
 pub mod http;
+pub mod master;
 pub mod nats;
 pub mod node;
 pub mod plugin;
@@ -43,8 +44,9 @@ pub use ctl::{run_ctl, CtlRun};
 pub use events::{Event, EventTap, EVENT_TIMEOUT};
 pub use haproxy::{check_config, haproxy_bin, Haproxy, HaproxyConfig, READY_TIMEOUT};
 pub use http::{
-    http_get, http_request, partial_request, ClientError, FailureKind, KeepAliveClient, LoadGen,
-    LoadGenBuilder, LoadMode, LoadReport, PartialRequest, Response, REQUEST_TIMEOUT,
+    full_200, http_get, http_request, partial_request, spawn_get, ClientError, FailureKind,
+    KeepAliveClient, LoadGen, LoadGenBuilder, LoadMode, LoadReport, PartialRequest, Pending,
+    Response, REQUEST_TIMEOUT,
 };
 pub use nats::{
     client as nats_client, node_command, write_config as write_nats_config, NatsServer,
@@ -58,6 +60,18 @@ pub use process::{
     HaproxyReaper,
 };
 pub use rustix::process::Signal;
+
+/// Runs blocking test code (a std socket, a wait on a process) off the async test's threads.
+pub async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// A pid from a JSON reply or event; panics on anything else.
+pub fn as_pid(v: &serde_json::Value) -> u32 {
+    v.as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("not a pid: {v}"))
+}
 
 /// A port on 127.0.0.1 that was free a moment ago (a bind succeeded), for servers to listen on.
 ///

@@ -24,9 +24,9 @@ use serde_json::{json, Value};
 
 use super::events::EventTap;
 use super::{
-    haproxy_pids_for, http_get, http_request, log_message, node_command, show_info, show_info_pid,
-    try_wait_for_async, wait_until_async, Agent, AgentConfig, Backend, ClientError, HaproxyConfig,
-    NatsServer, Signal, TestDir,
+    blocking, haproxy_pids_for, http_get, http_request, log_message, node_command, show_info,
+    show_info_pid, try_wait_for_async, wait_until_async, Agent, AgentConfig, Backend, ClientError,
+    HaproxyConfig, NatsServer, Signal, TestDir,
 };
 
 /// The node id a fixture gets unless told otherwise (also [`AgentConfig`]'s default).
@@ -570,10 +570,6 @@ impl Drop for HiddenAdminSocket {
             let _ = std::fs::rename(&self.away, &self.socket);
         }
     }
-}
-
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
 /// Several nodes on one nats-server, with one demo backend behind all their haproxy, in one test

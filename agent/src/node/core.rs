@@ -152,6 +152,9 @@ pub struct NodeCore {
     current: Option<WorkerRecord>,
     /// master-worker mode: the master last seen, and its version.
     master: Option<(ProcessId, String)>,
+    /// master-worker mode: current workers that exited while a reload ran (the master stopped
+    /// them): that reload displaced them.
+    displaced: Vec<u32>,
     /// Displaced workers, oldest first, until their exit is reported.
     old: Vec<WorkerRecord>,
     /// The admin socket has not yet said which adopted worker is current: nothing adopted is
@@ -191,6 +194,7 @@ impl NodeCore {
             exit_when_stopped: false,
             current: None,
             master: None,
+            displaced: Vec::new(),
             old: Vec::new(),
             unconfirmed: false,
             starting: false,
@@ -616,7 +620,8 @@ impl NodeCore {
             Launched::Ready { worker, launch } => {
                 let pid = worker.id.pid;
                 let config_sha256 = worker.config_sha256.clone();
-                let displaced = self.install_current(worker);
+                let mut displaced = std::mem::take(&mut self.displaced);
+                displaced.extend(self.install_current(worker));
                 if restart && !was_starting {
                     self.restarts += 1;
                 }
@@ -688,6 +693,7 @@ impl NodeCore {
                 config_invalid,
                 message,
             } => {
+                self.displaced.clear();
                 let message = if self.current.is_some() {
                     format!("{message}; the running worker was not touched")
                 } else {
@@ -734,6 +740,16 @@ impl NodeCore {
         hard_stopped: Option<u64>,
     ) {
         self.begin(now);
+        let master = self.cfg.supervision != Supervision::Direct;
+        if master && self.reloads.is_running() && self.current.as_ref().is_some_and(|w| w.id == id)
+        {
+            // The master soft-stops the worker a reload displaces, and an idle one exits before
+            // the new worker answers: it is the reload's old worker, not a crash.
+            if let Some(w) = self.current.take() {
+                self.displaced.push(w.id.pid);
+                self.old.push(w);
+            }
+        }
         let role = if self.current.as_ref().is_some_and(|w| w.id == id) {
             WorkerRole::Current
         } else if self.old.iter().any(|w| w.id == id) {

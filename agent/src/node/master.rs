@@ -285,12 +285,7 @@ impl Watch {
     /// worker changed since the last one.
     pub fn learn(&mut self, spec: &MasterSpec, list: ProcList) -> Option<MasterView> {
         let master = list.master.clone()?;
-        self.master_reloads = master.reloads;
-        for p in list.workers.iter().chain(list.old_workers.iter()) {
-            self.born
-                .entry(p.pid)
-                .or_insert(master.reloads.saturating_sub(p.reloads));
-        }
+        self.note_births(&list);
         let changed = self.last.as_ref().is_none_or(|l| {
             l.master.as_ref().map(|m| m.pid) != Some(master.pid) || l.workers != list.workers
         });
@@ -321,6 +316,17 @@ impl Watch {
             version: master.version,
             current,
         })
+    }
+
+    /// Remembers when each worker was born, in the master's reloads.
+    fn note_births(&mut self, list: &ProcList) {
+        let Some(master) = &list.master else { return };
+        self.master_reloads = master.reloads;
+        for p in list.workers.iter().chain(list.old_workers.iter()) {
+            self.born
+                .entry(p.pid)
+                .or_insert(master.reloads.saturating_sub(p.reloads));
+        }
     }
 
     /// Whether the master killed this old worker for surviving more than `mworker-max-reloads`
@@ -407,13 +413,16 @@ mod tests {
     #[test]
     fn birth_comes_from_the_master_count_minus_the_reloads_survived() {
         let mut w = Watch::default();
-        let l = list(5, &[(20, 0)], &[(10, 2)]);
-        w.master_reloads = l.master.as_ref().map(|m| m.reloads).unwrap_or(0);
-        for p in l.workers.iter().chain(l.old_workers.iter()) {
-            w.born.insert(p.pid, 5 - p.reloads);
-        }
+        // Worker 10 was current at master reload 3 and survived reloads 4 and 5.
+        w.note_births(&list(5, &[(20, 0)], &[(10, 2)]));
         assert_eq!(w.born.get(&10), Some(&3));
         assert_eq!(w.born.get(&20), Some(&5));
+        // Its birth does not move when later lists count more reloads.
+        w.note_births(&list(6, &[(30, 0)], &[(20, 1), (10, 3)]));
+        assert_eq!(w.born.get(&10), Some(&3));
+        // The master killed it at reload 6 with mworker-max-reloads 2: forced.
+        assert!(w.killed_by_max_reloads(10, Some(2), None));
+        assert!(!w.killed_by_max_reloads(20, Some(2), None));
     }
 
     #[test]

@@ -63,8 +63,13 @@ pub async fn count_connections(
         Some(cli) => {
             let mut counts = HashMap::new();
             for pid in counting.pids {
-                if let Ok(n) = cli.connections(pid).await {
-                    counts.insert(pid, n);
+                // The master refuses connections for a moment at each reload: ask again.
+                for wait in [0, 20, 100] {
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    if let Ok(n) = cli.connections(pid).await {
+                        counts.insert(pid, n);
+                        break;
+                    }
                 }
             }
             counts

@@ -58,8 +58,8 @@ enum Report {
     },
     /// master-worker mode: what `show proc` says now.
     MasterList(ProcList),
-    /// master-worker mode: a worker exited, and the master's reload count read just after.
-    MasterExited(ProcessId, Exit, Option<u32>),
+    /// master-worker mode: a worker exited, and what `show proc` said just after.
+    MasterExited(ProcessId, Exit, Option<ProcList>),
     Ports(u32, HashSet<u16>),
     Verdicts(Verdicts),
     CommandsDone(CommandJob, Result<(), String>),
@@ -454,7 +454,18 @@ impl Shell {
         match report {
             Report::Exited(id, exit) if self.master.is_some() => self.judge_exit(id, exit),
             Report::Exited(id, exit) => self.on_exit(id, exit, None),
-            Report::MasterExited(id, exit, reloads_now) => {
+            Report::MasterExited(id, exit, list) => {
+                let reloads_now = list
+                    .as_ref()
+                    .and_then(|l| l.master.as_ref())
+                    .map(|m| m.reloads);
+                // A current worker that exited because the master reloaded on its own (its
+                // successor is listed) was displaced, not crashed: the core hears of the
+                // successor first.
+                if let Some(list) = list {
+                    self.watch.forget_last();
+                    self.on_master_list(list);
+                }
                 let spec_max = self.master.as_ref().and_then(|m| m.max_reloads);
                 let forced = self
                     .watch
@@ -805,18 +816,16 @@ impl Shell {
         self.core.handle_master_view(now(), view);
     }
 
-    /// An exit in master-worker mode: the master's reload count right after it says whether the
-    /// master killed it for `mworker-max-reloads`.
+    /// An exit in master-worker mode: what the master says right after it tells whether it was
+    /// displaced by a reload the master did on its own, and whether the master killed it for
+    /// `mworker-max-reloads`.
     fn judge_exit(&self, id: ProcessId, exit: Exit) {
         let Some(m) = &self.master else { return };
         let cli = m.cli.clone();
         let tx = self.reports_tx.clone();
         tokio::spawn(async move {
-            let reloads = match cli.show_proc().await {
-                Ok(list) => list.master.map(|m| m.reloads),
-                Err(_) => None,
-            };
-            let _ = tx.send(Report::MasterExited(id, exit, reloads));
+            let list = cli.show_proc().await.ok();
+            let _ = tx.send(Report::MasterExited(id, exit, list));
         });
     }
 
@@ -902,7 +911,12 @@ impl Shell {
         let mut counted: Vec<u32> = counts.keys().copied().collect();
         counted.sort_unstable();
         self.counted = counted;
-        self.last_counts = counts.clone();
+        // A worker that could not be counted this time keeps its last count: a kill right after
+        // must still say what it cut.
+        let old = self.old_pids();
+        self.last_counts.retain(|pid, _| old.contains(pid));
+        self.last_counts
+            .extend(counts.iter().map(|(&p, &n)| (p, n)));
         self.core.handle_connection_counts(counts);
     }
 

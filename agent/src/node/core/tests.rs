@@ -830,6 +830,236 @@ fn a_reload_in_flight_holds_the_drain() {
 // Bounded old workers
 // -------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// master-worker mode: the same rules, with a master that forks the workers
+// ---------------------------------------------------------------------------------------------
+
+const MASTER: ProcessId = ProcessId {
+    pid: 50,
+    start_time: 50,
+};
+
+/// A node whose master (pid 50) runs its first worker (pid 100).
+fn with_master(owned: bool) -> Node {
+    let mut c = cfg(&[]);
+    c.supervision = Supervision::Master { owned };
+    let mut n = Node::boot(c, Boot::default());
+    n.launch_ok();
+    n.view(MASTER, Some(100));
+    assert_eq!(n.core.state(), NodeState::Serving);
+    n.take();
+    n
+}
+
+impl Node {
+    fn view(&mut self, master: ProcessId, current: Option<u32>) {
+        let now = self.now();
+        let current = current.map(|pid| record(pid, drain::unix_ms(now.wall)));
+        self.core.handle_master_view(
+            now,
+            MasterView {
+                master,
+                version: "2.8.25".into(),
+                current,
+            },
+        );
+        self.collect();
+    }
+
+    fn master_signals(&self) -> Vec<WorkerSignal> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SignalMaster { master, signal } if *master == MASTER => Some(*signal),
+                Effect::SignalMaster { master, .. } => panic!("signalled master {master:?}"),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_reload_through_the_master_signals_no_worker_the_master_already_told() {
+    let mut n = with_master(false);
+    let pid = reload_ok(&mut n);
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(pid));
+    assert_eq!(
+        n.core.workers().count(),
+        2,
+        "the displaced worker is tracked as old"
+    );
+    // reload_ok took the effects: run one more and look at them.
+    n.request(Request::Reload { pushed: None });
+    n.launch_ok();
+    assert!(n.signals().is_empty(), "{:?}", n.effects);
+    assert!(n.master_signals().is_empty(), "{:?}", n.effects);
+    let status = n.core.status(n.now(), vec![]);
+    assert_eq!(status.haproxy.mode, "master-worker");
+    assert_eq!(status.haproxy.master_pid, Some(50));
+    assert_eq!(status.old_workers.len(), 2);
+}
+
+#[test]
+fn an_attached_master_is_never_stopped_stop_is_a_conflict_and_sigterm_detaches() {
+    let mut n = with_master(false);
+    let reply = n.ask(Request::Stop { timeout: None });
+    assert_eq!(code(&reply), Some(ErrorCode::Conflict), "{reply:?}");
+    assert!(
+        reply
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("service manager")),
+        "{reply:?}"
+    );
+    assert_eq!(n.core.state(), NodeState::Serving);
+    n.signal(AgentSignal::Stop);
+    assert_eq!(n.exited(), Some(Outcome::Detached));
+    assert!(
+        n.signals().is_empty() && n.master_signals().is_empty(),
+        "{:?}",
+        n.effects
+    );
+}
+
+#[test]
+fn an_owned_master_is_stopped_through_the_master_and_escalates_at_the_deadline() {
+    let mut n = with_master(true);
+    reload_ok(&mut n);
+    let to = n.request(Request::Stop {
+        timeout: Some(Duration::from_secs(5)),
+    });
+    assert!(
+        n.master_signals().is_empty(),
+        "the stopping hook comes first"
+    );
+    let now = n.now();
+    n.core.handle_stopping_hook_done(now);
+    n.collect();
+    assert_eq!(n.master_signals(), vec![WorkerSignal::SoftStop]);
+    assert!(
+        n.signals().is_empty(),
+        "one signal, to the master: {:?}",
+        n.effects
+    );
+    n.take();
+    n.advance(5_000);
+    assert_eq!(n.master_signals(), vec![WorkerSignal::HardStop]);
+    n.take();
+    n.advance(5_000);
+    assert!(n.master_signals().contains(&WorkerSignal::Kill));
+    let mut killed: Vec<u32> = n.signals().into_iter().map(|(pid, _)| pid).collect();
+    killed.sort_unstable();
+    assert_eq!(
+        killed,
+        vec![100, 101],
+        "a kill reaches every worker as well"
+    );
+    n.exit(100);
+    n.exit(101);
+    assert_eq!(n.core.state(), NodeState::Stopped);
+    assert!(n.reply(to).is_some_and(|r| r.ok));
+}
+
+#[test]
+fn a_worker_the_master_forks_during_a_drain_gets_the_drain_commands() {
+    // `systemctl reload haproxy` behind ebb's back, mid-drain: the new worker cannot inherit
+    // EBB_DRAINING, so unless it gets the start commands it answers 200 on /healthz.
+    let mut n = with_master(false);
+    assert!(n.drain(60_000).ok);
+    n.take();
+    n.view(MASTER, Some(300));
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(300));
+    let jobs: Vec<&CommandJob> = n
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Commands(job) => Some(job),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        jobs.iter()
+            .any(|j| j.worker.pid == 300 && j.kind == CommandKind::Start),
+        "{jobs:?}"
+    );
+    assert_eq!(n.events(), vec!["reloaded"]);
+    let blockers = n.core.blockers(n.now());
+    assert!(
+        blockers
+            .iter()
+            .any(|b| matches!(b, Blocker::OldWorker { pid: 100, .. })),
+        "the displaced worker blocks the drain: {blockers:?}"
+    );
+}
+
+#[test]
+fn a_restarted_master_is_reported_and_the_drain_goes_on() {
+    let mut n = with_master(false);
+    assert!(n.drain(60_000).ok);
+    n.take();
+    // The service manager restarts the master: its workers go, a new master forks one.
+    n.exit(100);
+    let new_master = ProcessId {
+        pid: 60,
+        start_time: 60,
+    };
+    n.view(new_master, Some(400));
+    let attached: Vec<&Event> = n
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish(ev) if ev.kind() == "master_attached" => Some(&**ev),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attached.len(), 1, "{:?}", n.effects);
+    match &attached[0].body {
+        EventBody::MasterAttached {
+            pid, previous_pid, ..
+        } => assert_eq!((*pid, *previous_pid), (60, Some(50))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(400));
+    assert_eq!(n.core.state(), NodeState::Draining);
+    assert_eq!(n.core.drain_id(), Some("d1"));
+    assert!(n.effects.iter().any(
+        |e| matches!(e, Effect::Commands(j) if j.worker.pid == 400 && j.kind == CommandKind::Start)
+    ));
+    assert_eq!(n.core.master(), Some(new_master));
+}
+
+#[test]
+fn a_view_during_a_reload_of_ebbs_own_leaves_the_new_worker_to_the_launch() {
+    let mut n = with_master(false);
+    n.request(Request::Reload { pushed: None });
+    n.view(MASTER, Some(777));
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(100));
+    let pid = n.launch_ok();
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(pid));
+}
+
+#[test]
+fn an_idle_worker_the_master_stops_before_the_reload_answers_is_its_old_worker_not_a_crash() {
+    // The master soft-stops the displaced worker during the reload; an idle one exits before the
+    // new worker answers. The bug: a crash, a restart, and a reload reply with no old worker.
+    let mut n = with_master(false);
+    let to = n.request(Request::Reload { pushed: None });
+    n.exit(100);
+    assert!(!n.events().contains(&"proxy_crashed"), "{:?}", n.effects);
+    let pid = n.launch_ok();
+    let reply = n.reply(to).expect("a reply");
+    assert_eq!(
+        result(&reply)["old_pids"],
+        serde_json::json!([100]),
+        "{reply:?}"
+    );
+    assert_eq!(n.core.current().map(|w| w.id.pid), Some(pid));
+    assert_eq!(n.core.workers().count(), 1);
+    assert_eq!(n.launches(), 0, "no restart was scheduled");
+    n.advance(1_000);
+    assert_eq!(n.launches(), 0, "no restart was scheduled");
+}
+
 fn capped(max_old_workers: usize) -> Node {
     let mut c = cfg(&[]);
     c.max_old_workers = max_old_workers;
@@ -1052,7 +1282,11 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
                 );
             }
             Effect::SignalMaster { master, .. } => {
-                prop_assert_eq!(n.core.master(), Some(master), "signalled a master it does not know");
+                prop_assert_eq!(
+                    n.core.master(),
+                    Some(master),
+                    "signalled a master it does not know"
+                );
             }
             Effect::Commands(job) => w.jobs.push(job),
             Effect::Persist(s) => w.persisted = Some(*s),
