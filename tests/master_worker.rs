@@ -48,10 +48,11 @@ async fn attached(tweak: impl FnOnce(HaproxyConfig) -> HaproxyConfig) -> (NodeFi
     (node, master.expect("the master started"))
 }
 
-/// A node whose agent starts and owns the master.
-async fn spawned() -> NodeFixture {
+/// A node whose agent starts and owns the master, with `tweak` applied to haproxy.cfg.
+async fn spawned(tweak: impl FnOnce(HaproxyConfig) -> HaproxyConfig) -> NodeFixture {
     NodeFixture::builder()
         .timeout(T)
+        .haproxy(tweak)
         .prepare(|dir, cfg| {
             cfg.set_str("haproxy", "mode", "master-worker");
             cfg.set_path("haproxy", "master_socket", &dir.join("master.sock"));
@@ -323,7 +324,7 @@ async fn stop_is_a_conflict_when_attached_and_sigterm_leaves_haproxy_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owned_master_stops_gracefully_and_cuts_nothing() {
     let _not_beside_the_load_tests = MACHINE.read().await;
-    let node = spawned().await;
+    let node = spawned(|h| h).await;
     let status = node.status().await;
     let m0 = as_pid(&status["haproxy"]["master_pid"]);
     let w0 = as_pid(&status["haproxy"]["pid"]);
@@ -387,7 +388,7 @@ async fn a_hundred_reloads_through_an_attached_master_under_load_fail_no_request
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_through_an_owned_master_under_load_fail_no_request() {
     let _alone = MACHINE.write().await;
-    let node = spawned().await;
+    let node = spawned(|h| h).await;
     reloads_under_load(&node).await.assert_no_failures();
 }
 
@@ -417,6 +418,30 @@ async fn a_worker_killed_by_mworker_max_reloads_is_reported_as_forced() {
         .expect("request task");
     assert!(
         response.is_err(),
+        "the pinned request was cut: {response:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_by_hard_stop_after_under_an_owned_master_is_reported_as_forced() {
+    // ebb owns the master's output, so it reads the worker's own `hard-stopped` lines there.
+    let node = spawned(|h| h.hard_stop_after("1s")).await;
+    let w0 = as_pid(&node.status().await["haproxy"]["pid"]);
+    let slow = spawn_get(node.port(), "/slow?ms=20000");
+    node.wait_conns(1).await;
+    node.ok("reload", json!({})).await;
+    let exited = node
+        .events
+        .wait_kind("worker_exited", |b| b["pid"] == w0)
+        .await;
+    assert_eq!(exited.body["hard_stopped"], true, "{}", exited.body);
+    assert_eq!(exited.body["connections_cut"], 1, "{}", exited.body);
+    let (response, _) = tokio::time::timeout(T, slow)
+        .await
+        .expect("the request ends")
+        .expect("request task");
+    assert!(
+        !matches!(&response, Ok(r) if r.status == 200),
         "the pinned request was cut: {response:?}"
     );
 }

@@ -703,6 +703,51 @@ mod tests {
     }
 
     #[test]
+    fn master_worker_mode_needs_no_admin_socket_and_refuses_stop_when_drained_when_attached() {
+        let fx = Fixture::new("global\n    maxconn 100\n");
+        // Keys of [haproxy] go after the fixture's own, so they are appended to its table.
+        let agent = |extra: &str| {
+            let path = fx.agent("");
+            let text = std::fs::read_to_string(&path).expect("read");
+            std::fs::write(&path, format!("{text}{extra}")).expect("write");
+            path
+        };
+        let s = load_with(
+            &agent("mode = \"master-worker\"\nmaster_socket = \"/run/haproxy-master.sock\"\n[node]\nid = \"web-1\"\n"),
+            &[],
+        )
+        .expect("master-worker needs no stats socket");
+        assert_eq!(s.config.haproxy.mode, Mode::MasterWorker);
+        assert!(!s.config.haproxy.manage_master, "attach by default");
+        assert_eq!(s.admin_socket, PathBuf::new());
+
+        let e = load_with(
+            &agent("mode = \"master-worker\"\n[node]\nid = \"web-1\"\n[drain]\nstop_when_drained = true\n"),
+            &[],
+        )
+        .expect_err("attached: ebb never stops the master");
+        assert!(e.to_string().contains("stop_when_drained"), "{e}");
+        assert!(e.to_string().contains("manage_master = true"), "{e}");
+
+        load_with(
+            &agent("mode = \"master-worker\"\nmanage_master = true\n[node]\nid = \"web-1\"\n[drain]\nstop_when_drained = true\n"),
+            &[],
+        )
+        .expect("an owned master may be stopped when drained");
+
+        let e = load_with(
+            &agent("mode = \"master-worker\"\nmaster_socket = \"run/m.sock\"\n[node]\nid = \"web-1\"\n"),
+            &[],
+        )
+        .expect_err("a relative master socket");
+        assert!(e.to_string().contains("absolute"), "{e}");
+
+        // Direct mode still needs its admin socket.
+        let e = load_with(&agent("[node]\nid = \"web-1\"\n"), &[]).expect_err("direct mode");
+        assert!(e.to_string().contains("stats socket"), "{e}");
+    }
+
+    #[test]
     fn environment_overrides_scalars_and_ignores_other_ebb_vars() {
         let fx = Fixture::new(HAPROXY_CFG);
         let s = load_with(

@@ -571,11 +571,17 @@ impl Shell {
         };
         self.queues.forget(id);
         self.last_counts.remove(&id.pid);
-        // In master-worker mode the log is the master's, shared by every worker.
+        // In master-worker mode the log is the master's (when ebb owns it), shared by every
+        // worker: this worker's lines carry its pid.
+        let log = worker::log_tail(&w.log, 64 * 1024);
         let log = if self.master.is_some() {
-            String::new()
+            let tag = format!("({})", id.pid);
+            log.lines()
+                .filter(|l| l.contains(&tag))
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
-            worker::log_tail(&w.log, 64 * 1024)
+            log
         };
         let hard_stopped = forced.or_else(|| worker::hard_stopped_connections(&log));
         match exit {
