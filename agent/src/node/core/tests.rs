@@ -1176,6 +1176,8 @@ enum Step {
     Crash {
         socket_answers: bool,
     },
+    /// master-worker mode: the master forks a worker on its own (`systemctl reload haproxy`).
+    Fork,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -1198,6 +1200,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::AdminAnswers),
         4 => (0u64..20_000).prop_map(Step::Advance),
         1 => any::<bool>().prop_map(|socket_answers| Step::Crash { socket_answers }),
+        1 => Just(Step::Fork),
     ]
 }
 
@@ -1275,13 +1278,27 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
                 );
                 w.pending = Some(reload_id);
             }
-            Effect::Signal { worker, .. } => {
+            Effect::Signal { worker, signal } => {
                 prop_assert!(
                     n.core.is_recorded(worker),
                     "signalled {worker:?}, which is not recorded"
                 );
+                // Under a master, the master signals its workers; ebb only kills what is left at
+                // the end of a stop, and never touches a master it does not own.
+                match n.core.cfg.supervision {
+                    Supervision::Direct => {}
+                    Supervision::Master { owned } => prop_assert!(
+                        owned && signal == WorkerSignal::Kill,
+                        "{signal:?} to worker {worker:?} under a master (owned: {owned})"
+                    ),
+                }
             }
             Effect::SignalMaster { master, .. } => {
+                prop_assert_eq!(
+                    n.core.cfg.supervision,
+                    Supervision::Master { owned: true },
+                    "only an owned master is signalled"
+                );
                 prop_assert_eq!(
                     n.core.master(),
                     Some(master),
@@ -1354,10 +1371,28 @@ fn apply(n: &mut Node, w: &mut World) -> Result<bool, TestCaseError> {
 /// Low, so that random inputs meet the old-worker cap often.
 const MODEL_MAX_OLD: usize = 2;
 
-fn model_cfg() -> CoreConfig {
+fn model_cfg(supervision: Supervision) -> CoreConfig {
     let mut c = cfg(&["alb"]);
     c.max_old_workers = MODEL_MAX_OLD;
+    c.supervision = supervision;
     c
+}
+
+/// master-worker mode: the shell tells a new core about the master first, with what it runs.
+fn attach_master(n: &mut Node, w: &World) {
+    if n.core.cfg.supervision == Supervision::Direct {
+        return;
+    }
+    let now = n.now();
+    let current = w.alive.values().max_by_key(|r| r.id.pid).cloned();
+    n.core.handle_master_view(
+        now,
+        MasterView {
+            master: MASTER,
+            version: "2.8.25".into(),
+            current: current.filter(|r| n.core.is_recorded(r.id)),
+        },
+    );
 }
 
 fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
@@ -1379,16 +1414,18 @@ fn restart(n: &Node, w: &World, socket_answers: bool) -> Node {
         workers,
         answering: socket_answers.then(|| newest.into_iter().collect()),
     };
-    let mut c = model_cfg();
+    let mut c = model_cfg(n.core.cfg.supervision);
     c.boot_id = format!("b{}", n.ms);
     let mut next = Node::boot_at(c, boot, n.t0, n.w0, n.ms);
     next.next_pid = n.next_pid;
+    attach_master(&mut next, w);
     next
 }
 
-fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let mut n = Node::boot(model_cfg(), Boot::default());
+fn run(steps: Vec<Step>, supervision: Supervision) -> Result<(), TestCaseError> {
+    let mut n = Node::boot(model_cfg(supervision), Boot::default());
     let mut w = World::default();
+    attach_master(&mut n, &w);
     apply(&mut n, &mut w)?;
     for s in steps {
         let now = n.now();
@@ -1510,6 +1547,25 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 // A worker whose launch was in flight may be alive but unrecorded: the scan
                 // of /proc finds it, which `restart` models by passing every live process.
             }
+            Step::Fork => {
+                // A master forks on its own only while it runs, and a fork during ebb's own
+                // reload is that reload's worker.
+                let running = !matches!(n.core.state(), NodeState::Stopping | NodeState::Stopped);
+                if n.core.cfg.supervision != Supervision::Direct && running && w.pending.is_none() {
+                    let pid = n.next_pid;
+                    n.next_pid += 1;
+                    let r = record(pid, drain::unix_ms(now.wall));
+                    w.alive.insert(pid, r.clone());
+                    n.core.handle_master_view(
+                        now,
+                        MasterView {
+                            master: MASTER,
+                            version: "2.8.25".into(),
+                            current: Some(r),
+                        },
+                    );
+                }
+            }
         }
         if apply(&mut n, &mut w)? {
             // The agent exited: the next one starts from what it left.
@@ -1526,6 +1582,14 @@ proptest! {
 
     #[test]
     fn random_inputs_never_break_the_invariants(steps in prop::collection::vec(step(), 1..60)) {
-        run(steps)?;
+        run(steps, Supervision::Direct)?;
+    }
+
+    #[test]
+    fn random_inputs_never_break_the_invariants_under_a_master(
+        steps in prop::collection::vec(step(), 1..60),
+        owned in any::<bool>(),
+    ) {
+        run(steps, Supervision::Master { owned })?;
     }
 }
