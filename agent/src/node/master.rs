@@ -196,6 +196,35 @@ async fn wait_for_worker(spec: &MasterSpec, timeout: Duration) -> Result<u32, Re
     }
 }
 
+/// How long the exit of the current worker waits for the master to show its successor.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(1);
+
+/// What the master says after the current worker `pid` exited: once it lists another worker (it
+/// reloaded on its own, and stopped `pid` for it), or it lists none while its reload count stands
+/// still (`pid` died), or after [`SUCCESSOR_WAIT`]. The master is re-executing at such a moment:
+/// its CLI refuses connections, then shows the new worker a few ms after it forked it.
+pub async fn successor(cli: &MasterCli, pid: u32) -> Option<ProcList> {
+    let deadline = Instant::now() + SUCCESSOR_WAIT;
+    let mut first_reloads = None;
+    let mut last = None;
+    loop {
+        if let Ok(list) = cli.show_proc().await {
+            let reloads = list.master.as_ref().map(|m| m.reloads);
+            let first = *first_reloads.get_or_insert(reloads);
+            let other = list.workers.iter().any(|p| p.pid != pid);
+            let died = list.workers.is_empty() && reloads == first && last.is_some();
+            if other || died {
+                return Some(list);
+            }
+            last = Some(list);
+        }
+        if Instant::now() >= deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn stop_child(mut child: Child) {
     let _ = child.start_kill();
     let _ = child.wait().await;

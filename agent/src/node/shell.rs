@@ -829,8 +829,13 @@ impl Shell {
         let Some(m) = &self.master else { return };
         let cli = m.cli.clone();
         let tx = self.reports_tx.clone();
+        let current = self.core.current().is_some_and(|w| w.id == id);
         tokio::spawn(async move {
-            let list = cli.show_proc().await.ok();
+            let list = if current {
+                master::successor(&cli, id.pid).await
+            } else {
+                cli.show_proc().await.ok()
+            };
             let _ = tx.send(Report::MasterExited(id, exit, list));
         });
     }
