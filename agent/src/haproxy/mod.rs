@@ -4,6 +4,7 @@ pub mod admin;
 pub mod adopt;
 pub mod cfg_syntax;
 pub mod config_file;
+pub mod drain_map;
 pub mod install;
 pub mod launch;
 pub mod master;

@@ -31,6 +31,7 @@ use crate::config::{Mode, PushPolicy, Settings};
 use crate::digest::sha256_hex;
 use crate::events::Cause;
 use crate::haproxy::admin::AdminSocket;
+use crate::haproxy::drain_map;
 use crate::haproxy::launch::LaunchSpec;
 use crate::haproxy::master::{MasterCli, ProcList};
 use crate::haproxy::procfs;
@@ -106,6 +107,8 @@ pub struct Shell {
     watch: master::Watch,
     /// The old workers' connections as last counted: what a forced exit cut.
     last_counts: HashMap<u32, u64>,
+    /// What `draining.map` says now.
+    drain_map: Option<bool>,
 }
 
 fn now() -> Now {
@@ -262,7 +265,11 @@ impl Shell {
             master: master_spec,
             watch: master::Watch::default(),
             last_counts: HashMap::new(),
+            drain_map: None,
         };
+        // Before anything starts HAProxy: a config that reads it must find it.
+        let draining = shell.core.drain_id().is_some();
+        shell.write_drain_map(draining).await;
         if let (Some(m), Some(f)) = (&shell.master, master_found) {
             shell.watch.master = Some(f.master);
             if let Some(view) = shell.watch.learn(m, f.list) {
@@ -615,7 +622,12 @@ impl Shell {
                     takeover,
                     draining,
                     config,
-                } => self.launch(reload_id, takeover, draining, config),
+                } => {
+                    // The new worker reads the drain from the map as it loads: it must say what
+                    // the core launched it as.
+                    self.write_drain_map(draining).await;
+                    self.launch(reload_id, takeover, draining, config)
+                }
                 Effect::Signal { worker, signal } => self.signal(worker, signal),
                 Effect::SignalMaster { master, signal } => self.signal_master(master, signal),
                 Effect::Commands(job) => self.queues.push(job),
@@ -623,6 +635,7 @@ impl Shell {
                     // The fsyncs run on the blocking pool; the node's task waits for them, as the
                     // effects after a persist (a reply, an event) must not leave before it is done.
                     let dir = self.settings.config.haproxy.state_dir.clone();
+                    self.write_drain_map(state.drain.is_some()).await;
                     let saved =
                         tokio::task::spawn_blocking(move || state_file::save(&dir, &state)).await;
                     match saved {
@@ -739,6 +752,22 @@ impl Shell {
         };
         if let Err(e) = w.signal(sig) {
             tracing::error!(pid = id.pid, "cannot signal worker {}: {e}", id.pid);
+        }
+    }
+
+    /// Keeps `draining.map` in step with the drain, on the blocking pool.
+    async fn write_drain_map(&mut self, draining: bool) {
+        if self.drain_map == Some(draining) {
+            return;
+        }
+        let dir = self.settings.config.haproxy.state_dir.clone();
+        match tokio::task::spawn_blocking(move || drain_map::write(&dir, draining)).await {
+            Ok(Ok(())) => self.drain_map = Some(draining),
+            Ok(Err(e)) => tracing::error!(
+                "cannot write {}: {e}; a config that reads it will not see the drain",
+                drain_map::path(&self.settings.config.haproxy.state_dir).display()
+            ),
+            Err(e) => tracing::error!("draining.map was not written: {e}"),
         }
     }
 
