@@ -26,6 +26,7 @@ pub mod ctl;
 pub mod events;
 pub mod haproxy;
 pub mod http;
+pub mod master;
 pub mod nats;
 pub mod node;
 pub mod plugin;
