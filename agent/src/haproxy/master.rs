@@ -61,13 +61,15 @@ fn reload_failure(logs: Option<&str>) -> String {
 
 /// Answers longer than this are cut: a stats dump of a large config fits well within it.
 const MAX_ANSWER: u64 = 16 << 20;
-/// Backoff between connects the master refuses while it re-execs.
-const FIRST_RETRY: Duration = Duration::from_millis(5);
-const MAX_RETRY: Duration = Duration::from_millis(200);
+/// Backoff between connects the master refuses while it re-execs. Short: a refused connect costs
+/// microseconds, and a new worker already serves while its master cannot be asked about it yet;
+/// every ms the agent waits here is a ms that worker serves without the drain's commands.
+const FIRST_RETRY: Duration = Duration::from_millis(1);
+const MAX_RETRY: Duration = Duration::from_millis(20);
 /// Backoff between `show proc` polls while a reload is under way: a reload takes about 10 ms plus
-/// the config's parse time, so start short.
-const FIRST_POLL: Duration = Duration::from_millis(5);
-const MAX_POLL: Duration = Duration::from_millis(100);
+/// the config's parse time, and the new worker is found as soon as the master lists it.
+const FIRST_POLL: Duration = Duration::from_millis(1);
+const MAX_POLL: Duration = Duration::from_millis(10);
 
 const NO_SUCH_PID: &str = "Can't find the target PID";
 
@@ -90,7 +92,7 @@ impl MasterCli {
     }
 
     /// One short connection: `line; quit`, answer to EOF; connects refused during a reload retried
-    /// with backoff within the timeout.
+    /// with backoff within the timeout. A newline in `line` separates commands, as `;` does.
     pub async fn run(&self, line: &str) -> Result<String, MasterError> {
         self.exchange(&format!("{}; quit", line.trim_end()), self.deadline())
             .await
@@ -166,6 +168,9 @@ impl MasterCli {
                 }
             }
             Err(MasterError::Io { .. }) => {}
+            Err(e @ MasterError::Timeout { .. }) => {
+                return Err(self.reload_timeout(timeout, &e.to_string()))
+            }
             Err(e) => return Err(e),
         }
 
@@ -297,15 +302,19 @@ impl MasterCli {
                     Err(e) => return Err(io(e)),
                 }
             };
-            let mut line = request.replace(['\r', '\n'], " ");
+            // A newline would end the request before its `quit`: it separates commands, as `;`.
+            let mut line = request.replace(['\r', '\n'], ";");
             line.push('\n');
             stream.write_all(line.as_bytes()).await.map_err(io)?;
             let mut answer = Vec::with_capacity(4096);
-            (&mut stream)
-                .take(MAX_ANSWER)
-                .read_to_end(&mut answer)
-                .await
-                .map_err(io)?;
+            let mut chunk = [0u8; 8192];
+            while (answer.len() as u64) < MAX_ANSWER {
+                let n = stream.read(&mut chunk).await.map_err(io)?;
+                answer.extend_from_slice(&chunk[..n]);
+                if n == 0 || line_aborted(&answer) {
+                    break;
+                }
+            }
             Ok(String::from_utf8_lossy(&answer).into_owned())
         };
         let started = Instant::now();
@@ -328,6 +337,30 @@ impl MasterCli {
         }
     }
 }
+
+/// Whether the master gave up on the line: from 2.8 on, a master error (an unknown `@!pid`, a
+/// level it refuses) drops the rest of the line, `quit` included, and leaves the connection open,
+/// so waiting for EOF would hold one of its few slots until the timeout. Such an error is the
+/// master's own one-line answer; a worker's answer ends with a blank line instead.
+fn line_aborted(answer: &[u8]) -> bool {
+    let Some(text) = answer.strip_suffix(b"\n") else {
+        return false;
+    };
+    // The master's error lines are short: a longer last line is not one of them.
+    let tail = &text[text.len().saturating_sub(256)..];
+    let Some(start) = tail
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|i| i + 1)
+        .or_else(|| (tail.len() == text.len()).then_some(0))
+    else {
+        return false;
+    };
+    let last = &tail[start..];
+    MASTER_ABORTS.iter().any(|m| last.starts_with(m.as_bytes()))
+}
+
+const MASTER_ABORTS: [&str; 2] = [NO_SUCH_PID, "Permission denied"];
 
 /// What a reloading master does to new connections: ECONNREFUSED while it re-execs, ENOENT
 /// between the unlink and the bind of its socket, EAGAIN when its backlog is full.
@@ -779,6 +812,26 @@ mod tests {
     }
 
     #[test]
+    fn master_errors_end_the_answer() {
+        assert!(line_aborted(
+            b"Can't find the target PID matching the prefix '@!99999'\n"
+        ));
+        assert!(line_aborted(b"Pid: 1\n\nPermission denied!\n"));
+        assert!(
+            !line_aborted(b"Can't find the target PID"),
+            "not yet a whole line"
+        );
+        assert!(
+            !line_aborted(b"Permission denied!\n\n"),
+            "a worker's answer"
+        );
+        assert!(!line_aborted(b"Pid: 1\n"));
+        assert!(!line_aborted(b""));
+        let long = format!("{}\n", "x".repeat(1000));
+        assert!(!line_aborted(long.as_bytes()));
+    }
+
+    #[test]
     fn refusals_are_found_per_answer() {
         assert_eq!(
             refusal("\nproc.x: type=sint value=<1>\n"),
@@ -843,6 +896,7 @@ mod tests {
                 let _ = judge(&parsed, &parse_show_proc(&text));
                 let _ = reload_reply(&text);
                 let _ = refusal(&text);
+                let _ = line_aborted(text.as_bytes());
                 let line = on_worker(pid, &text);
                 prop_assert!(line.ends_with("quit"));
             }

@@ -1,4 +1,5 @@
 //! Everything that touches HAProxy directly: its config file, its admin socket, its processes.
+//! `master` is the master CLI (`-S` socket) of `haproxy -W`, for master-worker mode.
 
 pub mod admin;
 pub mod adopt;
