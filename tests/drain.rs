@@ -943,6 +943,8 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
             .subscribe(format!("{inbox}.*"))
             .await
             .expect("subscribe to the inbox");
+        // The processes before the reload is sent: the new one may exist by the time we look.
+        let before: BTreeSet<u32> = haproxy_pids_for(ctx.dir()).into_iter().collect();
         ctx.nc
             .publish_with_reply(
                 format!("ebb.node.{NODE}.reload"),
@@ -953,7 +955,6 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
             .expect("publish reload");
         ctx.nc.flush().await.expect("flush");
         // Undrain once the new haproxy process exists, before it is ready and installed.
-        let before: BTreeSet<u32> = haproxy_pids_for(ctx.dir()).into_iter().collect();
         let dir = ctx.dir().to_path_buf();
         tokio::task::spawn_blocking(move || {
             wait_until(T, "the reload's new haproxy process", || {

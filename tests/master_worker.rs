@@ -202,7 +202,7 @@ async fn kill_9_of_the_agent_leaves_master_and_worker_and_the_drain_resumes() {
     let (mut node, master) = attached(|h| h).await;
     let w0 = as_pid(&node.status().await["haproxy"]["pid"]);
     let m0 = master.master_pid();
-    let slow = spawn_get(node.port(), "/slow?ms=3000");
+    let slow = spawn_get(node.port(), "/slow?ms=8000");
     wait_conns(&master, w0, 1).await;
     node.ok("drain", json!({"drain_id": "crash", "min_period_ms": 0}))
         .await;
@@ -227,7 +227,7 @@ async fn kill_9_of_the_agent_leaves_master_and_worker_and_the_drain_resumes() {
     assert_eq!(as_pid(&status["haproxy"]["master_pid"]), m0, "{status}");
     assert_eq!(master.master_pid(), m0);
 
-    full_200(slow, "slept 3000 ms\n").await;
+    full_200(slow, "slept 8000 ms\n").await;
     let drained = node.events.drained("crash").await;
     assert_eq!(drained.body["forced"], false, "{}", drained.body);
     assert_eq!(master.worker_pid().expect("show proc"), w0);

@@ -225,6 +225,20 @@ pub async fn successor(cli: &MasterCli, pid: u32) -> Option<ProcList> {
     }
 }
 
+/// What the master says after an old worker exited. The master may be re-executing then (it
+/// kills workers past `mworker-max-reloads` as a reload ends): asked again until it answers, for
+/// up to [`SUCCESSOR_WAIT`], as its reload count is what judges the exit.
+pub async fn after_exit(cli: &MasterCli) -> Option<ProcList> {
+    let deadline = Instant::now() + SUCCESSOR_WAIT;
+    loop {
+        match cli.show_proc().await {
+            Ok(list) if list.master.is_some() => return Some(list),
+            _ if Instant::now() >= deadline => return None,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
 async fn stop_child(mut child: Child) {
     let _ = child.start_kill();
     let _ = child.wait().await;

@@ -59,27 +59,34 @@ pub async fn count_connections(
     master: Option<&MasterCli>,
     counting: Counting,
 ) -> HashMap<u32, u64> {
-    match master {
-        Some(cli) => {
-            let mut counts = HashMap::new();
-            for pid in counting.pids {
-                // The master refuses connections for a moment at each reload: ask again.
-                for wait in [0, 20, 100] {
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
-                    if let Ok(n) = cli.connections(pid).await {
-                        counts.insert(pid, n);
-                        break;
-                    }
-                }
-            }
-            counts
-        }
-        None => tokio::task::spawn_blocking(move || {
+    let Some(cli) = master else {
+        return tokio::task::spawn_blocking(move || {
             procfs::client_connections_of(&counting.pids, &counting.client_ports)
         })
         .await
-        .unwrap_or_default(),
+        .unwrap_or_default();
+    };
+    let mut counts = HashMap::new();
+    let mut unanswered = Vec::new();
+    for &pid in &counting.pids {
+        match cli.connections(pid).await {
+            Ok(n) => {
+                counts.insert(pid, n);
+            }
+            Err(_) => unanswered.push(pid),
+        }
     }
+    // The master refuses connections while it re-executes (a reload): those workers are counted
+    // from /proc instead, so a count is never simply missing.
+    if !unanswered.is_empty() {
+        let ports = counting.client_ports;
+        let found =
+            tokio::task::spawn_blocking(move || procfs::client_connections_of(&unanswered, &ports))
+                .await
+                .unwrap_or_default();
+        counts.extend(found);
+    }
+    counts
 }
 
 async fn count(

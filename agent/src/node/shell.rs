@@ -863,7 +863,7 @@ impl Shell {
             let list = if current {
                 master::successor(&cli, id.pid).await
             } else {
-                cli.show_proc().await.ok()
+                master::after_exit(&cli).await
             };
             let _ = tx.send(Report::MasterExited(id, exit, list));
         });
@@ -951,12 +951,16 @@ impl Shell {
         let mut counted: Vec<u32> = counts.keys().copied().collect();
         counted.sort_unstable();
         self.counted = counted;
-        // A worker that could not be counted this time keeps its last count: a kill right after
-        // must still say what it cut.
+        // What a forced exit cut: the last count that found connections. A kill closes them before
+        // the worker exits, so a count taken in between finds none; and an old worker with none
+        // left exits by itself, so one still there to be killed still held them.
         let old = self.old_pids();
         self.last_counts.retain(|pid, _| old.contains(pid));
-        self.last_counts
-            .extend(counts.iter().map(|(&p, &n)| (p, n)));
+        for (&pid, &n) in &counts {
+            if n > 0 || !self.last_counts.contains_key(&pid) {
+                self.last_counts.insert(pid, n);
+            }
+        }
         self.core.handle_connection_counts(counts);
     }
 
