@@ -565,3 +565,32 @@ async fn with_draining_map_no_health_check_answers_200_during_a_drain() {
         "the new worker serves after an undrain"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_by_hard_stop_after_under_an_attached_master_is_reported_as_forced() {
+    // The service manager's master writes to the journal, which ebb does not read: the cut is
+    // known from the worker still holding its request when hard-stop-after ran out.
+    let (node, master) = attached(|h| h.hard_stop_after("1s")).await;
+    let w0 = as_pid(&node.status().await["haproxy"]["pid"]);
+    let slow = spawn_get(node.port(), "/slow?ms=20000");
+    wait_conns(&master, w0, 1).await;
+    node.ok("reload", json!({})).await;
+    node.wait_status("the old worker's connection to be counted", |s| {
+        s["old_workers"][0]["connections"] == 1
+    })
+    .await;
+    let exited = node
+        .events
+        .wait_kind("worker_exited", |b| b["pid"] == w0)
+        .await;
+    assert_eq!(exited.body["hard_stopped"], true, "{}", exited.body);
+    assert_eq!(exited.body["connections_cut"], 1, "{}", exited.body);
+    let (response, _) = tokio::time::timeout(T, slow)
+        .await
+        .expect("the request ends")
+        .expect("request task");
+    assert!(
+        !matches!(&response, Ok(r) if r.status == 200),
+        "the pinned request was cut: {response:?}"
+    );
+}

@@ -43,8 +43,6 @@ pub struct MasterSpec {
     pub launch: LaunchSpec,
     /// Where an owned master's output (and its workers') goes.
     pub log: PathBuf,
-    /// The config's `mworker-max-reloads`, if any.
-    pub max_reloads: Option<u32>,
 }
 
 /// A worker the master runs, ready for the core.
@@ -395,9 +393,32 @@ impl Watch {
     }
 }
 
-/// The global section's `mworker-max-reloads`, if set.
-pub fn max_reloads(config: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(config).ok()?;
+/// What the config's global section says about forced exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForcedExits {
+    /// `mworker-max-reloads`: the master kills a worker that outlived this many reloads.
+    pub max_reloads: Option<u32>,
+    /// `hard-stop-after`: a stopping worker is cut this long after it was told to stop.
+    pub hard_stop_after: Option<Duration>,
+}
+
+impl ForcedExits {
+    /// Read from the config as it is now (it may have changed since the agent started).
+    pub async fn read(config: &Path) -> ForcedExits {
+        let text = tokio::fs::read_to_string(config).await.unwrap_or_default();
+        ForcedExits::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> ForcedExits {
+        ForcedExits {
+            max_reloads: global_value(text, "mworker-max-reloads").and_then(|n| n.parse().ok()),
+            hard_stop_after: global_value(text, "hard-stop-after").and_then(|t| haproxy_time(&t)),
+        }
+    }
+}
+
+/// The last value of `keyword` in the global section.
+fn global_value(text: &str, keyword: &str) -> Option<String> {
     let mut in_global = false;
     let mut found = None;
     for line in text.lines() {
@@ -409,11 +430,47 @@ pub fn max_reloads(config: &Path) -> Option<u32> {
             in_global = first == "global";
             continue;
         }
-        if in_global && first == "mworker-max-reloads" {
-            found = words.next().and_then(|n| n.parse().ok());
+        if in_global && first == keyword {
+            found = words.next().map(str::to_string);
         }
     }
     found
+}
+
+/// HAProxy's time format: a number, then `us`, `ms`, `s`, `m`, `h` or `d` (milliseconds without).
+fn haproxy_time(text: &str) -> Option<Duration> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let per = match unit {
+        "us" => return Some(Duration::from_micros(n)),
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(per).map(Duration::from_millis)
+}
+
+/// Whether an old worker's exit was a `hard-stop-after` cut, when its log cannot be read (a
+/// master a service manager runs writes to the journal): it held connections at the last count
+/// that found any, and it lived about `hard-stop-after` past its displacement. A worker whose
+/// last connection ended exits by itself then, so only one whose connection ended within the
+/// slack below of the limit could be taken for a cut one.
+pub fn cut_by_hard_stop(limits: ForcedExits, held: u64, stopping_for: Option<Duration>) -> bool {
+    // The agent sees a worker become old once the reload that displaced it answered, a little
+    // after the master told it to stop: a tenth of the limit (at least 100 ms) covers that.
+    match (limits.hard_stop_after, stopping_for) {
+        (Some(after), Some(stopping)) => {
+            let slack = (after / 10).max(Duration::from_millis(100));
+            held > 0 && stopping + slack >= after
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -469,17 +526,56 @@ mod tests {
     }
 
     #[test]
-    fn reads_mworker_max_reloads_from_global_only() {
-        let dir = std::env::temp_dir().join(format!("ebb-mr-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let cfg = dir.join("h.cfg");
-        let _ = std::fs::write(
-            &cfg,
-            "global\n    mworker-max-reloads 2 # comment\ndefaults\n    mode http\n",
+    fn reads_the_forced_exit_limits_from_global_only() {
+        let limits = ForcedExits::parse(
+            "global\n    mworker-max-reloads 2 # comment\n    hard-stop-after 30s\ndefaults\n    mode http\n",
         );
-        assert_eq!(max_reloads(&cfg), Some(2));
-        let _ = std::fs::write(&cfg, "defaults\n    mworker-max-reloads 2\n");
-        assert_eq!(max_reloads(&cfg), None);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(limits.max_reloads, Some(2));
+        assert_eq!(limits.hard_stop_after, Some(Duration::from_secs(30)));
+        let limits =
+            ForcedExits::parse("defaults\n    mworker-max-reloads 2\n    hard-stop-after 1s\n");
+        assert_eq!(limits, ForcedExits::default());
+        for (text, want) in [
+            ("500", Some(Duration::from_millis(500))),
+            ("250ms", Some(Duration::from_millis(250))),
+            ("2m", Some(Duration::from_secs(120))),
+            ("1d", Some(Duration::from_secs(86_400))),
+            ("10us", Some(Duration::from_micros(10))),
+            ("5x", None),
+            ("", None),
+            ("s", None),
+        ] {
+            assert_eq!(haproxy_time(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_worker_still_holding_connections_past_hard_stop_after_was_cut() {
+        let limits = ForcedExits {
+            max_reloads: None,
+            hard_stop_after: Some(Duration::from_secs(1)),
+        };
+        assert!(cut_by_hard_stop(
+            limits,
+            1,
+            Some(Duration::from_millis(1_050))
+        ));
+        assert!(
+            !cut_by_hard_stop(limits, 0, Some(Duration::from_secs(5))),
+            "idle: it left"
+        );
+        assert!(
+            cut_by_hard_stop(limits, 1, Some(Duration::from_millis(950))),
+            "seen late"
+        );
+        assert!(
+            !cut_by_hard_stop(limits, 2, Some(Duration::from_millis(400))),
+            "too early"
+        );
+        assert!(!cut_by_hard_stop(
+            ForcedExits::default(),
+            2,
+            Some(Duration::from_secs(9))
+        ));
     }
 }

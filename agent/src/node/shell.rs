@@ -59,8 +59,9 @@ enum Report {
     },
     /// master-worker mode: what `show proc` says now.
     MasterList(ProcList),
-    /// master-worker mode: a worker exited, and what `show proc` said just after.
-    MasterExited(ProcessId, Exit, Option<ProcList>),
+    /// master-worker mode: a worker exited, what `show proc` said just after, and the config's
+    /// limits that force exits.
+    MasterExited(ProcessId, Exit, Option<ProcList>, master::ForcedExits),
     Ports(u32, HashSet<u16>),
     Verdicts(Verdicts),
     CommandsDone(CommandJob, Result<(), String>),
@@ -109,6 +110,8 @@ pub struct Shell {
     last_counts: HashMap<u32, u64>,
     /// What `draining.map` says now.
     drain_map: Option<bool>,
+    /// master-worker mode: since when each old worker has been old (told to stop by the master).
+    old_since: HashMap<u32, Instant>,
 }
 
 fn now() -> Now {
@@ -153,7 +156,6 @@ impl Shell {
             owned: hp.manage_master,
             launch: spec.clone(),
             log: spec.log_dir.join("master.log"),
-            max_reloads: master::max_reloads(&hp.config),
         });
         let supervision = match &master_spec {
             None => Supervision::Direct,
@@ -266,6 +268,7 @@ impl Shell {
             watch: master::Watch::default(),
             last_counts: HashMap::new(),
             drain_map: None,
+            old_since: HashMap::new(),
         };
         // Before anything starts HAProxy: a config that reads it must find it.
         let draining = shell.core.drain_id().is_some();
@@ -461,7 +464,7 @@ impl Shell {
         match report {
             Report::Exited(id, exit) if self.master.is_some() => self.judge_exit(id, exit),
             Report::Exited(id, exit) => self.on_exit(id, exit, None),
-            Report::MasterExited(id, exit, list) => {
+            Report::MasterExited(id, exit, list, limits) => {
                 let reloads_now = list
                     .as_ref()
                     .and_then(|l| l.master.as_ref())
@@ -473,18 +476,31 @@ impl Shell {
                     self.watch.forget_last();
                     self.on_master_list(list);
                 }
-                let spec_max = self.master.as_ref().and_then(|m| m.max_reloads);
-                let forced = self
-                    .watch
-                    .killed_by_max_reloads(id.pid, spec_max, reloads_now)
-                    .then(|| self.last_counts.get(&id.pid).copied().unwrap_or(0));
-                if forced.is_some() {
+                let held = self.last_counts.get(&id.pid).copied().unwrap_or(0);
+                let stopping_for = self.old_since.remove(&id.pid).map(|t| t.elapsed());
+                let forced = if self.watch.killed_by_max_reloads(
+                    id.pid,
+                    limits.max_reloads,
+                    reloads_now,
+                ) {
                     tracing::warn!(
                         pid = id.pid,
                         "old worker {} was killed by the master: it outlived mworker-max-reloads",
                         id.pid
                     );
-                }
+                    Some(held)
+                } else if self.core.current().is_some_and(|w| w.id != id)
+                    && master::cut_by_hard_stop(limits, held, stopping_for)
+                {
+                    tracing::warn!(
+                        pid = id.pid,
+                        "old worker {} exited with {held} connections, hard-stop-after past its displacement: it was cut",
+                        id.pid
+                    );
+                    Some(held)
+                } else {
+                    None
+                };
                 self.on_exit(id, exit, forced);
             }
             Report::MasterLaunched { reload_id, result } => {
@@ -859,13 +875,15 @@ impl Shell {
         let cli = m.cli.clone();
         let tx = self.reports_tx.clone();
         let current = self.core.current().is_some_and(|w| w.id == id);
+        let config = self.spec.config.clone();
         tokio::spawn(async move {
             let list = if current {
                 master::successor(&cli, id.pid).await
             } else {
                 master::after_exit(&cli).await
             };
-            let _ = tx.send(Report::MasterExited(id, exit, list));
+            let limits = master::ForcedExits::read(&config).await;
+            let _ = tx.send(Report::MasterExited(id, exit, list, limits));
         });
     }
 
@@ -940,7 +958,14 @@ impl Shell {
     }
 
     /// Points the connection counter at the old workers the core records now.
-    fn aim_counter(&self) {
+    fn aim_counter(&mut self) {
+        if self.master.is_some() {
+            let old = self.old_pids();
+            self.old_since.retain(|pid, _| old.contains(pid));
+            for pid in old {
+                self.old_since.entry(pid).or_insert_with(Instant::now);
+            }
+        }
         self.counter.target(Counting {
             pids: self.old_pids(),
             client_ports: self.client_ports.clone(),
