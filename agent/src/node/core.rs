@@ -62,6 +62,13 @@ pub enum Supervision {
     Master { owned: bool },
 }
 
+impl Supervision {
+    /// A master that a service manager runs: ebb never stops it, so nothing may ask ebb to.
+    pub fn is_attached(self) -> bool {
+        self == Supervision::Master { owned: false }
+    }
+}
+
 /// What the core is told once, at construction.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -473,9 +480,7 @@ impl NodeCore {
             Request::Reload { pushed } => self.on_reload(Waiter::Request(origin), pushed),
             Request::Drain(req) => self.on_drain(now, origin, req),
             Request::Undrain(req) => self.on_undrain(origin, req),
-            Request::Stop { .. }
-                if self.cfg.supervision == (Supervision::Master { owned: false }) =>
-            {
+            Request::Stop { .. } if self.cfg.supervision.is_attached() => {
                 self.reply_err(
                     origin,
                     ErrorCode::Conflict,
@@ -497,7 +502,7 @@ impl NodeCore {
         match signal {
             AgentSignal::Reload => self.on_reload(Waiter::Signal, None),
             // A master that a service manager runs outlives the agent: SIGTERM detaches.
-            AgentSignal::Stop if self.cfg.supervision == (Supervision::Master { owned: false }) => {
+            AgentSignal::Stop if self.cfg.supervision.is_attached() => {
                 self.handle_signal_detach();
             }
             AgentSignal::Stop => {

@@ -79,11 +79,8 @@ async fn launch_installed(
     started: Instant,
 ) -> Result<Ready, ReloadError> {
     let timeout = spec.launch.startup_timeout;
-    let before = tokio::time::timeout(FIRST_ASK, spec.cli.show_proc()).await;
-    let before = match before {
-        Ok(Ok(list)) if list.master.is_some() => Some(list),
-        _ => None,
-    };
+    let before = ask_first(spec).await;
+
     let (pid, started_master) = match before {
         Some(list) if takeover || list.workers.is_empty() => {
             (reload(spec, &list, timeout).await?, None)
@@ -143,6 +140,18 @@ async fn reload(
             )))
         }
         Err(e) => Err(ReloadError::Master(e.to_string())),
+    }
+}
+
+/// `show proc`, when a master may be there: not at all when its socket does not exist (an owned
+/// master not started yet), and for at most [`FIRST_ASK`] otherwise.
+async fn ask_first(spec: &MasterSpec) -> Option<ProcList> {
+    if !spec.socket.exists() {
+        return None;
+    }
+    match tokio::time::timeout(FIRST_ASK, spec.cli.show_proc()).await {
+        Ok(Ok(list)) if list.master.is_some() => Some(list),
+        _ => None,
     }
 }
 
@@ -266,10 +275,7 @@ fn hold(pid: u32, log: PathBuf, config_sha256: String) -> Result<Worker, String>
 /// What a start finds: the master's processes, each held by its pidfd. `None` when no master
 /// answers (the first launch then waits for one, or starts it).
 pub async fn find(spec: &MasterSpec) -> Option<Found> {
-    let list = tokio::time::timeout(FIRST_ASK, spec.cli.show_proc())
-        .await
-        .ok()?
-        .ok()?;
+    let list = ask_first(spec).await?;
     let master = list.master.as_ref()?;
     let master_handle = hold(master.pid, spec.log.clone(), String::new()).ok()?;
     let config_sha256 = std::fs::read(&spec.launch.config)

@@ -59,6 +59,16 @@ impl NodeCore {
             state,
             drained_at: d.drain.record.drained_at_ms.map(ms_to_rfc3339),
         };
+        if req.stop_when_drained == Some(true) && self.cfg.supervision.is_attached() {
+            return self.reply_err(
+                origin,
+                ErrorCode::Conflict,
+                "cannot drain with stop_when_drained: HAProxy's master is run by a service \
+                 manager, not by ebb; drain without it, then stop HAProxy there (systemctl stop \
+                 haproxy)"
+                    .into(),
+            );
+        }
         match &self.lifecycle {
             Lifecycle::Stopping(_) => {
                 return self.reply_err(

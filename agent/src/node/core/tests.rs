@@ -922,6 +922,27 @@ fn an_attached_master_is_never_stopped_stop_is_a_conflict_and_sigterm_detaches()
 }
 
 #[test]
+fn a_drain_asking_to_stop_an_attached_master_is_a_conflict_and_drains_nothing() {
+    // Found by the model: a drain carrying stop_when_drained would have signalled a master
+    // that the service manager runs, once drained.
+    let mut n = with_master(false);
+    let reply = n.ask(Request::Drain(DrainRequest {
+        stop_when_drained: Some(true),
+        ..DrainRequest::default()
+    }));
+    assert_eq!(code(&reply), Some(ErrorCode::Conflict), "{reply:?}");
+    assert!(
+        reply
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("service manager")),
+        "{reply:?}"
+    );
+    assert_eq!(n.core.state(), NodeState::Serving);
+    assert!(n.drain(0).ok, "a drain without it still runs");
+}
+
+#[test]
 fn an_owned_master_is_stopped_through_the_master_and_escalates_at_the_deadline() {
     let mut n = with_master(true);
     reload_ok(&mut n);
