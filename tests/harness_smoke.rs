@@ -347,13 +347,14 @@ fn agent_guard_with_a_stand_in_binary() {
 
     let dir = TestDir::new();
     // Stands in for `ebb agent --config PATH`: logs JSON lines, exits 3 on SIGHUP.
+    // The non-JSON line comes first, so it is in the log once "started" is seen.
     let script = dir.join("fake-ebb");
     std::fs::write(
         &script,
         r#"#!/bin/sh
 [ "$1 $2" = "agent --config" ] || exit 9
-echo "{\"level\":\"INFO\",\"fields\":{\"message\":\"started\",\"config\":\"$3\",\"x\":\"$EBB_X\"}}"
 echo "not json"
+echo "{\"level\":\"INFO\",\"fields\":{\"message\":\"started\",\"config\":\"$3\",\"x\":\"$EBB_X\"}}"
 trap 'echo "{\"fields\":{\"message\":\"hup\"}}"; exit 3' HUP
 while :; do sleep 0.01; done
 "#,
