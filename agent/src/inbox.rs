@@ -33,3 +33,19 @@ pub struct Summary {
     pub state: NodeState,
     pub drain_id: Option<String>,
 }
+
+/// Asks the node for its `status`, as a local observer does (the watchdog, `/metrics`,
+/// `/healthz`): `None` when the node's task is gone or does not answer within `timeout`. An answer
+/// proves that the node's loop is turning, not just that the process lives.
+pub async fn ask_status(
+    inputs: &tokio::sync::mpsc::Sender<Input>,
+    timeout: std::time::Duration,
+) -> Option<Reply> {
+    let (reply, answer) = oneshot::channel();
+    let command = Command::Status(ebb_sdk::command::StatusRequest::default());
+    let asked = async {
+        inputs.send(Input::Command { command, reply }).await.ok()?;
+        answer.await.ok()
+    };
+    tokio::time::timeout(timeout, asked).await.ok().flatten()
+}
