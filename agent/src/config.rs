@@ -62,6 +62,7 @@ pub struct Config {
     pub push: PushConfig,
     pub plugins: Vec<PluginConfig>,
     pub log: LogConfig,
+    pub control: ControlConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -346,6 +347,33 @@ impl Default for LogConfig {
     }
 }
 
+/// The local control socket: the bus's requests, one JSON object per line, with no NATS at all
+/// (`ebb ctl --local`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Where the socket is made (mode 0600, the agent's user); an empty path turns it off.
+    pub socket: PathBuf,
+}
+
+/// The control socket's default path, also `ebb ctl --local`'s.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ebb/ctl.sock";
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The socket's path, unless it is turned off.
+    pub fn socket(&self) -> Option<&Path> {
+        (!self.socket.as_os_str().is_empty()).then_some(self.socket.as_path())
+    }
+}
+
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .problems.join("\n"))]
@@ -580,6 +608,18 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
             problems.push(format!(
                 "{file}: plugins[{i}].name {:?} must match ^[A-Za-z0-9_-]{{1,64}}$",
                 plugin.name
+            ));
+        }
+    }
+
+    if let Some(socket) = config.control.socket() {
+        // sun_path holds 108 bytes with its NUL.
+        if !socket.is_absolute() || socket.as_os_str().len() > 107 {
+            problems.push(format!(
+                "{file}: control.socket {:?} must be an absolute path of at most 107 bytes; \
+                 set it to one (default {DEFAULT_CONTROL_SOCKET}), or to \"\" to turn the \
+                 control socket off",
+                socket.display()
             ));
         }
     }
@@ -875,6 +915,29 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(msg.contains("--config"), "{msg}");
+    }
+
+    #[test]
+    fn control_socket_defaults_turns_off_and_must_be_absolute() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(&fx.agent(""), &[]).expect("valid");
+        assert_eq!(
+            s.config.control.socket(),
+            Some(Path::new(DEFAULT_CONTROL_SOCKET))
+        );
+        let s = load_with(&fx.agent("[control]\nsocket = \"\"\n"), &[]).expect("valid");
+        assert_eq!(s.config.control.socket(), None);
+        let err =
+            load_with(&fx.agent("[control]\nsocket = \"ctl.sock\"\n"), &[]).expect_err("relative");
+        assert!(
+            err.to_string()
+                .contains("control.socket \"ctl.sock\" must be an absolute path"),
+            "{err}"
+        );
+        let long = format!("/{}", "s".repeat(120));
+        let err = load_with(&fx.agent(&format!("[control]\nsocket = \"{long}\"\n")), &[])
+            .expect_err("too long");
+        assert!(err.to_string().contains("107 bytes"), "{err}");
     }
 
     #[test]

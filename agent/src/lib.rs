@@ -9,6 +9,7 @@
 //! - [`drain`], [`reload`], [`backoff`]: plain state machines that decide; no I/O.
 //! - [`node`]: the one task that owns the node's state and carries decisions out.
 //! - [`bus`]: NATS: commands in, replies and events out (through a durable outbox), KV node state.
+//! - [`control`]: the local control socket: the bus's commands without NATS.
 //! - [`plugins`]: the plugin host: loads `[[plugins]]`, asks them about idleness, delivers hooks.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
 
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ctl;
 pub mod digest;
 pub mod drain;

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ebb_agent::bus::commands::CommandServer;
+use ebb_agent::bus::commands::{CommandServer, REQUEST_QUEUE};
 use ebb_agent::bus::connect;
 use ebb_agent::bus::outbox::Outbox;
 use ebb_agent::bus::publisher::{Publisher, PublisherReport, EVENTS_QUEUE};
 use ebb_agent::bus::refusals::Refusals;
+use ebb_agent::bus::service::CommandService;
 use ebb_agent::cli::{Cli, Commands, ConfigCommand, PluginCommand};
 use ebb_agent::config::{self, LogFormat, Settings};
+use ebb_agent::control::ControlSocket;
 use ebb_agent::inbox::{AgentSignal, Input, Summary};
 use ebb_agent::node::{Outcome, Shell};
 use ebb_sdk::status::NodeState;
@@ -204,18 +206,39 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         let publishing = tokio::spawn(publisher.run());
 
         // Commands are served (and queue up) before the node starts, so that once
-        // `agent_started` is out, the node answers.
+        // `agent_started` is out, the node answers. NATS and the control socket feed one command
+        // server: the same checks and one memory of request ids for both.
+        let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
         let commands = CommandServer {
+            node: settings.node_id().to_string(),
+            inputs: inputs_tx,
+            push_keys: cfg.push.keys.clone(),
+        };
+        tokio::spawn(commands.run(requests_rx));
+        if let Some(path) = cfg.control.socket() {
+            // Not fatal: NATS still commands the node, and a missing /run/ebb must not keep
+            // HAProxy unwatched.
+            match ControlSocket::bind(path) {
+                Ok(socket) => {
+                    tracing::info!("control socket: listening on {}", socket.path().display());
+                    tokio::spawn(socket.serve(
+                        cfg.nats.prefix.clone(),
+                        settings.node_id().to_string(),
+                        requests_tx.clone(),
+                    ));
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        let service = CommandService {
             client: client.clone(),
             prefix: cfg.nats.prefix.clone(),
             node: settings.node_id().to_string(),
             groups: cfg.node.groups.clone(),
-            inputs: inputs_tx,
-            push_keys: cfg.push.keys.clone(),
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = commands.run(ready_tx).await {
+            if let Err(e) = service.run(requests_tx, ready_tx).await {
                 tracing::error!("{e:#}");
             }
         });

@@ -54,8 +54,14 @@ impl AgentConfig {
             .set_str("drain", "poll_interval", "10ms")
             .set("drain", "ignore_frontends", r#"["stats"]"#)
             .set_str("log", "format", "json")
-            .set_str("log", "level", "info");
+            .set_str("log", "level", "info")
+            .set_path("control", "socket", &dir.join("ctl.sock"));
         cfg
+    }
+
+    /// The agent's control socket (`control.socket`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
     }
 
     /// Sets `[section] key = VALUE` where `value` is raw TOML (`"30s"` with quotes, `true`, `[…]`).

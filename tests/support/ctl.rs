@@ -39,3 +39,40 @@ pub async fn run_ctl(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Ct
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// A raw connection to an agent's control socket: one JSON request per line, one reply line each.
+pub struct ControlClient {
+    lines: tokio::io::BufReader<tokio::net::UnixStream>,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &std::path::Path) -> ControlClient {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the control socket {}: {e}", path.display()));
+        ControlClient {
+            lines: tokio::io::BufReader::new(stream),
+        }
+    }
+
+    /// Sends `line` (a newline is added) and returns the reply line, parsed.
+    pub async fn send_line(&mut self, line: &str) -> serde_json::Value {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        self.lines
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write to the control socket");
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(30), self.lines.read_line(&mut reply))
+            .await
+            .unwrap_or_else(|_| panic!("no reply to {line:?} within 30 s"))
+            .expect("read from the control socket");
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+    }
+
+    /// Sends `request` (a JSON object with `verb`).
+    pub async fn send(&mut self, request: serde_json::Value) -> serde_json::Value {
+        self.send_line(&request.to_string()).await
+    }
+}

@@ -1,25 +1,23 @@
-//! Serving commands: the agent registers as the NATS micro service `ebb` (queue group = node id, so
-//! every node answers group and fleet requests) with one endpoint per target: `P.node.<id>.*`,
-//! `P.group.<g>.*` for each group, and `P.all.*`.
+//! The command path, whatever the transport: each request is checked here (size, JSON, field
+//! bounds, verb), then by the [`Intake`] (repeated request id, expiry, requests in flight), then,
+//! for a push, by its signature, before it reaches the node task; nothing malformed or beyond the
+//! bounds gets further than an error reply (docs/PROTOCOL.md, "Request bounds").
 //!
-//! Each request is checked here (reply subject, size, JSON, field bounds, verb), then by the
-//! [`Intake`] (repeated request id, expiry, requests in flight) before it reaches the node task;
-//! nothing malformed or beyond the bounds gets further than an error reply (docs/PROTOCOL.md,
-//! "Request bounds").
+//! Requests come from the NATS micro service (`bus::service`) and from the local control socket
+//! (`control`) into one [`CommandServer`], so both get the same rules and share one memory of
+//! request ids: a retry on the socket of a request first sent over NATS acts once.
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use async_nats::service::{self, ServiceExt};
-use async_nats::Client;
+use async_nats::service;
 use bytes::Bytes;
 use ebb_sdk::command::{peek_request_id, Command};
 use ebb_sdk::reply::{ErrorCode, Reply};
-use futures::stream::{SelectAll, StreamExt};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::intake::{Admission, Intake, Ticket};
-use super::limits::{self, DroppedReplies};
+use super::limits;
 use super::push_auth;
 use crate::inbox::Input;
 
@@ -27,17 +25,49 @@ use crate::inbox::Input;
 /// controls.
 const MAX_MESSAGE_BYTES: usize = 1024;
 
+/// How many requests may wait for the command server: transports wait (they stop reading) when
+/// it is full, so a flood slows its sender and nothing else.
+pub const REQUEST_QUEUE: usize = 256;
+
 pub struct CommandServer {
-    pub client: Client,
-    pub prefix: String,
     pub node: String,
-    pub groups: Vec<String>,
     pub inputs: mpsc::Sender<Input>,
     /// `push.keys`: with any, a push must be signed by one of them for the subject it came on.
     pub push_keys: Vec<String>,
 }
 
-type Responder = service::Request;
+/// One request, from any transport.
+#[derive(Debug)]
+pub struct Request {
+    /// The subject it came on; a local request takes the node's own subject for its verb.
+    pub subject: String,
+    pub body: Bytes,
+    pub responder: Responder,
+}
+
+/// Where a request's reply goes.
+#[derive(Debug)]
+pub enum Responder {
+    Nats(Box<service::Request>),
+    /// The control socket's connection, which writes the reply as one line.
+    Local(mpsc::Sender<Bytes>),
+}
+
+impl Responder {
+    async fn respond(&self, bytes: Bytes) {
+        match self {
+            Responder::Nats(request) => {
+                if let Err(e) = request.respond(Ok(bytes)).await {
+                    tracing::debug!("cannot send a reply: {e}");
+                }
+            }
+            // The client may have gone: its reply has nowhere to go.
+            Responder::Local(connection) => {
+                let _ = connection.try_send(bytes);
+            }
+        }
+    }
+}
 
 /// Why a request was refused before it became a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,62 +79,20 @@ pub struct Refusal {
 }
 
 impl CommandServer {
-    /// Registers the service and serves requests. `ready` fires once the subscriptions are made
-    /// (and flushed to the server, when it is reachable).
-    pub async fn run(self, ready: tokio::sync::oneshot::Sender<()>) -> anyhow::Result<()> {
-        let mut metadata = std::collections::HashMap::new();
-        metadata.insert("node".to_string(), self.node.clone());
-        metadata.insert("groups".to_string(), self.groups.join(","));
-        let svc = self
-            .client
-            .service_builder()
-            .description("ebb node agent: status, reload, drain, undrain, stop")
-            .metadata(metadata)
-            .queue_group(&self.node)
-            .start(ebb_sdk::subject::SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot register the NATS micro service: {e}"))?;
-        let mut endpoints = SelectAll::new();
-        let mut targets = vec![(
-            "node".to_string(),
-            ebb_sdk::subject::node_wildcard(&self.prefix, &self.node),
-        )];
-        for g in &self.groups {
-            targets.push((
-                format!("group-{g}"),
-                ebb_sdk::subject::group_wildcard(&self.prefix, g),
-            ));
-        }
-        targets.push((
-            "all".to_string(),
-            ebb_sdk::subject::all_wildcard(&self.prefix),
-        ));
-        for (name, subject) in targets {
-            let ep = svc
-                .endpoint_builder()
-                .name(name)
-                .queue_group(&self.node)
-                .add(subject.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
-            endpoints.push(ep);
-        }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.client.flush()).await;
-        let _ = ready.send(());
-
+    /// Serves requests until every transport is gone.
+    pub async fn run(self, mut requests: mpsc::Receiver<Request>) {
         let mut intake: Intake<Responder> =
             Intake::new(&self.node, limits::MAX_IN_FLIGHT, limits::DEDUPE_BYTES);
-        let mut dropped = DroppedReplies::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Ticket, Bytes)>();
         loop {
             tokio::select! {
-                request = endpoints.next() => {
-                    let Some(request) = request else { return Ok(()) };
-                    self.on_request(request, &mut intake, &mut dropped, &done_tx).await;
+                request = requests.recv() => {
+                    let Some(request) = request else { return };
+                    self.on_request(request, &mut intake, &done_tx).await;
                 }
                 Some((ticket, reply)) = done_rx.recv() => {
                     for joined in intake.finish(ticket, reply.clone()) {
-                        respond(&joined, reply.clone()).await;
+                        joined.respond(reply.clone()).await;
                     }
                 }
             }
@@ -113,30 +101,17 @@ impl CommandServer {
 
     async fn on_request(
         &self,
-        mut request: Responder,
+        request: Request,
         intake: &mut Intake<Responder>,
-        dropped: &mut DroppedReplies,
         done: &mpsc::UnboundedSender<(Ticket, Bytes)>,
     ) {
-        if let Some(reply_to) = &request.message.reply {
-            if let Some(root) = limits::forbidden_reply_root(reply_to, &self.prefix) {
-                if let Some(count) = dropped.note(root, Instant::now()) {
-                    tracing::warn!(
-                        dropped = count,
-                        "dropped {count} request(s) whose reply subject is under `{root}` \
-                         (last: {reply_to} on {}): the agent never publishes there; reply to \
-                         an inbox such as _INBOX.>",
-                        request.message.subject
-                    );
-                }
-                return;
-            }
-        }
-        let subject = request.message.subject.to_string();
-        let verb = ebb_sdk::subject::verb_of(&subject).to_string();
-        // Taken out of the request: a responder that waits for the node keeps only where to reply.
-        let body = std::mem::take(&mut request.message.payload);
-        let command = match parse(&verb, &body) {
+        let Request {
+            subject,
+            body,
+            responder,
+        } = request;
+        let verb = ebb_sdk::subject::verb_of(&subject);
+        let command = match parse(verb, &body) {
             Ok(c) => c,
             Err(refusal) => {
                 let reply = Reply::failure(
@@ -145,19 +120,20 @@ impl CommandServer {
                     refusal.code,
                     refusal.message,
                 );
-                respond(&request, Bytes::from(reply.to_vec())).await;
+                responder.respond(Bytes::from(reply.to_vec())).await;
                 return;
             }
         };
         drop(body);
-        let (command, request, ticket) = match intake.admit(command, request, SystemTime::now()) {
+        let (command, responder, ticket) = match intake.admit(command, responder, SystemTime::now())
+        {
             Admission::Forward {
                 command,
                 responder,
                 ticket,
             } => (command, responder, ticket),
             Admission::Answer { responder, reply } => {
-                respond(&responder, reply).await;
+                responder.respond(reply).await;
                 return;
             }
             Admission::Joined => return,
@@ -176,8 +152,8 @@ impl CommandServer {
             ) {
                 tracing::warn!(%subject, "push refused: {}", refusal.message);
                 let (reply, joined) = intake.refuse(ticket, refusal.code, &refusal.message);
-                for r in std::iter::once(&request).chain(&joined) {
-                    respond(r, reply.clone()).await;
+                for r in std::iter::once(&responder).chain(&joined) {
+                    r.respond(reply.clone()).await;
                 }
                 return;
             }
@@ -203,8 +179,8 @@ impl CommandServer {
                 ),
             };
             let (reply, joined) = intake.refuse(ticket, code, message);
-            for r in std::iter::once(&request).chain(&joined) {
-                respond(r, reply.clone()).await;
+            for r in std::iter::once(&responder).chain(&joined) {
+                r.respond(reply.clone()).await;
             }
             return;
         }
@@ -220,10 +196,16 @@ impl CommandServer {
                 )
             });
             let bytes = Bytes::from(reply.to_vec());
-            respond(&request, bytes.clone()).await;
+            responder.respond(bytes.clone()).await;
             let _ = done.send((ticket, bytes));
         });
     }
+}
+
+/// The subject a local request of `verb` counts as coming on: the node's own, so a push signed
+/// for this node holds on the control socket too.
+pub fn local_subject(prefix: &str, node: &str, verb: &str) -> String {
+    ebb_sdk::subject::node_subject(prefix, node, verb)
 }
 
 /// Turns a request into a command, or says why it is refused. Checks what needs no state: the
@@ -262,12 +244,6 @@ fn clip(mut message: String) -> String {
         message.push('…');
     }
     message
-}
-
-async fn respond(request: &Responder, bytes: Bytes) {
-    if let Err(e) = request.respond(Ok(bytes)).await {
-        tracing::debug!("cannot send a reply: {e}");
-    }
 }
 
 #[cfg(test)]

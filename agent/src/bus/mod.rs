@@ -10,3 +10,4 @@ pub mod outbox;
 pub mod publisher;
 pub mod push_auth;
 pub mod refusals;
+pub mod service;

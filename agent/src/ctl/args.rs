@@ -64,6 +64,13 @@ pub struct ConnArgs {
     /// Print machine-readable JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Command the agent on this machine through its control socket, with no NATS at all (for
+    /// when NATS is down). Takes no --node, --group or --all.
+    #[arg(long, global = true)]
+    pub local: bool,
+    /// The agent's control socket (its control.socket), with --local.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_CONTROL_SOCKET)]
+    pub socket: PathBuf,
 }
 
 impl ConnArgs {
@@ -84,8 +91,9 @@ impl ConnArgs {
     }
 }
 
+/// Which nodes a verb goes to: one of the three over NATS; none with --local.
 #[derive(Debug, Args, Clone)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub struct Target {
     /// One node, by id.
     #[arg(long)]
@@ -99,6 +107,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether --node, --group or --all was given.
+    pub fn is_given(&self) -> bool {
+        self.node.is_some() || self.group.is_some() || self.all
+    }
+
     pub fn to_target(&self) -> ClientTarget {
         match (&self.node, &self.group) {
             (Some(n), _) => ClientTarget::Node(n.clone()),

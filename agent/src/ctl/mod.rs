@@ -11,9 +11,12 @@
 //! - `reload --max-parallel` rolls through the target in batches ([`rollout`]).
 //! - `push` sends a haproxy.cfg; a group or fleet push asks first.
 //! - `watch` streams events, from JetStream when it is there ([`watch`]).
+//! - `--local` sends the same commands to the agent on this machine through its control socket,
+//!   with no NATS at all ([`local`]).
 
 mod args;
 pub mod exit;
+mod local;
 mod output;
 mod preflight;
 mod reply_wait;
@@ -55,71 +58,93 @@ pub async fn run(args: CtlArgs) -> u8 {
 
 async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
     let CtlArgs { conn, verb } = args;
-    let local = preflight::check(&conn, &verb).await?;
+    let files = preflight::check(&conn, &verb).await?;
+    if conn.local {
+        return local::run(&conn, &verb, &files).await;
+    }
     let client = connect_client(&conn).await?;
+    if let CtlVerb::Watch(w) = &verb {
+        return Ok(watch::run(&client, &conn, w).await?);
+    }
+    let Some(target) = verb.target() else {
+        return Err(Failure::Usage(
+            "this verb needs --node, --group or --all".into(),
+        ));
+    };
+    let target = target.to_target();
+    let (mut command, work) = command_of(&verb, &files);
+    match (&verb, &mut command) {
+        (
+            CtlVerb::Reload {
+                max_parallel: Some(parallel),
+                continue_on_error,
+                ..
+            },
+            Command::Reload(req),
+        ) => {
+            return Ok(rollout::run(
+                &client,
+                &conn,
+                &target,
+                req.clone(),
+                *parallel,
+                *continue_on_error,
+            )
+            .await?)
+        }
+        (
+            CtlVerb::Drain {
+                wait: Some(wait_for),
+                ..
+            },
+            Command::Drain(req),
+        ) => return Ok(wait::run(&client, &conn, &target, req.clone(), wait_for.0).await?),
+        (_, Command::Push(req)) => {
+            // Signed for the one subject this push is published on.
+            let subject = target.subject(client.prefix(), Verb::Push.as_str());
+            sign(req, &files, &subject)?;
+        }
+        _ => {}
+    }
+    fan_out(&client, &conn, &target, &command, work).await
+}
 
-    let (command, work) = match &verb {
-        CtlVerb::Watch(w) => return Ok(watch::run(&client, &conn, w).await?),
-        CtlVerb::Status { .. } => (
+/// The command a verb sends, and the work its reply waits for. Watch sends none (it gets
+/// `status`, never sent).
+fn command_of(verb: &CtlVerb, files: &preflight::Local) -> (Command, Work) {
+    match verb {
+        CtlVerb::Watch(_) | CtlVerb::Status { .. } => (
             Command::Status(StatusRequest {
                 requester: Some(requester()),
                 ..StatusRequest::default()
             }),
             Work::None,
         ),
-        CtlVerb::Reload {
-            common,
-            max_parallel,
-            continue_on_error,
-            target,
-            ..
-        } => {
-            let req = ReloadRequest {
+        CtlVerb::Reload { common, .. } => (
+            Command::Reload(ReloadRequest {
                 request_id: common.request_id.clone(),
                 requester: Some(requester()),
                 reason: common.reason.clone(),
                 sent_at: Some(now()),
                 ..ReloadRequest::default()
-            };
-            if let Some(parallel) = max_parallel {
-                let target = target.to_target();
-                return Ok(rollout::run(
-                    &client,
-                    &conn,
-                    &target,
-                    req,
-                    *parallel,
-                    *continue_on_error,
-                )
-                .await?);
-            }
-            (Command::Reload(req), Work::Reload)
-        }
-        CtlVerb::Push { common, target, .. } => {
-            let text = local.pushed.unwrap_or_default();
+            }),
+            Work::Reload,
+        ),
+        CtlVerb::Push { common, .. } => {
+            let text = files.pushed.clone().unwrap_or_default();
             let sha = crate::digest::sha256_hex(text.as_bytes());
-            let sent_at = now();
-            let mut req = PushRequest {
-                request_id: common.request_id.clone(),
-                requester: Some(requester()),
-                reason: common.reason.clone(),
-                sent_at: Some(sent_at.clone()),
-                config_sha256: Some(sha.clone()),
-                config: Some(text),
-                ..PushRequest::default()
-            };
-            if let Some(seed) = &local.seed {
-                // Signed for the one subject this push is published on.
-                let subject = target
-                    .to_target()
-                    .subject(client.prefix(), Verb::Push.as_str());
-                req.signature = Some(
-                    ebb_sdk::push::sign(seed, &subject, &sent_at, &sha)
-                        .map_err(|e| Failure::Usage(format!("--sign-key: {e}")))?,
-                );
-                req.ttl_ms = Some(SIGNED_TTL_MS);
-            }
-            (Command::Push(req), Work::Push)
+            (
+                Command::Push(PushRequest {
+                    request_id: common.request_id.clone(),
+                    requester: Some(requester()),
+                    reason: common.reason.clone(),
+                    sent_at: Some(now()),
+                    config_sha256: Some(sha),
+                    config: Some(text),
+                    ..PushRequest::default()
+                }),
+                Work::Push,
+            )
         }
         CtlVerb::Drain {
             common,
@@ -127,11 +152,9 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
             deadline,
             stop_when_drained,
             drain_id,
-            wait,
-            target,
             ..
-        } => {
-            let req = DrainRequest {
+        } => (
+            Command::Drain(DrainRequest {
                 request_id: common.request_id.clone(),
                 requester: Some(requester()),
                 reason: common.reason.clone(),
@@ -141,12 +164,9 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
                 deadline_ms: deadline.map(|d| d.0.as_millis() as u64),
                 stop_when_drained: stop_when_drained.then_some(true),
                 ..DrainRequest::default()
-            };
-            if let Some(wait_for) = wait {
-                return Ok(wait::run(&client, &conn, &target.to_target(), req, wait_for.0).await?);
-            }
-            (Command::Drain(req), Work::None)
-        }
+            }),
+            Work::None,
+        ),
         CtlVerb::Undrain {
             common, drain_id, ..
         } => (
@@ -177,13 +197,23 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
                 timeout: stop_timeout.map(|d| d.0),
             },
         ),
+    }
+}
+
+/// Signs a push with `--sign-key`, when given, for the subject it goes to.
+fn sign(req: &mut PushRequest, files: &preflight::Local, subject: &str) -> Result<(), Failure> {
+    let Some(seed) = &files.seed else {
+        return Ok(());
     };
-    let Some(target) = verb.target() else {
-        return Err(Failure::Usage(
-            "this verb needs --node, --group or --all".into(),
-        ));
+    let (Some(sent_at), Some(sha)) = (&req.sent_at, &req.config_sha256) else {
+        return Ok(());
     };
-    fan_out(&client, &conn, &target.to_target(), &command, work).await
+    req.signature = Some(
+        ebb_sdk::push::sign(seed, subject, sent_at, sha)
+            .map_err(|e| Failure::Usage(format!("--sign-key: {e}")))?,
+    );
+    req.ttl_ms = Some(SIGNED_TTL_MS);
+    Ok(())
 }
 
 /// Sends `command` to `target` and prints what came back. For work with limits, a status

@@ -18,6 +18,15 @@ pub struct Local {
 
 /// Checks the command line and reads the files it names.
 pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Local, Failure> {
+    if conn.local {
+        local_only(verb).map_err(Failure::Usage)?;
+    } else if verb.target().is_some_and(|t| !t.is_given()) {
+        return Err(Failure::Usage(
+            "this verb needs --node, --group or --all, or --local for the agent on this machine \
+             (nothing was sent)"
+                .into(),
+        ));
+    }
     match verb {
         CtlVerb::Watch(w) => validate_ids(&w.node, &w.group),
         _ => verb
@@ -65,6 +74,31 @@ pub async fn check(conn: &ConnArgs, verb: &CtlVerb) -> Result<Local, Failure> {
         confirm(&question)?;
     }
     Ok(local)
+}
+
+/// What `--local` cannot do: it commands the one agent on this machine, and has no events.
+fn local_only(verb: &CtlVerb) -> Result<(), String> {
+    match verb {
+        CtlVerb::Watch(_) => Err(
+            "watch follows events over NATS, which --local does not use; poll `ebb ctl --local \
+             status` instead (nothing was sent)"
+                .into(),
+        ),
+        CtlVerb::Reload {
+            max_parallel: Some(_),
+            ..
+        } => Err(
+            "--max-parallel rolls through nodes over NATS; --local reloads this node only: drop \
+             one of them (nothing was sent)"
+                .into(),
+        ),
+        _ if verb.target().is_some_and(|t| t.is_given()) => Err(
+            "--local commands the agent on this machine: drop --node, --group and --all, or \
+             drop --local to go through NATS (nothing was sent)"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Ids become subject tokens: a `.`, `*` or `>` would address other nodes than the one named.
