@@ -184,3 +184,63 @@ async fn ctl_local_refuses_what_it_cannot_do_and_names_the_socket_it_cannot_reac
         run.stderr
     );
 }
+
+/// Runs examples/systemd/ebb-stop as systemd's ExecStop would, for `node`'s agent, in `mode`.
+async fn ebb_stop(node: &NodeFixture, mode: &str) -> std::process::Output {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/systemd/ebb-stop");
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg(script)
+        .env("MAINPID", node.agent.pid().to_string())
+        .env("EBB_BIN", ebb_bin())
+        .env("EBB_CTL_SOCKET", node.config.control_socket())
+        .env("EBB_SHUTDOWN_DRAIN", "30s")
+        .env("EBB_STOP_MODE", mode)
+        .kill_on_drop(true);
+    tokio::time::timeout(CTL_LIMIT, cmd.output())
+        .await
+        .expect("ebb-stop ends")
+        .expect("run ebb-stop")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_ebb_stop_drains_then_stops_haproxy_without_cutting_a_request() {
+    let mut node = NodeFixture::builder().start().await;
+    let slow = spawn_get(node.port(), "/slow?ms=3000");
+    node.wait_conns(1).await;
+
+    let out = ebb_stop(&node, "shutdown").await;
+    assert!(out.status.success(), "ebb-stop: {out:?}");
+    full_200(slow, "slept 3000 ms\n").await;
+    node.events
+        .wait_kind("drained", |b| b["forced"] == false)
+        .await;
+    let exit = node.agent.wait_exit(node.timeout());
+    assert!(
+        exit.success(),
+        "the agent stopped HAProxy and exited 0: {exit}"
+    );
+    assert_eq!(
+        node.haproxy_pids().await,
+        Vec::<u32>::new(),
+        "HAProxy stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_restart_ebb_stop_leaves_haproxy_serving_for_the_next_agent() {
+    let mut node = NodeFixture::builder().start().await;
+    let pid = node.serving_pid().await.expect("a worker serves");
+    let out = ebb_stop(&node, "restart").await;
+    assert!(out.status.success(), "ebb-stop: {out:?}");
+    let exit = node.agent.wait_exit(node.timeout());
+    assert!(exit.success(), "{exit}");
+    node.assert_serves().await;
+    node.restart_agent();
+    node.wait_serving().await;
+    assert_eq!(
+        node.serving_pid().await,
+        Some(pid),
+        "adopted, not restarted"
+    );
+}

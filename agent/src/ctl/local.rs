@@ -49,7 +49,13 @@ pub async fn run(conn: &ConnArgs, verb: &CtlVerb, files: &preflight::Local) -> R
     {
         return wait_drained(&mut socket, conn, reply, wait_for.0).await;
     }
-    output::print_replies(conn.json, verb_name, std::slice::from_ref(&reply), &[], wait);
+    output::print_replies(
+        conn.json,
+        verb_name,
+        std::slice::from_ref(&reply),
+        &[],
+        wait,
+    );
     Ok(exit::for_replies(&[reply], &[]))
 }
 
