@@ -211,3 +211,51 @@ async fn a_metrics_port_in_use_is_logged_and_the_node_serves_on() {
     node.assert_serves().await;
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_checks_are_timed_and_their_errors_counted_per_plugin() {
+    let node = NodeFixture::builder()
+        .plugins_toml(|dir| {
+            let idle = plugin_toml(
+                "quick",
+                &cdylib("ebb_plugin_exec"),
+                "2s",
+                "{ command = [\"sh\", \"-c\", \"exit 0\"], interval = \"0s\" }",
+            );
+            // Not loadable: every check fails; `on_error = "idle"` lets the drain finish anyway.
+            let gone = plugin_toml("gone", &dir.join("missing.so"), "2s", "{}");
+            format!("{idle}\n{gone}on_error = \"idle\"\n")
+        })
+        .start()
+        .await;
+    node.ok("drain", json!({"drain_id": "p1", "min_period_ms": 0}))
+        .await;
+    node.events.drained("p1").await;
+    let s = scrape_until(&node, "both plugins checked", |s| {
+        s.get(
+            "ebb_plugin_check_duration_seconds_count",
+            &[("plugin", "quick")],
+        ) >= 1.0
+            && s.get("ebb_plugin_check_errors_total", &[("plugin", "gone")]) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        s.get("ebb_plugin_check_errors_total", &[("plugin", "quick")]),
+        0.0,
+        "{s:#?}"
+    );
+    assert!(
+        s.get(
+            "ebb_plugin_check_duration_seconds_count",
+            &[("plugin", "gone")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        s.value("ebb_plugin_healthy", &[("plugin", "quick")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        s.value("ebb_plugin_healthy", &[("plugin", "gone")]),
+        Some(0.0)
+    );
+}

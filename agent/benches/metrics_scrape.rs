@@ -98,7 +98,8 @@ fn realistic() -> Metrics {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
