@@ -156,7 +156,6 @@ async fn end_to_end() {
     tokio::time::sleep(SETTLE).await;
     let idle_on = rss_kib(on.agent.pid());
     let idle_off = rss_kib(off.agent.pid());
-    drop(off);
 
     let port = on.metrics_port();
     let scrapes = count("EBB_BENCH_SCRAPES", 1000);
@@ -178,19 +177,30 @@ async fn end_to_end() {
     );
     let after_scrapes = rss_kib(on.agent.pid());
 
+    // The same reloads on both agents, side by side: what the agent grows by on its own is
+    // not charged to metrics.
     let reloads = count("EBB_BENCH_RELOADS", 1000);
-    for i in 0..reloads {
-        on.ok("reload", json!({})).await;
-        if i % 10 == 0 {
-            http_request(port, "/metrics", true, on.timeout())
-                .await
-                .expect("GET /metrics");
+    let with_metrics = async {
+        for i in 0..reloads {
+            on.ok("reload", json!({})).await;
+            if i % 10 == 0 {
+                http_request(port, "/metrics", true, on.timeout())
+                    .await
+                    .expect("GET /metrics");
+            }
         }
-    }
+    };
+    let without = async {
+        for _ in 0..reloads {
+            off.ok("reload", json!({})).await;
+        }
+    };
+    tokio::join!(with_metrics, without);
     let scrape = on.scrape().await;
     let counted = scrape.get("ebb_reloads_total", &[("result", "ok")]);
     tokio::time::sleep(SETTLE).await;
     let after_reloads = rss_kib(on.agent.pid());
+    let after_reloads_off = rss_kib(off.agent.pid());
     println!();
     println!("| agent RSS (VmRSS) | value |");
     println!("|---|---|");
@@ -198,7 +208,11 @@ async fn end_to_end() {
     println!("| idle, metrics on (no scrape yet) | {} |", mib(idle_on));
     println!("| after {scrapes} scrapes | {} |", mib(after_scrapes));
     println!(
-        "| after {reloads} reloads ({counted} counted) and {} more scrapes | {} |",
+        "| after {reloads} reloads, `metrics.listen = \"\"` | {} |",
+        mib(after_reloads_off)
+    );
+    println!(
+        "| after {reloads} reloads ({counted} counted) and {} more scrapes, metrics on | {} |",
         reloads.div_ceil(10),
         mib(after_reloads)
     );
