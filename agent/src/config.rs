@@ -63,6 +63,7 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     pub log: LogConfig,
     pub control: ControlConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -367,10 +368,33 @@ impl Default for ControlConfig {
     }
 }
 
+/// `/metrics` and `/healthz` (README.md, "Metrics").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT` to serve on; `""` turns the server off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9310".into(),
+        }
+    }
+}
+
 impl ControlConfig {
     /// The socket's path, unless it is turned off.
     pub fn socket(&self) -> Option<&Path> {
         (!self.socket.as_os_str().is_empty()).then_some(self.socket.as_path())
+    }
+}
+
+impl MetricsConfig {
+    /// The address to serve on; `None` when turned off (or not an address, which load refuses).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.trim().parse().ok()
     }
 }
 
@@ -563,6 +587,12 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
     if config.haproxy.startup_timeout.is_zero() {
         problems.push(format!(
             "{file}: haproxy.startup_timeout must be more than 0s; the default is \"30s\""
+        ));
+    }
+    if !config.metrics.listen.trim().is_empty() && config.metrics.addr().is_none() {
+        problems.push(format!(
+            "{file}: metrics.listen {:?} is not an IP:PORT address; write it like \"127.0.0.1:9310\" or \"[::1]:9310\", or \"\" to turn metrics off",
+            config.metrics.listen
         ));
     }
     if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
@@ -853,6 +883,28 @@ mod tests {
             Ok(_) => panic!("expected an error for {body:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn metrics_listen_defaults_on_can_be_turned_off_and_a_bad_one_is_named() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(&fx.agent(""), &[]).expect("valid");
+        assert_eq!(
+            s.config.metrics.addr(),
+            Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9310)))
+        );
+        let s = load_with(&fx.agent("[metrics]\nlisten = \"\"\n"), &[]).expect("off");
+        assert_eq!(s.config.metrics.addr(), None);
+        let s = load_with(&fx.agent(""), &[("EBB_METRICS__LISTEN", "[::1]:9400")]).expect("v6");
+        assert_eq!(s.config.metrics.addr().map(|a| a.port()), Some(9400));
+        for bad in ["localhost:9310", "127.0.0.1", "127.0.0.1:99999", "nope"] {
+            let msg = problems(&format!("[metrics]\nlisten = {bad:?}\n"), HAPROXY_CFG, &[]);
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            assert!(msg.contains("metrics.listen") && msg.contains(bad), "{msg}");
+            assert!(msg.contains("127.0.0.1:9310"), "{msg}");
+        }
+        let msg = problems("[metrics]\nenabled = false\n", HAPROXY_CFG, &[]);
+        assert!(msg.contains("enabled"), "{msg}");
     }
 
     #[test]

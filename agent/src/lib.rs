@@ -12,6 +12,7 @@
 //! - [`control`]: the local control socket: the bus's commands without NATS.
 //! - [`plugins`]: the plugin host: loads `[[plugins]]`, asks them about idleness, delivers hooks.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
+//! - [`metrics`]: `/metrics` and `/healthz`, from the node's events and its `status`.
 
 pub mod backoff;
 pub mod bus;
@@ -24,6 +25,7 @@ pub mod drain;
 pub mod events;
 pub mod haproxy;
 pub mod inbox;
+pub mod metrics;
 pub mod node;
 pub mod plugins;
 pub mod record;

@@ -178,6 +178,16 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         // Bounded: the publisher takes events into the outbox at once, so the node only waits
         // while the disk is slow, and the publisher never waits for the node.
         let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
+        let metrics = cfg
+            .metrics
+            .addr()
+            .map(|addr| (addr, Arc::new(ebb_agent::metrics::Metrics::new())));
+        // With metrics on, the node's events pass through a tee that counts them on the way to
+        // the publisher: the same bound, and the counting never waits.
+        let node_events_tx = match &metrics {
+            Some((_, m)) => tee_events(m.clone(), events_tx),
+            None => events_tx,
+        };
         let (report_tx, report_rx) = watch::channel(PublisherReport::default());
         let (inputs_tx, inputs_rx) = mpsc::channel(1024);
         let (summary_tx, summary_rx) = watch::channel(Summary {
@@ -205,6 +215,21 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         };
         let publishing = tokio::spawn(publisher.run());
 
+        // Set once the control socket serves: /healthz counts the node as commandable through it
+        // while NATS is away.
+        let control_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some((addr, m)) = &metrics {
+            ebb_agent::metrics::server::spawn(
+                *addr,
+                m.clone(),
+                ebb_agent::metrics::server::Sources {
+                    inputs: inputs_tx.clone(),
+                    publisher: report_rx.clone(),
+                    nats: client.clone(),
+                    control_socket_up: control_up.clone(),
+                },
+            );
+        }
         // Commands are served (and queue up) before the node starts, so that once
         // `agent_started` is out, the node answers. NATS and the control socket feed one command
         // server: the same checks and one memory of request ids for both.
@@ -221,6 +246,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             match ControlSocket::bind(path) {
                 Ok(socket) => {
                     tracing::info!("control socket: listening on {}", socket.path().display());
+                    control_up.store(true, std::sync::atomic::Ordering::Relaxed);
                     tokio::spawn(socket.serve(
                         cfg.nats.prefix.clone(),
                         settings.node_id().to_string(),
@@ -249,10 +275,13 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         for p in problems {
             tracing::error!("{p}");
         }
+        if let Some((_, m)) = &metrics {
+            plugins.observe_checks(m.clone());
+        }
         let node = Shell::start(
             settings.clone(),
             boot_id.clone(),
-            events_tx,
+            node_events_tx,
             report_rx,
             summary_tx,
             plugins.clone(),
@@ -272,6 +301,24 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// A sender for the node whose events are counted by `metrics`, then handed to `publisher` in
+/// order. It ends when the node drops the sender, which then closes the publisher's intake.
+fn tee_events(
+    metrics: Arc<ebb_agent::metrics::Metrics>,
+    publisher: mpsc::Sender<ebb_sdk::event::Event>,
+) -> mpsc::Sender<ebb_sdk::event::Event> {
+    let (tx, mut rx) = mpsc::channel(EVENTS_QUEUE);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            metrics.record(&event);
+            if publisher.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
 }
 
 fn spawn_signal_handler(inputs: mpsc::Sender<Input>) -> anyhow::Result<()> {

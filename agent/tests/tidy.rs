@@ -67,7 +67,9 @@ const RULES: &[Rule] = &[
     (&["haproxy/cfg_syntax.rs", "haproxy/push_policy.rs"], IO_AND_RUNTIME, Some(&["haproxy::cfg_syntax"])),
     (&["haproxy/"], &["async_nats", "crate::bus", "crate::node", "crate::plugins", "crate::ctl", "crate::inbox"], ANY),
     (&["bus/"], &["crate::node", "crate::haproxy", "crate::plugins"], ANY),
-    (&["plugins/"], &["crate::node", "crate::bus", "crate::haproxy"], ANY),
+    (&["plugins/"], &["crate::node", "crate::bus", "crate::haproxy", "crate::metrics", "prometheus_client"], ANY),
+    (&["metrics/"], &["crate::node", "crate::haproxy", "crate::ctl"], ANY),
+    (&["metrics/mod.rs"], &["tokio", "async_nats", "hyper", "hyper_util"], ANY),
     (&["ctl/"], &["crate::node", "crate::haproxy", "crate::plugins"], ANY),
     (&["state_file.rs"], &[], Some(&["record", "drain"])),
     // main.rs, the binary, is the one place that wires the node up.

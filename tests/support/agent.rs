@@ -24,7 +24,7 @@ use super::{tail, try_wait_for, Signal};
 /// Defaults, chosen for tests: node id `node-1`, prefix `ebb`, haproxy from [`haproxy_bin`] on the
 /// given [`HaproxyConfig`] and its admin socket, `state_dir = DIR/state`, startup and stop
 /// timeouts `10s`, `min_period = "0s"`, `poll_interval = "10ms"`, `ignore_frontends = ["stats"]`,
-/// JSON logs at level `info`.
+/// JSON logs at level `info`, `metrics.listen` on a free port of 127.0.0.1.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     dir: PathBuf,
@@ -55,13 +55,25 @@ impl AgentConfig {
             .set("drain", "ignore_frontends", r#"["stats"]"#)
             .set_str("log", "format", "json")
             .set_str("log", "level", "info")
-            .set_path("control", "socket", &dir.join("ctl.sock"));
+            .set_path("control", "socket", &dir.join("ctl.sock"))
+            // Its own port: the default one would collide between tests running in parallel.
+            .set_str(
+                "metrics",
+                "listen",
+                &format!("127.0.0.1:{}", super::free_port()),
+            );
         cfg
     }
 
     /// The agent's control socket (`control.socket`).
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("ctl.sock")
+    }
+
+    /// The port of `metrics.listen`, when it is set to an address with one.
+    pub fn metrics_port(&self) -> Option<u16> {
+        let listen: String = serde_json::from_str(self.get("metrics", "listen")?).ok()?;
+        listen.rsplit_once(':')?.1.parse().ok()
     }
 
     /// Sets `[section] key = VALUE` where `value` is raw TOML (`"30s"` with quotes, `true`, `[…]`).

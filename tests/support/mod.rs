@@ -27,6 +27,7 @@ pub mod events;
 pub mod haproxy;
 pub mod http;
 pub mod master;
+pub mod metrics;
 pub mod nats;
 pub mod node;
 pub mod plugin;

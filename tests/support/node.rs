@@ -339,6 +339,23 @@ impl NodeFixture {
         self.haproxy.frontend_port()
     }
 
+    /// The agent's `metrics.listen` port; panics when metrics are off.
+    pub fn metrics_port(&self) -> u16 {
+        self.config
+            .metrics_port()
+            .expect("metrics.listen is set to an address")
+    }
+
+    /// `http://127.0.0.1:PORT` of the agent's `/metrics` and `/healthz`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_port())
+    }
+
+    /// `GET /metrics` on the agent, parsed (see [`super::metrics::Scrape`]).
+    pub async fn scrape(&self) -> super::metrics::Scrape {
+        super::metrics::scrape(self.metrics_port(), self.timeout).await
+    }
+
     /// The bytes of haproxy.cfg as they are on disk now.
     pub fn config_bytes(&self) -> Vec<u8> {
         std::fs::read(self.haproxy.path()).expect("read haproxy.cfg")

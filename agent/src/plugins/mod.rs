@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use ebb_sdk::plugin::{CheckContext, HookEvent, Verdict};
 use ebb_sdk::plugin::{CAP_CHECK_IDLE, CAP_EVENTS};
@@ -112,6 +112,21 @@ impl fmt::Display for PluginDisabled {
     }
 }
 
+/// How one idle check went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Idle,
+    Busy,
+    /// No verdict: an error, a timeout, or a plugin not loaded, disabled or shut down.
+    Failed,
+}
+
+/// Told of every idle check as it ends (the metrics), so that the host needs to know nothing of
+/// who watches. Called on the runtime: it must not block.
+pub trait CheckObserver: Send + Sync {
+    fn check_done(&self, plugin: &str, took: Duration, outcome: CheckOutcome);
+}
+
 /// The loaded plugins. Cheap to clone (shared); every method takes `&self`.
 #[derive(Clone)]
 pub struct PluginHost {
@@ -121,6 +136,7 @@ pub struct PluginHost {
 struct Inner {
     plugins: Vec<Entry>,
     disabled_rx: Mutex<Option<mpsc::UnboundedReceiver<PluginDisabled>>>,
+    observer: OnceLock<Arc<dyn CheckObserver>>,
 }
 
 struct Entry {
@@ -231,6 +247,7 @@ impl PluginHost {
             inner: Arc::new(Inner {
                 plugins,
                 disabled_rx: Mutex::new(disabled_rx),
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -249,6 +266,12 @@ impl PluginHost {
             .filter(|p| p.checks_idle())
             .map(|p| p.name.clone())
             .collect()
+    }
+
+    /// Tells `observer` of every idle check from now on. One observer per host: false (and
+    /// `observer` left out) when one was set already.
+    pub fn observe_checks(&self, observer: Arc<dyn CheckObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// The notices of plugins being disabled. Returns the receiver once; `None` afterwards.
@@ -285,13 +308,18 @@ impl PluginHost {
     ///
     /// `ctx.timeout_ms` is set per plugin. Plugins without the `check_idle` capability are left out.
     pub async fn check_idle(&self, ctx: &CheckContext) -> Vec<(String, Verdict)> {
+        let observer = self.inner.observer.get();
         let checks = self
             .inner
             .plugins
             .iter()
             .filter(|p| p.checks_idle())
             .map(|p| async move {
-                let verdict = p.check(ctx).await;
+                let started = Instant::now();
+                let (verdict, outcome) = p.check(ctx).await;
+                if let Some(observer) = observer {
+                    observer.check_done(&p.name, started.elapsed(), outcome);
+                }
                 (p.name.clone(), verdict)
             });
         futures::future::join_all(checks).await
@@ -396,22 +424,23 @@ impl Entry {
         }
     }
 
-    async fn check(&self, ctx: &CheckContext) -> Verdict {
+    async fn check(&self, ctx: &CheckContext) -> (Verdict, CheckOutcome) {
+        let failed = |verdict| (verdict, CheckOutcome::Failed);
         let l = match &self.state {
-            State::Failed(reason) => return self.failed(format!("not loaded: {reason}")),
+            State::Failed(reason) => return failed(self.failed(format!("not loaded: {reason}"))),
             State::Loaded(l) => l,
         };
         if let Some(reason) = l.health.disabled.get() {
-            return self.failed(format!("disabled: {reason}"));
+            return failed(self.failed(format!("disabled: {reason}")));
         }
         if l.health.shut_down.load(Ordering::Relaxed) {
-            return self.failed("shut down".into());
+            return failed(self.failed("shut down".into()));
         }
         let mut ctx = ctx.clone();
         ctx.timeout_ms = self.timeout.as_millis() as u64;
         let ctx = match serde_json::to_string(&ctx).map(CString::new) {
             Ok(Ok(c)) => c,
-            _ => return self.failed("cannot encode the check context".into()),
+            _ => return failed(self.failed("cannot encode the check context".into())),
         };
         let (tx, rx) = oneshot::channel();
         match self.call(l, Job::Check { ctx, reply: tx }, rx).await {
@@ -420,20 +449,22 @@ impl Entry {
                     tracing::info!(plugin = %self.name, "plugin {} answers again", self.name);
                 }
                 match verdict {
-                    Verdict::Busy(m) if m.trim().is_empty() => Verdict::Busy("busy".into()),
-                    Verdict::Busy(m) => Verdict::Busy(clip(m)),
-                    Verdict::Idle => Verdict::Idle,
+                    Verdict::Busy(m) if m.trim().is_empty() => {
+                        (Verdict::Busy("busy".into()), CheckOutcome::Busy)
+                    }
+                    Verdict::Busy(m) => (Verdict::Busy(clip(m)), CheckOutcome::Busy),
+                    Verdict::Idle => (Verdict::Idle, CheckOutcome::Idle),
                 }
             }
-            Ok(Err(e)) => self.unhealthy(l, format!("error: {}", clip(e))),
-            Err(Failure::Error(e)) => self.unhealthy(l, e),
-            Err(Failure::Timeout) => self.unhealthy(
+            Ok(Err(e)) => failed(self.unhealthy(l, format!("error: {}", clip(e)))),
+            Err(Failure::Error(e)) => failed(self.unhealthy(l, e)),
+            Err(Failure::Timeout) => failed(self.unhealthy(
                 l,
                 format!(
                     "no answer within {}",
                     humantime::format_duration(self.timeout)
                 ),
-            ),
+            )),
         }
     }
 
