@@ -328,3 +328,55 @@ async fn push_sends_a_config_that_the_node_installs_and_serves() {
         .expect("GET /");
     assert_eq!(response.header("x-ebb-config"), Some("v2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_context_names_the_server_and_flags_win_over_it() {
+    let node = NodeFixture::builder().start().await;
+    let live = node.nats_url().to_owned();
+    let dead = dead_url();
+    let config_home = TestDir::new();
+    let contexts = config_home.join("nats/context");
+    std::fs::create_dir_all(&contexts).expect("create nats/context");
+    // As `nats context add fleet --server URL` writes it: every field, the unset ones empty.
+    let context = serde_json::json!({
+        "description": "the test fleet",
+        "url": live,
+        "token": "", "user": "", "password": "", "creds": "", "nkey": "",
+        "cert": "", "key": "", "ca": "", "nsc": "", "jetstream_domain": "",
+        "tls_first": false,
+    });
+    std::fs::write(contexts.join("fleet.json"), context.to_string()).expect("write fleet.json");
+    std::fs::write(contexts.join("broken.json"), "{\"url\": ").expect("write broken.json");
+    let xdg = path_arg(config_home.path());
+    let env = [("XDG_CONFIG_HOME", xdg.as_str())];
+    let status = ["status", "--node", node.id()];
+
+    let mut args = vec!["--context", "fleet"];
+    args.extend_from_slice(&status);
+    let run = ctl_env(&args, &env).await;
+    assert_eq!(run.code, 0, "--context fleet: {run:?}");
+    assert!(run.stdout.contains("serving"), "{run:?}");
+
+    // NATS_CONTEXT, like the nats CLI.
+    let run = ctl_env(&status, &[env[0], ("NATS_CONTEXT", "fleet")]).await;
+    assert_eq!(run.code, 0, "NATS_CONTEXT=fleet: {run:?}");
+
+    // A flag wins over the context: --nats at a dead server goes there.
+    let mut args = vec!["--context", "fleet", "--nats", &dead];
+    args.extend_from_slice(&status);
+    let run = ctl_env(&args, &env).await;
+    assert_eq!(run.code, 3, "--nats over the context: {run:?}");
+    assert!(run.stderr.contains(&dead), "{run:?}");
+
+    // A missing or malformed context is a usage error naming its file, found before connecting.
+    for (name, says) in [("nope", "nope.json"), ("broken", "broken.json")] {
+        let mut args = vec!["--context", name, "--nats", &dead];
+        args.extend_from_slice(&status);
+        let run = ctl_env(&args, &env).await;
+        assert_eq!(run.code, 2, "--context {name}: {run:?}");
+        assert!(
+            run.stderr.contains(says) && run.stderr.contains("nothing was sent"),
+            "--context {name} names the file: {run:?}"
+        );
+    }
+}

@@ -45,6 +45,14 @@ pub enum Commands {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print a shell completion script to stdout.
+    ///
+    /// For example: `ebb completions bash > /etc/bash_completion.d/ebb`. The Debian package
+    /// installs them for bash, zsh and fish.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]

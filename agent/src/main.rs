@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ebb_agent::bus::commands::{CommandServer, REQUEST_QUEUE};
 use ebb_agent::bus::connect;
 use ebb_agent::bus::outbox::Outbox;
@@ -48,6 +48,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Commands::Completions { shell } => print_completions(shell),
         Commands::Plugin {
             command: PluginCommand::Inspect { path, json },
         } => ExitCode::from(ebb_agent::plugins::inspect::run(&path, json)),
@@ -80,6 +81,21 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Writes the whole script at once, so that a closed pipe (`ebb completions bash | head`) is an
+/// error message, not a panic halfway.
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ebb", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ebb completions {shell}: cannot write the script to stdout: {e}");
+            ExitCode::FAILURE
         }
     }
 }

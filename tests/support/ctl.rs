@@ -1,4 +1,4 @@
-//! Running the real `ebb ctl` as a script would: stdin never a terminal, none of the caller's
+//! Running the real `ebb ctl` (or another `ebb` subcommand) as a script would: stdin never a terminal, none of the caller's
 //! `EBB_*` or `NATS_*` variables (so only what a test passes reaches it), killed if it hangs.
 
 use std::process::Stdio;
@@ -15,9 +15,15 @@ pub struct CtlRun {
 /// Runs `ebb ctl ARGS…` with `env` as its only `EBB_*`/`NATS_*` variables; the test fails if the
 /// run outlives `limit`.
 pub async fn run_ctl(args: &[&str], env: &[(&str, &str)], limit: Duration) -> CtlRun {
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    run_ebb(&all, env, limit).await
+}
+
+/// Runs `ebb ARGS…` (any subcommand) the same way as [`run_ctl`].
+pub async fn run_ebb(args: &[&str], env: &[(&str, &str)], limit: Duration) -> CtlRun {
     let mut cmd = tokio::process::Command::new(super::ebb_bin());
-    cmd.arg("ctl")
-        .args(args)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -31,8 +37,8 @@ pub async fn run_ctl(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Ct
     cmd.envs(env.iter().copied());
     let out = tokio::time::timeout(limit, cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("ebb ctl {args:?} still running after {limit:?}"))
-        .expect("run ebb ctl");
+        .unwrap_or_else(|_| panic!("ebb {args:?} still running after {limit:?}"))
+        .expect("run ebb");
     CtlRun {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 pub use admin::{admin_command, haproxy_pids_for, kill_haproxy_for, show_info, show_info_pid};
 pub use agent::{log_message, toml_string, Agent, AgentConfig};
 pub use backend::Backend;
-pub use ctl::{run_ctl, ControlClient, CtlRun};
+pub use ctl::{run_ctl, run_ebb, ControlClient, CtlRun};
 pub use events::{Event, EventTap, EVENT_TIMEOUT};
 pub use haproxy::{check_config, haproxy_bin, Haproxy, HaproxyConfig, READY_TIMEOUT};
 pub use http::{

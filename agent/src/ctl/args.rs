@@ -15,18 +15,20 @@ pub struct CtlArgs {
     pub verb: CtlVerb,
 }
 
-/// Connection options. Like the `nats` CLI, each may come from a `NATS_*` variable; the agent's
-/// own `EBB_*` variables are not read.
+/// Connection options. Like the `nats` CLI, each may come from a `NATS_*` variable, or from a
+/// `nats` CLI context (`--context`); the agent's own `EBB_*` variables are not read.
+///
+/// They are listed apart from each verb's own options, under "Connection" in `--help`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection")]
 pub struct ConnArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        global = true,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats: String,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, global = true, env = "NATS_URL")]
+    pub nats: Option<String>,
+    /// A `nats` CLI context (~/.config/nats/context/NAME.json): its server and credentials, for
+    /// whatever the flags and NATS_* variables leave unset.
+    #[arg(long, global = true, env = "NATS_CONTEXT")]
+    pub context: Option<String>,
     /// Subject prefix the agents use.
     #[arg(long, global = true, default_value = ebb_sdk::subject::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -76,7 +78,10 @@ pub struct ConnArgs {
 impl ConnArgs {
     pub fn nats_config(&self) -> NatsConfig {
         NatsConfig {
-            url: self.nats.clone(),
+            url: self
+                .nats
+                .clone()
+                .unwrap_or_else(|| NatsConfig::default().url),
             prefix: self.prefix.clone(),
             creds: self.creds.clone(),
             nkey_seed: self.nkey.clone(),

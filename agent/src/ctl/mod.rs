@@ -15,6 +15,7 @@
 //!   with no NATS at all ([`local`]).
 
 mod args;
+mod context;
 pub mod exit;
 mod local;
 mod output;
@@ -25,7 +26,8 @@ mod table;
 mod wait;
 mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::time::SystemTime;
 
 use ebb_sdk::client::{Client, Target};
@@ -57,7 +59,15 @@ pub async fn run(args: CtlArgs) -> u8 {
 }
 
 async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
-    let CtlArgs { conn, verb } = args;
+    let CtlArgs { mut conn, verb } = args;
+    if let Some(name) = conn.context.clone() {
+        let env: HashMap<String, OsString> = ["XDG_CONFIG_HOME", "HOME"]
+            .into_iter()
+            .filter_map(|k| Some((k.to_string(), std::env::var_os(k)?)))
+            .collect();
+        let found = context::load(&name, &env).map_err(Failure::Usage)?;
+        context::apply(&mut conn, &found, env.get("HOME"));
+    }
     let files = preflight::check(&conn, &verb).await?;
     if conn.local {
         return local::run(&conn, &verb, &files).await;
@@ -288,7 +298,7 @@ async fn connect_client(conn: &ConnArgs) -> Result<Client, Failure> {
         .await
         .map_err(|e| {
             Failure::Unreachable(format!(
-                "cannot connect to NATS at {}: {e}; check --nats (or NATS_URL), that the server \
+                "cannot connect to NATS at {}: {e}; check --nats (or NATS_URL, or the --context), that the server \
                  runs, and the credentials",
                 cfg.url
             ))
