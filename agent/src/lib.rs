@@ -11,6 +11,7 @@
 //! - [`bus`]: NATS: commands in, replies and events out (through a durable outbox), KV node state.
 //! - [`plugins`]: the plugin host: loads `[[plugins]]`, asks them about idleness, delivers hooks.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
+//! - [`notify`]: systemd's `Type=notify`: readiness, status, the watchdog.
 
 pub mod backoff;
 pub mod bus;
@@ -23,6 +24,7 @@ pub mod events;
 pub mod haproxy;
 pub mod inbox;
 pub mod node;
+pub mod notify;
 pub mod plugins;
 pub mod record;
 pub mod reload;
