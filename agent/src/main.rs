@@ -237,7 +237,7 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             plugins.clone(),
         )
         .await?;
-        // Adoption or first start is done: READY=1 now, not before.
+        // READY=1 once the node is past `starting` (adoption or first start done), not before.
         ebb_agent::notify::spawn(notify_inputs, notify_summary);
         let outcome = node.run(inputs_rx).await;
         // Each plugin's instance is destroyed (within its timeout), so it can release what it holds.

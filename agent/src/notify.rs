@@ -98,11 +98,11 @@ impl Notifier {
     }
 }
 
-/// Starts telling systemd about the node, if it asked (`NOTIFY_SOCKET`): `READY=1` at once (call
-/// it once the node serves: adoption or first start done), then `STATUS=` on every change of
-/// `summary` and every probe, and `WATCHDOG=1` after each probe the node answered while systemd
-/// runs a watchdog for this process (`WATCHDOG_USEC`, `WATCHDOG_PID`). The task ends with the
-/// node (its summary sender dropped).
+/// Starts telling systemd about the node, if it asked (`NOTIFY_SOCKET`): `READY=1` once the node
+/// has left `starting` (adoption or first start done; call this once `Shell::start` returned),
+/// `STATUS=` on every change of `summary` and every probe, and `WATCHDOG=1` after each probe the
+/// node answered while systemd runs a watchdog for this process (`WATCHDOG_USEC`,
+/// `WATCHDOG_PID`). The task ends with the node (its summary sender dropped).
 pub fn spawn(inputs: mpsc::Sender<Input>, summary: watch::Receiver<Summary>) {
     let Some(notifier) = Notifier::from_env() else {
         return;
@@ -117,7 +117,6 @@ async fn run(
     inputs: mpsc::Sender<Input>,
     mut summary: watch::Receiver<Summary>,
 ) {
-    notifier.send(&[NotifyState::Ready]);
     let period = probe_period(watchdog);
     if let Some(timeout) = watchdog {
         tracing::info!(
@@ -142,6 +141,7 @@ async fn run(
         let current = summary.borrow_and_update().clone();
         for notice in notices.after_probe(answer.as_ref(), ping_due, &current) {
             match notice {
+                Notice::Ready => notifier.send(&[NotifyState::Ready]),
                 Notice::Status(text) => notifier.send(&[NotifyState::Status(&text)]),
                 Notice::Ping => notifier.send(&[NotifyState::Watchdog]),
             }
@@ -162,15 +162,18 @@ pub fn probe_period(watchdog: Option<Duration>) -> Duration {
 /// One notification to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
+    /// `READY=1`.
+    Ready,
     /// `STATUS=<text>`.
     Status(String),
     /// `WATCHDOG=1`.
     Ping,
 }
 
-/// What has been said already, so that `STATUS=` goes out only when it changed.
+/// What has been said already: `READY=1` goes out once, `STATUS=` only when it changed.
 #[derive(Debug, Default)]
 pub struct Notices {
+    ready: bool,
     last_status: Option<String>,
 }
 
@@ -178,21 +181,26 @@ impl Notices {
     /// What to send after a status probe. `answer` is the node's reply, `None` when it did not
     /// answer in time; `ping_due` says whether this probe was the watchdog's. Any reply (even an
     /// error) proves the node's loop turns, so it earns the ping; no reply earns none, and the
-    /// status then falls back to the last `summary` the node published.
+    /// status then falls back to the last `summary` the node published. `READY=1` comes first,
+    /// once the node is past `starting`: its first worker serves (or its start failed and is
+    /// retried, which `STATUS=` says), or adoption found the workers.
     pub fn after_probe(
         &mut self,
         answer: Option<&Reply>,
         ping_due: bool,
         summary: &Summary,
     ) -> Vec<Notice> {
-        let text = match answer {
-            Some(reply) => status_of(reply).map_or_else(
-                || summary_text(summary, true),
-                |status| status_text(&status),
-            ),
-            None => summary_text(summary, false),
+        let status = answer.and_then(status_of);
+        let state = status.as_ref().map_or(summary.state, |s| s.state);
+        let text = match (&status, answer) {
+            (Some(status), _) => status_text(status),
+            (None, answered) => summary_text(summary, answered.is_some()),
         };
         let mut out = Vec::new();
+        if !self.ready && state != NodeState::Starting {
+            self.ready = true;
+            out.push(Notice::Ready);
+        }
         if self.last_status.as_deref() != Some(text.as_str()) {
             self.last_status = Some(text.clone());
             out.push(Notice::Status(text));
@@ -445,7 +453,11 @@ mod tests {
         let serving = summary(NodeState::Serving, None);
         assert_eq!(
             notices.after_probe(Some(&reply(&status(NodeState::Serving))), true, &serving),
-            vec![Notice::Status("serving".into()), Notice::Ping]
+            vec![
+                Notice::Ready,
+                Notice::Status("serving".into()),
+                Notice::Ping
+            ]
         );
         // Unchanged: only the ping.
         assert_eq!(
@@ -456,6 +468,31 @@ mod tests {
         assert_eq!(
             notices.after_probe(Some(&reply(&status(NodeState::Serving))), false, &serving),
             vec![]
+        );
+    }
+
+    #[test]
+    fn ready_waits_until_the_node_is_past_starting_and_is_said_once() {
+        let mut notices = Notices::default();
+        let starting = summary(NodeState::Starting, None);
+        // Starting: the loop turns (so the watchdog is fed), but the node does not serve yet.
+        assert_eq!(
+            notices.after_probe(Some(&reply(&status(NodeState::Starting))), true, &starting),
+            vec![Notice::Status("starting".into()), Notice::Ping]
+        );
+        assert_eq!(
+            notices.after_probe(None, false, &starting),
+            vec![Notice::Status("starting, not answering".into())]
+        );
+        // A first start that failed is past starting too: it is retried, and STATUS says so.
+        let failed = summary(NodeState::Failed, None);
+        assert_eq!(
+            notices.after_probe(Some(&reply(&status(NodeState::Failed))), false, &failed),
+            vec![Notice::Ready, Notice::Status("failed".into())]
+        );
+        assert_eq!(
+            notices.after_probe(Some(&reply(&status(NodeState::Serving))), false, &failed),
+            vec![Notice::Status("serving".into())]
         );
     }
 
@@ -488,7 +525,11 @@ mod tests {
         let draining = summary(NodeState::Draining, Some("d-1"));
         assert_eq!(
             notices.after_probe(Some(&error), true, &draining),
-            vec![Notice::Status("draining (drain d-1)".into()), Notice::Ping]
+            vec![
+                Notice::Ready,
+                Notice::Status("draining (drain d-1)".into()),
+                Notice::Ping
+            ]
         );
     }
 

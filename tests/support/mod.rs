@@ -29,6 +29,7 @@ pub mod http;
 pub mod master;
 pub mod nats;
 pub mod node;
+pub mod notify;
 pub mod plugin;
 pub mod process;
 
@@ -54,6 +55,7 @@ pub use nats::{
 pub use node::{
     ebb_bin, Fleet, HiddenAdminSocket, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT,
 };
+pub use notify::{Notification, NotifySocket};
 pub use plugin::{cdylib, plugin_toml};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
