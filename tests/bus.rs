@@ -315,30 +315,6 @@ fn greets(port: u16) -> bool {
     BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
 }
 
-/// Every message of a JetStream stream, read through `$JS.API.STREAM.MSG.GET` (async-nats
-/// decodes it): subject, Msg-Id header, JSON body.
-async fn stream_messages(nc: &Client, stream: &str) -> Vec<(String, Option<String>, Value)> {
-    let js = async_nats::jetstream::new(nc.clone());
-    let info = request_json(nc, &format!("$JS.API.STREAM.INFO.{stream}"), "").await;
-    let first = info["state"]["first_seq"].as_u64().expect("first_seq");
-    let last = info["state"]["last_seq"].as_u64().expect("last_seq");
-    let stream = js.get_stream(stream).await.expect("get stream");
-    let mut out = Vec::new();
-    for seq in first.max(1)..=last {
-        let msg = stream
-            .get_raw_message(seq)
-            .await
-            .unwrap_or_else(|e| panic!("stream message {seq}: {e}"));
-        let msg_id = msg
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_string());
-        let body = serde_json::from_slice(&msg.payload).expect("stream message is JSON");
-        out.push((msg.subject.to_string(), msg_id, body));
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Every verb, as a third party sees it
 // ---------------------------------------------------------------------------------------------

@@ -25,37 +25,6 @@ fn node<'a>() -> NodeFixtureBuilder<'a> {
     })
 }
 
-/// Every message of `stream`: subject, Msg-Id header, JSON body, in stream order.
-async fn stream_messages(nc: &Client, stream: &str) -> Vec<(String, Option<String>, Value)> {
-    let js = jetstream::new(nc.clone());
-    let mut s = js
-        .get_stream(stream)
-        .await
-        .unwrap_or_else(|e| panic!("stream {stream}: {e}"));
-    let state = s
-        .info()
-        .await
-        .unwrap_or_else(|e| panic!("stream {stream} info: {e}"))
-        .state
-        .clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(msg) = s.get_raw_message(seq).await else {
-            continue;
-        };
-        let msg_id = msg
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_string());
-        let body = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-        out.push((msg.subject.to_string(), msg_id, body));
-    }
-    out
-}
-
 /// The Msg-Ids in `stream`, in stream order.
 async fn stream_ids(nc: &Client, stream: &str) -> Vec<String> {
     stream_messages(nc, stream)

@@ -13,6 +13,7 @@
 //! - [`plugins`]: the plugin host: loads `[[plugins]]`, asks them about idleness, delivers hooks.
 //! - [`events`], [`state_file`]: what the node publishes and what it persists.
 //! - [`metrics`]: `/metrics` and `/healthz`, from the node's events and its `status`.
+//! - [`notify`]: systemd's `Type=notify`: readiness, status, the watchdog.
 
 pub mod backoff;
 pub mod bus;
@@ -27,6 +28,7 @@ pub mod haproxy;
 pub mod inbox;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod plugins;
 pub mod record;
 pub mod reload;

@@ -217,6 +217,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
         let refusals = Refusals::default();
         let client =
             connect::connect_agent(&cfg.nats, settings.node_id(), refusals.clone()).await?;
+        // systemd's notifications probe the node like any other local observer.
+        let (notify_inputs, notify_summary) = (inputs_tx.clone(), summary_rx.clone());
         let publisher = Publisher {
             client: client.clone(),
             cfg: cfg.nats.clone(),
@@ -303,6 +305,8 @@ fn run_agent(settings: Settings) -> anyhow::Result<()> {
             plugins.clone(),
         )
         .await?;
+        // READY=1 once the node is past `starting` (adoption or first start done), not before.
+        ebb_agent::notify::spawn(notify_inputs, notify_summary);
         let outcome = node.run(inputs_rx).await;
         // Each plugin's instance is destroyed (within its timeout), so it can release what it holds.
         plugins.shutdown().await;
@@ -342,6 +346,7 @@ fn spawn_signal_handler(inputs: mpsc::Sender<Input>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
+    let notifier = ebb_agent::notify::Notifier::from_env();
     tokio::spawn(async move {
         loop {
             let sig = tokio::select! {
@@ -351,6 +356,10 @@ fn spawn_signal_handler(inputs: mpsc::Sender<Input>) -> anyhow::Result<()> {
                 _ = usr2.recv() => AgentSignal::Detach,
             };
             tracing::info!("signal received: {sig:?}");
+            // Every signal but SIGHUP ends the agent, whatever the node's state.
+            if let (Some(notifier), AgentSignal::Stop | AgentSignal::Detach) = (&notifier, sig) {
+                notifier.stopping();
+            }
             if inputs.send(Input::Signal(sig)).await.is_err() {
                 return;
             }

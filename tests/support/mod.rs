@@ -30,6 +30,7 @@ pub mod master;
 pub mod metrics;
 pub mod nats;
 pub mod node;
+pub mod notify;
 pub mod plugin;
 pub mod process;
 
@@ -50,11 +51,13 @@ pub use http::{
     Response, REQUEST_TIMEOUT,
 };
 pub use nats::{
-    client as nats_client, node_command, write_config as write_nats_config, NatsServer,
+    client as nats_client, node_command, stream_messages, write_config as write_nats_config,
+    NatsServer,
 };
 pub use node::{
     ebb_bin, Fleet, HiddenAdminSocket, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT,
 };
+pub use notify::{Notification, NotifySocket};
 pub use plugin::{cdylib, plugin_toml};
 pub use process::{
     cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
