@@ -167,7 +167,27 @@ fn spawn_test_panic_trigger() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc gives a thread that meets contention an arena of its own, up to 8 per core, and each
+/// keeps its high-water mark. The agent's blocking threads (state-file fsyncs, /proc counts) come
+/// and go, so after 1000 reloads it held about 2 MiB more than with two arenas
+/// (docs/BENCHMARKS.md, "Metrics"); it is not allocation-bound, so two are plenty. An operator's
+/// own `MALLOC_ARENA_MAX` wins: glibc read it at start, and it is left alone.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called before the agent starts any thread; mallopt only sets a parameter of
+        // the allocator, which applies to arenas made from now on.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn run_agent(settings: Settings) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     exit_on_panic();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
