@@ -13,10 +13,15 @@ const FLEET: usize = 20;
 /// `size` agents (`n00`, `n01`, …, all in group `g`, heartbeat 1 s), each with its own haproxy,
 /// on one nats-server; returns once every one of them is known to `ebb ctl`.
 async fn start_fleet(size: usize) -> Fleet {
+    start_fleet_beating(size, "1s").await
+}
+
+/// [`start_fleet`] with another heartbeat: a node's KV record stays fresh for three of them.
+async fn start_fleet_beating(size: usize, heartbeat: &str) -> Fleet {
     let ids: Vec<String> = (0..size).map(|i| format!("n{i:02}")).collect();
     let fleet = Fleet::start(&ids, |_, node| {
         node.agent(|cfg| {
-            cfg.groups(&["g"]).set_str("nats", "heartbeat", "1s");
+            cfg.groups(&["g"]).set_str("nats", "heartbeat", heartbeat);
         })
     })
     .await;
@@ -49,6 +54,12 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("ebb ctl printed no JSON ({e}):\n{out}"))
 }
 
+/// The node in a subject `<before><node><after>`.
+fn node_of(subject: &str, before: &str, after: &str) -> Option<String> {
+    let node = subject.strip_prefix(before)?.strip_suffix(after)?;
+    Some(node.to_string())
+}
+
 fn replies(out: &str) -> Vec<Value> {
     serde_json::from_str::<Value>(out)
         .ok()
@@ -57,8 +68,9 @@ fn replies(out: &str) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_reload_goes_batch_by_batch_and_every_node_ends_on_a_new_worker() {
+async fn rolling_reload_keeps_n_nodes_in_flight_and_every_node_ends_on_a_new_worker() {
     let fleet = start_fleet(FLEET).await;
+    let tap = EventTap::subscribe(&fleet.nc, "ebb.>").await;
     let before: Vec<u32> = fleet
         .nodes
         .iter()
@@ -86,11 +98,20 @@ async fn rolling_reload_goes_batch_by_batch_and_every_node_ends_on_a_new_worker(
     for r in results {
         assert_eq!(r["outcome"], "reloaded", "{r}");
     }
-    // 25% of 20 = 5 per batch: four batches of five, in node order.
+    // 25% of 20 = 5 at a time, started in node order: four groups of five.
     for batch in 1..=4u64 {
         let in_batch = results.iter().filter(|r| r["batch"] == batch).count();
         assert_eq!(in_batch, 5, "batch {batch}: {out}");
     }
+    // A node is in flight from its reload command to its `reloaded` event.
+    let in_flight = tap.max_in_flight(
+        |e| node_of(&e.subject, "ebb.node.", ".reload"),
+        |e| node_of(&e.subject, "ebb.event.", ".reloaded"),
+    );
+    assert!(
+        (2..=5).contains(&in_flight),
+        "{in_flight} nodes were reloading at once; --max-parallel 25% allows 5:\n{out}"
+    );
     for (node, old) in fleet.nodes.iter().zip(before) {
         let now = show_info_pid(&node.haproxy.admin_socket()).expect("pid");
         assert_ne!(now, old, "{} still runs its old worker", node.id());
@@ -160,10 +181,12 @@ const DEAD_NODE_TIMEOUT: &str = "10s";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what_follows() {
-    let mut fleet = start_fleet(FLEET).await;
-    // n02 dies: its KV record stays fresh for three heartbeats, so the rollout still expects it.
+    // Heartbeats of 10 s: the dead node's KV record stays fresh (30 s) through both rollouts.
+    let mut fleet = start_fleet_beating(FLEET, "10s").await;
+    // n02 dies: its KV record stays fresh for three heartbeats, so the rollouts still expect it.
     fleet.node_mut("n02").agent.kill9().expect("kill -9");
 
+    // One at a time: the dead node's failure is known before any later node starts.
     let (code, out) = ctl(
         &fleet,
         &[
@@ -171,7 +194,7 @@ async fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what
             "--group",
             "g",
             "--max-parallel",
-            "5",
+            "1",
             "--json",
             "--timeout",
             DEAD_NODE_TIMEOUT,
@@ -189,15 +212,11 @@ async fn a_node_that_dies_during_a_rollout_is_reported_and_the_flag_decides_what
             .unwrap_or_default()
     };
     assert_eq!(outcome("n02"), "no_reply", "{out}");
+    assert_eq!(outcome("n01"), "reloaded", "{out}");
     assert_eq!(
-        outcome("n00"),
-        "reloaded",
-        "the rest of the first batch went on: {out}"
-    );
-    assert_eq!(
-        outcome("n05"),
+        outcome("n03"),
         "skipped",
-        "the rollout stopped after the failed batch: {out}"
+        "the rollout stopped at the failed node: {out}"
     );
     assert_eq!(outcome("n19"), "skipped", "{out}");
 

@@ -294,6 +294,19 @@ impl Command {
         self.request().sent_at()
     }
 
+    /// Sets the idempotency key, e.g. before sending a command that may be retried.
+    pub fn set_request_id(&mut self, id: String) {
+        let slot = match self {
+            Command::Status(r) => &mut r.request_id,
+            Command::Reload(r) => &mut r.request_id,
+            Command::Drain(r) => &mut r.request_id,
+            Command::Undrain(r) => &mut r.request_id,
+            Command::Stop(r) => &mut r.request_id,
+            Command::Push(r) => &mut r.request_id,
+        };
+        *slot = Some(id);
+    }
+
     pub fn ttl_ms(&self) -> Option<u64> {
         self.request().ttl_ms()
     }

@@ -94,6 +94,32 @@ impl EventTap {
         }
     }
 
+    /// The most nodes that were at work at once, in the order the tap saw the messages: a node
+    /// starts at the first message `started` names it in, and ends at the first later message
+    /// `ended` names it in. For a tap on commands and events, such as `ebb.>`.
+    pub fn max_in_flight(
+        &self,
+        started: impl Fn(&Event) -> Option<String>,
+        ended: impl Fn(&Event) -> Option<String>,
+    ) -> usize {
+        let mut busy = std::collections::BTreeSet::new();
+        let mut done = std::collections::BTreeSet::new();
+        let mut most = 0;
+        for e in self.all() {
+            if let Some(node) = ended(&e) {
+                if busy.remove(&node) {
+                    done.insert(node);
+                }
+            } else if let Some(node) = started(&e) {
+                if !done.contains(&node) {
+                    busy.insert(node);
+                    most = most.max(busy.len());
+                }
+            }
+        }
+        most
+    }
+
     /// Sets the timeout of the waits that take none.
     pub fn with_timeout(mut self, timeout: Duration) -> EventTap {
         self.timeout = timeout;

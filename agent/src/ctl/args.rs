@@ -235,6 +235,13 @@ pub enum CtlVerb {
         /// Follow progress until every node is drained, at most this long (bare --wait: 1h).
         #[arg(long, value_parser = parse_dur, num_args = 0..=1, default_missing_value = "1h")]
         wait: Option<Dur>,
+        /// Roll through the nodes, at most N (or P%) draining at once: as soon as one is drained,
+        /// the next starts. Each node is waited for at most --wait (1h by default).
+        #[arg(long, value_parser = parse_parallel)]
+        max_parallel: Option<Parallel>,
+        /// Keep rolling after a node failed.
+        #[arg(long, requires = "max_parallel")]
+        continue_on_error: bool,
         /// Do not ask for confirmation (required to drain --all without a terminal).
         #[arg(long)]
         yes: bool,

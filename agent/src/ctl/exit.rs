@@ -53,9 +53,14 @@ impl From<ebb_sdk::client::ClientError> for Failure {
 /// The code for a fan-out's outcome: a failed node outweighs a silent one, and no reply at all
 /// is a timeout.
 pub fn for_replies(replies: &[Reply], missing: &[String]) -> u8 {
-    if replies.iter().any(|r| !r.ok) {
+    for_outcome(replies.iter().any(|r| !r.ok), replies.len(), missing.len())
+}
+
+/// [`for_replies`] from counts: whether any reply failed, how many came, how many are missing.
+pub fn for_outcome(failed: bool, answered: usize, missing: usize) -> u8 {
+    if failed {
         FAILED
-    } else if !missing.is_empty() || replies.is_empty() {
+    } else if missing > 0 || answered == 0 {
         TIMEOUT
     } else {
         OK

@@ -8,7 +8,8 @@
 //!   `$SRV.PING.ebb`). `reload` and `stop` wait as long as their work may take ([`reply_wait`]).
 //! - "No responders" from the server ends it at once: no agent of the target is connected.
 //! - `drain --wait` follows events (subscribed before sending) with a live progress view.
-//! - `reload --max-parallel` rolls through the target in batches ([`rollout`]).
+//! - `reload --max-parallel` and `drain --max-parallel` roll through the target, N nodes in
+//!   flight ([`rollout`]).
 //! - `push` sends a haproxy.cfg; a group or fleet push asks first.
 //! - `watch` streams events, from JetStream when it is there ([`watch`]).
 //! - `--local` sends the same commands to the agent on this machine through its control socket,
@@ -92,15 +93,39 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
             },
             Command::Reload(req),
         ) => {
+            let rolling = rollout::Rolling::Reload(req.clone());
             return Ok(rollout::run(
                 &client,
                 &conn,
                 &target,
-                req.clone(),
+                rolling,
                 *parallel,
                 *continue_on_error,
             )
-            .await?)
+            .await?);
+        }
+        (
+            CtlVerb::Drain {
+                max_parallel: Some(parallel),
+                continue_on_error,
+                wait,
+                ..
+            },
+            Command::Drain(req),
+        ) => {
+            let rolling = rollout::Rolling::Drain {
+                req: req.clone(),
+                wait: wait.map_or(rollout::DRAIN_WAIT, |w| w.0),
+            };
+            return Ok(rollout::run(
+                &client,
+                &conn,
+                &target,
+                rolling,
+                *parallel,
+                *continue_on_error,
+            )
+            .await?);
         }
         (
             CtlVerb::Drain {
@@ -243,48 +268,54 @@ async fn fan_out(
         let learnt = reply_wait::learn(client, target, &expected, margin).await?;
         if learnt.no_responders {
             let subject = target.subject(client.prefix(), command.verb().as_str());
-            output::no_responders(conn.json, &subject, client.prefix(), &missing_of(&expected));
+            let missing = silent(target, &expected, &BTreeSet::new());
+            output::no_responders(conn.json, &subject, client.prefix(), &missing);
             return Ok(exit::TIMEOUT);
         }
         expected = learnt.names();
         let limits: Vec<Limits> = expected.iter().map(|n| learnt.limits(n)).collect();
         reply_wait::for_fleet(work, &limits, margin)
     };
-    let gathered = client.gather(target, command, &expected, wait).await?;
-    if gathered.no_responders {
-        output::no_responders(
-            conn.json,
-            &gathered.subject,
-            client.prefix(),
-            &missing_of(&expected),
-        );
+    let mut collected = output::Collected::new(conn.json, command.verb().as_str());
+    let report = client
+        .gather_each(target, command, &expected, wait, |r| collected.take(r))
+        .await?;
+    if report.no_responders {
+        let missing = silent(target, &expected, &BTreeSet::new());
+        output::no_responders(conn.json, &report.subject, client.prefix(), &missing);
         return Ok(exit::TIMEOUT);
     }
-    let missing: Vec<String> = expected
-        .iter()
-        .filter(|n| !gathered.replies.iter().any(|r| &r.node == *n))
-        .cloned()
-        .collect();
-    output::print_replies(
-        conn.json,
-        command.verb().as_str(),
-        &gathered.replies,
-        &missing,
-        wait,
-    );
-    Ok(exit::for_replies(&gathered.replies, &missing))
+    let missing = silent(target, &expected, &report.answered);
+    collected.print(&missing, wait);
+    Ok(collected.exit_code(&missing))
 }
 
-/// The nodes a reply is expected from: the one node, or those discovery knows of.
+/// The nodes that should have answered and did not: the node of a node target, or the known
+/// nodes of a group or the fleet.
+fn silent(
+    target: &Target,
+    expected: &BTreeSet<String>,
+    answered: &BTreeSet<String>,
+) -> Vec<String> {
+    match target {
+        Target::Node(n) if !answered.contains(n) => vec![n.clone()],
+        Target::Node(_) => Vec::new(),
+        _ => expected.difference(answered).cloned().collect(),
+    }
+}
+
+/// The nodes known to exist among the target's: the node of a node target when KV has its
+/// record (then a fan-out waits for it while it moves between NATS servers), or the nodes
+/// discovery finds.
 async fn known_nodes(client: &Client, target: &Target) -> Result<BTreeSet<String>, Failure> {
     Ok(match target {
-        Target::Node(n) => BTreeSet::from([n.clone()]),
+        Target::Node(n) => client
+            .node_record(n)
+            .await
+            .map(|r| BTreeSet::from([r.node]))
+            .unwrap_or_default(),
         other => client.discover(other).await?,
     })
-}
-
-fn missing_of(expected: &BTreeSet<String>) -> Vec<String> {
-    expected.iter().cloned().collect()
 }
 
 async fn connect_client(conn: &ConnArgs) -> Result<Client, Failure> {

@@ -1,15 +1,132 @@
 //! How `ebb ctl` prints replies: a table for people, JSON for programs.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::time::Duration;
 
 use ebb_sdk::reply::Reply;
 use ebb_sdk::status::StatusResult;
+use serde::ser::SerializeSeq;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::table;
 
-/// Prints a fan-out's replies, and a row for each expected node that stayed silent within
-/// `waited`.
+/// What a fan-out keeps of each reply, as it comes: its JSON text for `--json`, else its table
+/// row, and whether it was ok. A fleet of thousands costs one row (or one compact JSON text) per
+/// node, never the decoded replies.
+pub struct Collected {
+    json: bool,
+    status: bool,
+    kept: BTreeMap<String, String>,
+    rows: BTreeMap<String, Vec<String>>,
+    failed: bool,
+}
+
+impl Collected {
+    pub fn new(json: bool, verb: &str) -> Self {
+        Collected {
+            json,
+            status: verb == "status",
+            kept: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            failed: false,
+        }
+    }
+
+    pub fn take(&mut self, reply: Reply) {
+        self.failed |= !reply.ok;
+        if self.json {
+            let text = serde_json::to_string(&reply).unwrap_or_default();
+            self.kept.insert(reply.node, text);
+        } else {
+            let row = if self.status {
+                status_row(&reply)
+            } else {
+                vec![reply.node.clone(), ok_word(&reply).into(), detail(&reply)]
+            };
+            self.rows.insert(reply.node, row);
+        }
+    }
+
+    pub fn answered(&self) -> usize {
+        self.kept.len() + self.rows.len()
+    }
+
+    pub fn exit_code(&self, missing: &[String]) -> u8 {
+        super::exit::for_outcome(self.failed, self.answered(), missing.len())
+    }
+
+    /// Prints the replies sorted by node, and a row for each expected node that stayed silent
+    /// within `waited`.
+    pub fn print(&self, missing: &[String], waited: Duration) {
+        if self.json {
+            let out = JsonOut {
+                replies: Replies(&self.kept),
+                missing,
+            };
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            if serde_json::to_writer_pretty(&mut lock, &out).is_ok() {
+                let _ = writeln!(lock);
+            }
+            return;
+        }
+        if self.rows.is_empty() && missing.is_empty() {
+            eprintln!(
+                "ebb ctl: no node answered within {}; check that the agents run and the --prefix",
+                fmt_wait(waited)
+            );
+            return;
+        }
+        let silent = format!("no reply within {}", fmt_wait(waited));
+        let mut t = if self.status {
+            table::with_header(&["NODE", "STATE", "PID", "OLD", "LAST RELOAD", "BLOCKERS"])
+        } else {
+            table::with_header(&["NODE", "OK", "DETAIL"])
+        };
+        for row in self.rows.values() {
+            t.add_row(row.clone());
+        }
+        for m in missing {
+            if self.status {
+                t.add_row(vec![
+                    m.as_str(),
+                    "UNREACHED",
+                    "-",
+                    "-",
+                    "-",
+                    silent.as_str(),
+                ]);
+            } else {
+                t.add_row(vec![m.as_str(), "NO REPLY", silent.as_str()]);
+            }
+        }
+        table::print(&t);
+    }
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    replies: Replies<'a>,
+    missing: &'a [String],
+}
+
+/// The kept replies, decoded one at a time as they are written.
+struct Replies<'a>(&'a BTreeMap<String, String>);
+
+impl Serialize for Replies<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for text in self.0.values() {
+            let value: Value = serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+            seq.serialize_element(&value)?;
+        }
+        seq.end()
+    }
+}
+
+/// Prints the replies of one node or a few, as a fan-out does.
 pub fn print_replies(
     json: bool,
     verb: &str,
@@ -17,31 +134,11 @@ pub fn print_replies(
     missing: &[String],
     waited: Duration,
 ) {
-    if json {
-        let out = json!({ "replies": replies, "missing": missing });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-        return;
+    let mut collected = Collected::new(json, verb);
+    for r in replies {
+        collected.take(r.clone());
     }
-    if replies.is_empty() && missing.is_empty() {
-        eprintln!(
-            "ebb ctl: no node answered within {}; check that the agents run and the --prefix",
-            fmt_wait(waited)
-        );
-        return;
-    }
-    let silent = format!("no reply within {}", fmt_wait(waited));
-    if verb == "status" {
-        print_status(replies, missing, &silent);
-    } else {
-        let mut t = table::with_header(&["NODE", "OK", "DETAIL"]);
-        for r in replies {
-            t.add_row(vec![r.node.clone(), ok_word(r).into(), detail(r)]);
-        }
-        for m in missing {
-            t.add_row(vec![m.as_str(), "NO REPLY", silent.as_str()]);
-        }
-        table::print(&t);
-    }
+    collected.print(missing, waited);
 }
 
 /// What to say when the server answered "no responders" to `subject`.
@@ -57,40 +154,32 @@ this server, and the subject prefix (--prefix, now {prefix:?})."
     );
 }
 
-fn print_status(replies: &[Reply], missing: &[String], silent: &str) {
-    let mut t = table::with_header(&["NODE", "STATE", "PID", "OLD", "LAST RELOAD", "BLOCKERS"]);
-    for r in replies {
-        let Some(Ok(s)) = r.result_as::<StatusResult>() else {
-            t.add_row(vec![
-                r.node.clone(),
-                ok_word(r).into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                detail(r),
-            ]);
-            continue;
-        };
-        let last = s.last_reload.map_or("-".to_string(), |l| {
-            format!(
-                "{} in {}ms",
-                if l.ok { "ok" } else { "FAILED" },
-                l.duration_ms
-            )
-        });
-        t.add_row(vec![
+fn status_row(r: &Reply) -> Vec<String> {
+    let Some(Ok(s)) = r.result_as::<StatusResult>() else {
+        return vec![
             r.node.clone(),
-            s.state.to_string(),
-            s.haproxy.pid.map_or("-".into(), |p| p.to_string()),
-            s.old_workers.len().to_string(),
-            last,
-            s.drain.map_or(String::new(), |d| blockers(&d.blockers)),
-        ]);
-    }
-    for m in missing {
-        t.add_row(vec![m.as_str(), "UNREACHED", "-", "-", "-", silent]);
-    }
-    table::print(&t);
+            ok_word(r).into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            detail(r),
+        ];
+    };
+    let last = s.last_reload.map_or("-".to_string(), |l| {
+        format!(
+            "{} in {}ms",
+            if l.ok { "ok" } else { "FAILED" },
+            l.duration_ms
+        )
+    });
+    vec![
+        r.node.clone(),
+        s.state.to_string(),
+        s.haproxy.pid.map_or("-".into(), |p| p.to_string()),
+        s.old_workers.len().to_string(),
+        last,
+        s.drain.map_or(String::new(), |d| blockers(&d.blockers)),
+    ]
 }
 
 pub fn blockers(list: &[ebb_sdk::status::Blocker]) -> String {

@@ -87,8 +87,12 @@ fn local_only(verb: &CtlVerb) -> Result<(), String> {
         CtlVerb::Reload {
             max_parallel: Some(_),
             ..
+        }
+        | CtlVerb::Drain {
+            max_parallel: Some(_),
+            ..
         } => Err(
-            "--max-parallel rolls through nodes over NATS; --local reloads this node only: drop \
+            "--max-parallel rolls through nodes over NATS; --local commands this node only: drop \
              one of them (nothing was sent)"
                 .into(),
         ),
