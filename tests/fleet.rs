@@ -271,3 +271,56 @@ async fn watch_replays_recent_history_from_the_stream() {
     assert_eq!(event["kind"], "reloaded");
     assert_eq!(event["node"], "n01");
 }
+
+/// The fleet size the scale test runs on this machine: every agent with its own small haproxy.
+const BIG_FLEET: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_agents_are_listed_and_drained_ten_at_a_time() {
+    let fleet = start_fleet_beating(BIG_FLEET, "5s").await;
+    let (code, out) = ctl(&fleet, &["status", "--all", "--json", "--timeout", "20s"]).await;
+    assert_eq!(code, 0, "status --all of {BIG_FLEET} agents:\n{out}");
+    let listed: Vec<String> = replies(&out)
+        .iter()
+        .filter_map(|r| r["node"].as_str().map(str::to_string))
+        .collect();
+    let ids: Vec<String> = fleet.nodes.iter().map(|n| n.id().to_string()).collect();
+    assert_eq!(listed, ids, "every agent, once, in node order");
+
+    let tap = EventTap::subscribe(&fleet.nc, "ebb.>").await;
+    let (code, out) = ctl(
+        &fleet,
+        &[
+            "drain",
+            "--all",
+            "--yes",
+            "--max-parallel",
+            "10",
+            "--wait",
+            "2m",
+            "--json",
+            "--timeout",
+            "20s",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "rolling drain of {BIG_FLEET} agents:\n{out}");
+    let results = json(&out);
+    let results = results.as_array().expect("array of node results");
+    assert_eq!(results.len(), BIG_FLEET, "{out}");
+    for r in results {
+        assert_eq!(r["outcome"], "drained", "{r}");
+    }
+    // A node is in flight from its drain command to its `drained` event.
+    let in_flight = tap.max_in_flight(
+        |e| node_of(&e.subject, "ebb.node.", ".drain"),
+        |e| node_of(&e.subject, "ebb.event.", ".drained"),
+    );
+    assert!(
+        (2..=10).contains(&in_flight),
+        "{in_flight} nodes were draining at once; --max-parallel 10 allows 10"
+    );
+    for node in &fleet.nodes {
+        assert_eq!(node.status().await["state"], "drained", "{}", node.id());
+    }
+}
