@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ebb_sdk::client::{Client, Target};
 use ebb_sdk::command::{Command, DrainRequest, StatusRequest};
 use ebb_sdk::event::EventBody;
-use ebb_sdk::reply::DrainResult;
+use ebb_sdk::reply::{DrainResult, Reply};
 use ebb_sdk::status::{NodeState, StatusResult};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -43,6 +43,11 @@ enum Progress {
 }
 
 const REFRESH: Duration = Duration::from_millis(500);
+/// Status asks per second a large drain may cost the fleet at most: events carry the outcome,
+/// `status` only the blockers on display, so a fleet of thousands is refreshed less often.
+const REFRESH_RATE: u32 = 200;
+/// Past this many nodes still draining, one fan-out to the target refreshes them all.
+const ASK_EACH_UP_TO: usize = 8;
 
 pub async fn run(
     client: &Client,
@@ -109,8 +114,8 @@ pub async fn run(
         && Instant::now() < deadline
     {
         if Instant::now() >= next_refresh {
-            refresh(client, conn, &mut nodes).await;
-            next_refresh = Instant::now() + REFRESH;
+            let asked = refresh(client, conn, target, &mut nodes).await;
+            next_refresh = Instant::now() + refresh_every(asked);
             view.update(&nodes);
         }
         let left = next_refresh
@@ -217,47 +222,72 @@ pub async fn run(
 
 /// Asks the draining nodes for their status: blockers for the view, and a drained state in case
 /// an event was missed.
-async fn refresh(client: &Client, conn: &ConnArgs, nodes: &mut BTreeMap<String, Progress>) {
-    let draining: Vec<String> = nodes
+/// How long until the next refresh after asking `asked` nodes: every [`REFRESH`], or less often
+/// so that at most [`REFRESH_RATE`] nodes are asked per second.
+fn refresh_every(asked: usize) -> Duration {
+    let paced = Duration::from_secs(1) * asked as u32 / REFRESH_RATE;
+    REFRESH.max(paced)
+}
+
+/// Asks the nodes still draining for their status (each on its own subject, or, when many, one
+/// fan-out to the target) and updates their progress; returns how many were asked.
+async fn refresh(
+    client: &Client,
+    conn: &ConnArgs,
+    target: &Target,
+    nodes: &mut BTreeMap<String, Progress>,
+) -> usize {
+    let draining: BTreeSet<String> = nodes
         .iter()
         .filter(|(_, p)| matches!(p, Progress::Draining { .. }))
         .map(|(n, _)| n.clone())
         .collect();
-    let asks = draining.iter().map(|n| {
-        let target = Target::Node(n.clone());
-        async move {
-            client
-                .request(
-                    &target,
-                    &Command::Status(StatusRequest::default()),
-                    &BTreeSet::new(),
-                    conn.timeout.0.min(Duration::from_secs(2)),
-                )
-                .await
-        }
-    });
-    for replies in futures::future::join_all(asks).await.into_iter().flatten() {
-        for r in replies {
-            let Some(Ok(s)) = r.result_as::<StatusResult>() else {
-                continue;
-            };
-            let entry = nodes.entry(r.node.clone()).or_insert(Progress::NoReply);
-            *entry = match s.state {
-                NodeState::Drained | NodeState::Stopping | NodeState::Stopped => {
-                    Progress::Drained {
-                        duration_ms: s.drain.as_ref().map_or(0, |d| d.elapsed_ms),
-                        forced: false,
-                        connections_cut: 0,
-                    }
+    let wait = conn.timeout.0.min(Duration::from_secs(2));
+    let status = Command::Status(StatusRequest::default());
+    if draining.len() > ASK_EACH_UP_TO {
+        // Each reply is applied as it comes: nothing of a large fleet's replies is kept.
+        let _ = client
+            .gather_each(target, &status, &draining, wait, |r| {
+                if draining.contains(&r.node) {
+                    apply(nodes, &r);
                 }
-                _ => Progress::Draining {
-                    blockers: s
-                        .drain
-                        .map_or("not draining".into(), |d| blockers(&d.blockers)),
-                },
-            };
+            })
+            .await;
+    } else {
+        let asks = draining.iter().map(|n| {
+            let target = Target::Node(n.clone());
+            let status = &status;
+            async move {
+                client
+                    .request(&target, status, &BTreeSet::new(), wait)
+                    .await
+            }
+        });
+        for r in futures::future::join_all(asks).await.into_iter().flatten() {
+            r.iter().for_each(|r| apply(nodes, r));
         }
     }
+    draining.len()
+}
+
+/// A node's progress as its `status` reply tells it.
+fn apply(nodes: &mut BTreeMap<String, Progress>, r: &Reply) {
+    let Some(Ok(s)) = r.result_as::<StatusResult>() else {
+        return;
+    };
+    let entry = nodes.entry(r.node.clone()).or_insert(Progress::NoReply);
+    *entry = match s.state {
+        NodeState::Drained | NodeState::Stopping | NodeState::Stopped => Progress::Drained {
+            duration_ms: s.drain.as_ref().map_or(0, |d| d.elapsed_ms),
+            forced: false,
+            connections_cut: 0,
+        },
+        _ => Progress::Draining {
+            blockers: s
+                .drain
+                .map_or("not draining".into(), |d| blockers(&d.blockers)),
+        },
+    };
 }
 
 /// One spinner per node, only on a terminal.
@@ -325,5 +355,18 @@ impl View {
         if let Some(m) = &self.multi {
             let _ = m.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_drain_does_not_flood_the_fleet_with_status_asks() {
+        assert_eq!(refresh_every(1), REFRESH);
+        assert_eq!(refresh_every(100), REFRESH);
+        // 10,000 nodes still draining: asked every 50 s, 200 a second.
+        assert_eq!(refresh_every(10_000), Duration::from_secs(50));
     }
 }
