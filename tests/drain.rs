@@ -1025,3 +1025,146 @@ async fn an_undrain_during_a_reload_leaves_the_new_worker_serving() {
     }
     panic!("could not make an undrain land during a reload in 10 attempts");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. What the sampler reads: `show info` alone, or only the frontend or backend rows a setting
+//     needs (never the server rows), and a drain still ends exactly when it should
+// ---------------------------------------------------------------------------------------------
+
+/// Backends, each of this many servers, added to a config so that its server rows dwarf the rest.
+const LARGE_BACKENDS: usize = 30;
+const SERVERS_PER_BACKEND: usize = 100;
+
+/// `LARGE_BACKENDS` backends of `SERVERS_PER_BACKEND` servers each (no health checks), all at
+/// `addr`: a config whose full `show stat` is thousands of rows.
+fn many_servers(addr: std::net::SocketAddr) -> String {
+    let mut text = String::new();
+    for b in 0..LARGE_BACKENDS {
+        text.push_str(&format!("backend pool{b}\n"));
+        for s in 0..SERVERS_PER_BACKEND {
+            text.push_str(&format!("    server s{s} {addr}\n"));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// Holds a 2 s request on the current worker, drains, and checks that the drain is blocked by
+/// `kind` (count 1) while the request runs and ends once it completed, not before.
+async fn a_held_request_holds_the_drain(ctx: &NodeFixture, drain_id: &str, kind: &str) {
+    let slow = spawn_get(ctx.port(), "/slow?ms=2000");
+    ctx.wait_conns(1).await;
+    start_drain(ctx, json!({"drain_id": drain_id, "min_period_ms": 0})).await;
+    let status = ctx
+        .wait_status("the drain to run for 300 ms", |s| {
+            s["drain"]["elapsed_ms"].as_u64() >= Some(300)
+        })
+        .await;
+    assert_eq!(status["state"], "draining", "{status}");
+    assert_eq!(
+        blockers(&status),
+        vec![json!({"kind": kind, "count": 1})],
+        "{status}"
+    );
+    let done = full_200(slow, "slept 2000 ms\n").await;
+    let drained = ctx.events.drained(drain_id).await;
+    let margin = after(drained.at, done).unwrap_or_else(|early| {
+        panic!(
+            "{drain_id}: drained arrived {:.1} ms BEFORE the held request completed",
+            ms(early)
+        )
+    });
+    println!(
+        "{drain_id}: drained {:.1} ms after the response",
+        ms(margin)
+    );
+    assert!(
+        margin < DRAINED_GAP,
+        "drained trailed the response by {margin:?}"
+    );
+    assert_eq!(drained.body["forced"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_drain_that_reads_only_show_info_waits_for_a_held_request() {
+    // No ignored frontends: the sampler asks `show info` alone (`CurrConns`), no `show stat`.
+    let ctx = setup(|c| {
+        c.unset("drain", "ignore_frontends");
+    })
+    .await;
+    a_held_request_holds_the_drain(&ctx, "info-only", "connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_servers_an_ignored_frontend_drain_waits_for_a_held_request() {
+    // `ignore_frontends = ["stats"]` (the harness's default): frontend rows only.
+    let ctx = NodeFixture::builder()
+        .timeout(T)
+        .haproxy(|h| {
+            let servers = many_servers(h.backend_addr());
+            h.section(&servers)
+        })
+        .start()
+        .await;
+    a_held_request_holds_the_drain(&ctx, "large-frontends", "connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_servers_a_sessions_drain_waits_for_a_held_request() {
+    // `sessions`: backend rows only; the held request is a session of backend `be`.
+    let ctx = NodeFixture::builder()
+        .timeout(T)
+        .haproxy(|h| {
+            let servers = many_servers(h.backend_addr());
+            h.section(&servers)
+        })
+        .agent(|c| {
+            c.set_str("drain", "idle", "sessions");
+        })
+        .start()
+        .await;
+    a_held_request_holds_the_drain(&ctx, "large-sessions", "sessions").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_period_counts_client_connections_not_the_samplers_own() {
+    // `show info`'s CumConns counts every CLI connection, the sampler's included; quiet_period
+    // reads the frontends' `stot` instead. Were it to count the sampler's connections, the drain
+    // would never be quiet; were it blind, the request below would not restart the period.
+    const QUIET: Duration = Duration::from_millis(1500);
+    let ctx = setup(|c| {
+        c.unset("drain", "ignore_frontends")
+            .set_str("drain", "quiet_period", "1500ms");
+    })
+    .await;
+    start_drain(&ctx, json!({"drain_id": "quiet", "min_period_ms": 0})).await;
+    let status = ctx
+        .wait_status("the drain to run for 500 ms", |s| {
+            s["drain"]["elapsed_ms"].as_u64() >= Some(500)
+        })
+        .await;
+    assert_eq!(
+        blocker_kinds(&status),
+        BTreeSet::from(["quiet_period".to_string()]),
+        "{status}"
+    );
+    let sent = Instant::now();
+    let (code, _) = http_get(ctx.port(), "/", true).await.expect("a request");
+    assert_eq!(code, 200);
+    let drained = ctx.events.drained("quiet").await;
+    let quiet_for = after(drained.at, sent)
+        .unwrap_or_else(|early| panic!("drained {:.1} ms BEFORE the request was sent", ms(early)));
+    println!(
+        "quiet_period: drained {:.1} ms after the last new connection",
+        ms(quiet_for)
+    );
+    assert!(
+        quiet_for >= QUIET,
+        "drained {quiet_for:?} after a new connection: the quiet period did not restart"
+    );
+    assert!(
+        quiet_for < QUIET + DRAINED_GAP,
+        "drained {quiet_for:?} after the last new connection: something else held it"
+    );
+    assert_eq!(drained.body["forced"], false);
+}

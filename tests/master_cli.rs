@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use ebb_agent::haproxy::admin::{RowKind, StatRows};
 use ebb_agent::haproxy::master::{judge, Judgement, MasterCli, MasterError};
 use support::master::Master;
 use support::*;
@@ -61,9 +62,22 @@ async fn show_proc_lists_the_master_and_its_worker() {
     let worker = procs.workers[0].pid;
     let info = ctx.cli.show_info(worker).await.expect("show info");
     assert!(info.contains(&format!("Pid: {worker}")), "{info}");
-    let (info, rows) = ctx.cli.sample(worker).await.expect("sample");
+    let (info, rows) = ctx
+        .cli
+        .sample(worker, StatRows::NONE)
+        .await
+        .expect("sample");
     assert!(info.contains("CurrConns:"), "{info}");
+    assert_eq!(rows, None);
+    let frontends = StatRows {
+        frontends: true,
+        backends: false,
+    };
+    let (info, rows) = ctx.cli.sample(worker, frontends).await.expect("sample");
+    assert!(info.contains("CurrConns:"), "{info}");
+    let rows = rows.expect("frontend rows");
     assert!(rows.iter().any(|r| r.proxy == "fe"), "{rows:?}");
+    assert!(rows.iter().all(|r| r.kind == RowKind::Frontend), "{rows:?}");
     // From 2.8 on, the master leaves the connection open after this error: more of them than
     // its 10 slots must still not lock the socket.
     for _ in 0..12 {

@@ -123,9 +123,19 @@ impl AdminSocket {
 }
 
 impl AdminSocket {
-    /// `show info` and `show stat` of worker `pid`, taken in one exchange with that worker.
-    pub async fn sample(&self, pid: u32) -> Result<(String, Vec<StatRow>), AdminError> {
-        let answer = self.command("show info;show stat").await?;
+    /// `show info` of worker `pid` and, when `rows` asks for any, those `show stat` rows, taken in
+    /// one exchange with that worker. The rows are `None` when none were asked for, or when the
+    /// answer had no `show stat` CSV ebb can read.
+    pub async fn sample(
+        &self,
+        pid: u32,
+        rows: StatRows,
+    ) -> Result<(String, Option<Vec<StatRow>>), AdminError> {
+        let line = match rows.command() {
+            Some(stat) => format!("show info;{stat}"),
+            None => "show info".to_string(),
+        };
+        let answer = self.command(&line).await?;
         let got = parse_pid(&answer).ok_or_else(|| AdminError::NoPid {
             path: self.path.clone(),
         })?;
@@ -136,8 +146,7 @@ impl AdminSocket {
                 got,
             });
         }
-        let (info, stat) = answer.split_once("\n\n").unwrap_or((&answer, ""));
-        Ok((info.to_string(), parse_stat(stat)))
+        Ok(split_sample(&answer, rows))
     }
 
     /// Runs `line` in worker `pid`, retrying while other workers (that have not yet processed
@@ -178,6 +187,53 @@ pub fn parse_pid(answer: &str) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The answer to a sample's `show info[;show stat -1 <types> -1]`: `show info` ends with a blank
+/// line, the CSV follows. The rows are `None` unless `rows` asked for some and the CSV is readable.
+pub fn split_sample(answer: &str, rows: StatRows) -> (String, Option<Vec<StatRow>>) {
+    let (info, stat) = answer.split_once("\n\n").unwrap_or((answer, ""));
+    let rows = if rows.is_empty() {
+        None
+    } else {
+        parse_stat(stat)
+    };
+    (info.to_string(), rows)
+}
+
+/// Which `show stat` rows a drain sample reads: HAProxy's row types, as the bitfield of
+/// `show stat -1 <types> -1` (1 frontends, 2 backends, 4 servers). Server rows cannot be asked
+/// for: no idle rule needs them, and on a config with thousands of servers they are nearly all of
+/// the dump HAProxy would build and ebb would parse at every poll.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatRows {
+    pub frontends: bool,
+    pub backends: bool,
+}
+
+impl StatRows {
+    /// No rows: the sample is `show info` alone.
+    pub const NONE: StatRows = StatRows {
+        frontends: false,
+        backends: false,
+    };
+
+    pub fn is_empty(self) -> bool {
+        self.types() == 0
+    }
+
+    /// The type bitfield of `show stat -1 <types> -1`.
+    pub fn types(self) -> u8 {
+        u8::from(self.frontends) | (u8::from(self.backends) << 1)
+    }
+
+    /// `show stat -1 <types> -1` (every proxy, these row types, every server id), or `None` when
+    /// no rows are needed. Never a bare `show stat`, which dumps every server too. The syntax is
+    /// the same in HAProxy 2.6 and 2.8, on the admin socket and behind the master CLI's `@!<pid>`.
+    pub fn command(self) -> Option<String> {
+        let types = self.types();
+        (types != 0).then(|| format!("show stat -1 {types} -1"))
+    }
+}
+
 /// One row of `show stat` that ebb cares about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatRow {
@@ -197,24 +253,22 @@ pub enum RowKind {
 }
 
 /// Parses the CSV of `show stat`, locating columns by the header so that versions may add columns.
-pub fn parse_stat(csv: &str) -> Vec<StatRow> {
+/// `None` when there is no header with the columns ebb reads (an error message, a cut answer): an
+/// unreadable answer must never pass for an empty, and so idle, worker.
+pub fn parse_stat(csv: &str) -> Option<Vec<StatRow>> {
     let mut lines = csv.lines();
-    let Some(header) = lines.find_map(|l| l.strip_prefix("# ")) else {
-        return Vec::new();
-    };
+    let header = lines.find_map(|l| l.strip_prefix("# "))?;
     let cols: Vec<&str> = header.split(',').collect();
     let col = |name: &str| cols.iter().position(|c| *c == name);
-    let (Some(px), Some(qcur), Some(scur), Some(stot), Some(ty)) = (
-        col("pxname"),
-        col("qcur"),
-        col("scur"),
-        col("stot"),
-        col("type"),
-    ) else {
-        return Vec::new();
-    };
+    let (px, qcur, scur, stot, ty) = (
+        col("pxname")?,
+        col("qcur")?,
+        col("scur")?,
+        col("stot")?,
+        col("type")?,
+    );
     let num = |f: &[&str], i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
-    lines
+    let rows = lines
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').collect();
@@ -233,7 +287,8 @@ pub fn parse_stat(csv: &str) -> Vec<StatRow> {
                 stot: num(&f, stot),
             })
         })
-        .collect()
+        .collect();
+    Some(rows)
 }
 
 #[cfg(test)]
@@ -255,7 +310,7 @@ mod tests {
         let rows = parse_stat(csv);
         assert_eq!(
             rows,
-            vec![
+            Some(vec![
                 StatRow {
                     proxy: "fe".into(),
                     kind: RowKind::Frontend,
@@ -277,9 +332,56 @@ mod tests {
                     scur: 1,
                     stot: 9
                 },
-            ]
+            ])
         );
-        assert!(parse_stat("garbage").is_empty());
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("Unknown command.\n"), None);
+        assert_eq!(parse_stat("# pxname,svname,scur\nfe,FRONTEND,3\n"), None);
+        assert_eq!(parse_stat("# pxname,qcur,scur,stot,type\n"), Some(vec![]));
+    }
+
+    #[test]
+    fn a_sample_never_asks_for_server_rows_or_a_full_dump() {
+        assert_eq!(StatRows::NONE.command(), None);
+        let frontends = StatRows {
+            frontends: true,
+            backends: false,
+        };
+        let backends = StatRows {
+            frontends: false,
+            backends: true,
+        };
+        let both = StatRows {
+            frontends: true,
+            backends: true,
+        };
+        assert_eq!(frontends.command().as_deref(), Some("show stat -1 1 -1"));
+        assert_eq!(backends.command().as_deref(), Some("show stat -1 2 -1"));
+        assert_eq!(both.command().as_deref(), Some("show stat -1 3 -1"));
+        for rows in [StatRows::NONE, frontends, backends, both] {
+            assert_eq!(rows.types() & 4, 0, "{rows:?} asks for server rows");
+        }
+    }
+
+    #[test]
+    fn a_sample_answer_without_readable_rows_is_not_an_empty_worker() {
+        let info = "Name: HAProxy\nPid: 7\nCurrConns: 2\n";
+        let csv = "# pxname,svname,qcur,scur,stot,type\nfe,FRONTEND,,2,9,0\n";
+        let frontends = StatRows {
+            frontends: true,
+            backends: false,
+        };
+        // `show info` alone: no rows, whatever follows.
+        let (got, rows) = split_sample(&format!("{info}\n"), StatRows::NONE);
+        assert_eq!((got.as_str(), rows), (info.trim_end(), None));
+        let (got, rows) = split_sample(&format!("{info}\n{csv}\n"), frontends);
+        assert_eq!(got, info.trim_end());
+        assert_eq!(rows.map(|r| r.len()), Some(1));
+        // HAProxy refused the `show stat`, or the answer was cut after `show info`.
+        for tail in ["Unknown command.\n", "", "# pxname,svn"] {
+            let (_, rows) = split_sample(&format!("{info}\n{tail}"), frontends);
+            assert_eq!(rows, None, "{tail:?}");
+        }
     }
 
     #[test]
@@ -347,8 +449,14 @@ mod tests {
             fn show_info_and_show_stat_answers_never_panic(text in answer()) {
                 let _ = parse_pid(&text);
                 let _ = looks_refused(&text);
-                let rows = parse_stat(&text);
+                let rows = parse_stat(&text).unwrap_or_default();
                 prop_assert!(rows.len() <= text.lines().count());
+                for types in [StatRows::NONE, StatRows { frontends: true, backends: false },
+                              StatRows { frontends: true, backends: true }] {
+                    let (info, rows) = split_sample(&text, types);
+                    prop_assert!(info.len() <= text.len());
+                    prop_assert!(types.is_empty() <= rows.is_none());
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-use super::admin::{parse_pid, parse_stat, StatRow};
+use super::admin::{parse_pid, split_sample, StatRow, StatRows};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -124,18 +124,20 @@ impl MasterCli {
         self.show_info_until(pid, self.deadline()).await
     }
 
-    /// `show info` and `show stat` of worker `pid`, taken in one exchange with that worker.
-    pub async fn sample(&self, pid: u32) -> Result<(String, Vec<StatRow>), MasterError> {
-        let answer = self
-            .exchange(
-                &format!("@!{pid} show info; @!{pid} show stat; quit"),
-                self.deadline(),
-            )
-            .await?;
+    /// `show info` of worker `pid` and, when `rows` asks for any, those `show stat` rows, taken in
+    /// one exchange with that worker (see [`AdminSocket::sample`](super::admin::AdminSocket::sample)).
+    pub async fn sample(
+        &self,
+        pid: u32,
+        rows: StatRows,
+    ) -> Result<(String, Option<Vec<StatRow>>), MasterError> {
+        let line = match rows.command() {
+            Some(stat) => format!("@!{pid} show info; @!{pid} {stat}; quit"),
+            None => format!("@!{pid} show info; quit"),
+        };
+        let answer = self.exchange(&line, self.deadline()).await?;
         self.check_info(pid, &answer)?;
-        // `show info` ends with a blank line; `show stat` follows.
-        let (info, stat) = answer.split_once("\n\n").unwrap_or((&answer, ""));
-        Ok((info.to_string(), parse_stat(stat)))
+        Ok(split_sample(&answer, rows))
     }
 
     /// `CurrConns` of worker `pid`: the connections it still holds (old workers included).

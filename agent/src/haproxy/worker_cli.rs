@@ -2,7 +2,7 @@
 //! mode: the answer's `Pid:` proves which worker ran the command), or through the master CLI's
 //! `@!<pid>` prefix (master-worker mode: the master forwards the command to that worker).
 
-use super::admin::{AdminError, AdminSocket, StatRow};
+use super::admin::{AdminError, AdminSocket, StatRow, StatRows};
 use super::master::{MasterCli, MasterError};
 
 #[derive(Debug, Clone)]
@@ -40,11 +40,16 @@ impl WorkerCli {
         })
     }
 
-    /// `show info` and `show stat` of worker `pid`.
-    pub async fn sample(&self, pid: u32) -> Result<(String, Vec<StatRow>), CliError> {
+    /// `show info` of worker `pid`, and the `show stat` rows `rows` asks for (`None` when none
+    /// were asked for or the answer had none ebb can read).
+    pub async fn sample(
+        &self,
+        pid: u32,
+        rows: StatRows,
+    ) -> Result<(String, Option<Vec<StatRow>>), CliError> {
         Ok(match self {
-            WorkerCli::Admin(admin) => admin.sample(pid).await?,
-            WorkerCli::Master(master) => master.sample(pid).await?,
+            WorkerCli::Admin(admin) => admin.sample(pid, rows).await?,
+            WorkerCli::Master(master) => master.sample(pid, rows).await?,
         })
     }
 }

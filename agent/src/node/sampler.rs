@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use super::effect::Sample;
 use crate::config::{DrainConfig, IdleRule};
-use crate::haproxy::admin::{RowKind, StatRow};
+use crate::haproxy::admin::{RowKind, StatRow, StatRows};
 use crate::haproxy::master::MasterCli;
 use crate::haproxy::procfs;
 use crate::haproxy::worker_cli::WorkerCli;
@@ -144,6 +144,8 @@ async fn run(
     mut target: watch::Receiver<Option<u32>>,
     samples: mpsc::Sender<Sample>,
 ) {
+    // Fixed for the agent's life: the drain settings are read once, at start.
+    let rows = sample_rows(&cfg);
     loop {
         let pid = *target.borrow_and_update();
         let Some(pid) = pid else {
@@ -152,13 +154,9 @@ async fn run(
             }
             continue;
         };
-        match admin.sample(pid).await {
-            Ok((info, rows)) => {
-                let sample = Sample {
-                    pid,
-                    busy: busy_count(cfg.idle, &cfg.ignore_frontends, &info, &rows),
-                    accepted: accepted_total(&cfg.ignore_frontends, &rows),
-                };
+        match admin.sample(pid, rows).await {
+            Ok((info, read)) => {
+                let sample = read_sample(&cfg, pid, &info, rows, read.as_deref());
                 // A full channel means the node is behind: this sample would be stale anyway.
                 match samples.try_send(sample) {
                     Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
@@ -174,7 +172,54 @@ async fn run(
     }
 }
 
-/// The current worker's busy count by the idle rule, from `show info` and `show stat`.
+/// The `show stat` rows a drain sample reads, from the drain settings alone. The sampler polls
+/// every `poll_interval` for as long as a drain runs, so every row asked for here is built by
+/// HAProxy and parsed by ebb up to 100 times a second; on a config with thousands of servers a full
+/// `show stat` is a large CSV. So:
+///
+/// - `connections` with no ignored frontends reads `CurrConns` from `show info`: no rows.
+/// - `connections` with ignored frontends sums the other frontends' `scur`: frontend rows.
+/// - `sessions` sums `scur + qcur` over backends: backend rows.
+/// - `quiet_period` needs the connections the frontends accepted: frontend rows. `show info`'s
+///   `CumConns` cannot stand in for them: it counts the CLI's own connections, the sampler's
+///   included (HAProxy 2.6 and 2.8), so it grows at every poll.
+///
+/// Server rows are never read: no rule needs them.
+pub fn sample_rows(cfg: &DrainConfig) -> StatRows {
+    let connections_by_frontend =
+        cfg.idle == IdleRule::Connections && !cfg.ignore_frontends.is_empty();
+    StatRows {
+        frontends: connections_by_frontend || !cfg.quiet_period.is_zero(),
+        backends: cfg.idle == IdleRule::Sessions,
+    }
+}
+
+/// The sample of worker `pid` from its `show info` and the rows read for `asked` (`None`: none
+/// asked for, or none readable). Rows that were asked for and could not be read make the busy
+/// count unknown, which holds the drain: an unreadable answer is never an idle worker.
+pub fn read_sample(
+    cfg: &DrainConfig,
+    pid: u32,
+    info: &str,
+    asked: StatRows,
+    rows: Option<&[StatRow]>,
+) -> Sample {
+    let Some(rows) = rows.or(asked.is_empty().then_some(&[][..])) else {
+        return Sample {
+            pid,
+            busy: None,
+            accepted: 0,
+        };
+    };
+    Sample {
+        pid,
+        busy: busy_count(cfg.idle, &cfg.ignore_frontends, info, rows),
+        accepted: accepted_total(&cfg.ignore_frontends, rows),
+    }
+}
+
+/// The current worker's busy count by the idle rule, from `show info` and the rows of
+/// [`sample_rows`].
 ///
 /// - `connections`: `CurrConns` (the CLI's own connections are not in it), or, when frontends are
 ///   ignored, the sum of `scur` over the other FRONTEND rows.
@@ -205,7 +250,8 @@ pub fn busy_count(
     }
 }
 
-/// Total connections accepted by the watched frontends, for `quiet_period`.
+/// Total connections accepted by the watched frontends, for `quiet_period` (0 when no frontend
+/// rows were read: without `quiet_period` nobody looks at it).
 pub fn accepted_total(ignore_frontends: &[String], rows: &[StatRow]) -> u64 {
     rows.iter()
         .filter(|r| r.kind == RowKind::Frontend && !ignore_frontends.contains(&r.proxy))
@@ -244,5 +290,104 @@ mod tests {
             None
         );
         assert_eq!(accepted_total(&["stats".into()], &rows), 10);
+    }
+
+    fn drain(idle: IdleRule, ignore: &[&str], quiet_ms: u64) -> DrainConfig {
+        DrainConfig {
+            idle,
+            ignore_frontends: ignore.iter().map(|f| f.to_string()).collect(),
+            quiet_period: crate::config::Dur::ms(quiet_ms),
+            ..DrainConfig::default()
+        }
+    }
+
+    const FRONTENDS: StatRows = StatRows {
+        frontends: true,
+        backends: false,
+    };
+    const BACKENDS: StatRows = StatRows {
+        frontends: false,
+        backends: true,
+    };
+
+    #[test]
+    fn the_connections_rule_never_reads_server_rows() {
+        // The default drain: `CurrConns` from `show info` is all it needs, so no `show stat` at all.
+        assert_eq!(sample_rows(&DrainConfig::default()), StatRows::NONE);
+        assert_eq!(
+            sample_rows(&drain(IdleRule::Connections, &[], 0)),
+            StatRows::NONE
+        );
+    }
+
+    #[test]
+    fn no_drain_setting_ever_reads_server_rows() {
+        for idle in [IdleRule::Connections, IdleRule::Sessions] {
+            for ignore in [&[][..], &["stats"][..]] {
+                for quiet in [0, 1000] {
+                    let rows = sample_rows(&drain(idle, ignore, quiet));
+                    assert_eq!(rows.types() & 4, 0, "{idle:?} {ignore:?} {quiet}");
+                    if let Some(command) = rows.command() {
+                        assert!(command.starts_with("show stat -1 "), "{command}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ignored_frontends_are_subtracted_from_frontend_rows_not_read_from_show_info() {
+        // `CurrConns` counts the ignored frontends' connections too: with them ignored, the rule
+        // must read the frontend rows, or a stats scraper would hold every drain.
+        assert_eq!(
+            sample_rows(&drain(IdleRule::Connections, &["stats"], 0)),
+            FRONTENDS
+        );
+    }
+
+    #[test]
+    fn the_sessions_rule_reads_backend_rows_only() {
+        assert_eq!(sample_rows(&drain(IdleRule::Sessions, &[], 0)), BACKENDS);
+        // Ignored frontends change nothing for `sessions`: it never looks at frontends.
+        assert_eq!(
+            sample_rows(&drain(IdleRule::Sessions, &["stats"], 0)),
+            BACKENDS
+        );
+    }
+
+    #[test]
+    fn quiet_period_reads_frontend_rows_because_cumconns_counts_the_cli() {
+        assert_eq!(
+            sample_rows(&drain(IdleRule::Connections, &[], 1000)),
+            FRONTENDS
+        );
+        assert_eq!(
+            sample_rows(&drain(IdleRule::Sessions, &[], 1000)),
+            StatRows {
+                frontends: true,
+                backends: true
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_stat_answer_never_reads_as_idle() {
+        let info = "Pid: 7\nCurrConns: 0\n";
+        for cfg in [
+            drain(IdleRule::Connections, &["stats"], 0),
+            drain(IdleRule::Sessions, &[], 0),
+            drain(IdleRule::Connections, &[], 1000),
+        ] {
+            let asked = sample_rows(&cfg);
+            let sample = read_sample(&cfg, 7, info, asked, None);
+            assert_eq!(sample.busy, None, "{cfg:?}");
+            // The same answer with rows is read.
+            let sample = read_sample(&cfg, 7, info, asked, Some(&[]));
+            assert_eq!(sample.busy, Some(0), "{cfg:?}");
+        }
+        // `show info` alone is read from `show info`.
+        let cfg = DrainConfig::default();
+        let sample = read_sample(&cfg, 7, info, StatRows::NONE, None);
+        assert_eq!((sample.pid, sample.busy, sample.accepted), (7, Some(0), 0));
     }
 }
