@@ -159,26 +159,33 @@ fn main() {
 
         // status --all: nothing else runs, so this is the fan-out itself plus discovery.
         let url = fleet.nats_url();
-        let status_ok = |(took, bad): (Duration, Vec<String>)| {
-            assert!(bad.is_empty(), "ebb ctl status --all: {bad:#?}");
-            took
-        };
+        // A round that does not list every node is counted and shown, not fatal: discovery
+        // reads the KV bucket while 100 agents rewrite their records, and can miss one.
+        let (mut cli_short, mut inproc_short) = (0, 0);
         // Warm-up, not counted: the binary's pages, the server's and the agents' first replies.
-        status_ok(ctl_all(&runtime, &url, "status", size));
+        ctl_all(&runtime, &url, "status", size);
         let mut cli = Vec::with_capacity(STATUS_ROUNDS);
-        for _ in 0..STATUS_ROUNDS {
-            cli.push(status_ok(ctl_all(&runtime, &url, "status", size)));
+        for round in 0..STATUS_ROUNDS {
+            let (took, bad) = ctl_all(&runtime, &url, "status", size);
+            cli.push(took);
+            if !bad.is_empty() {
+                cli_short += 1;
+                eprintln!("{size} agents, ebb ctl status --all, round {round}: {bad:?}");
+            }
         }
         let (mut total, mut discover, mut gather) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..STATUS_ROUNDS {
-            let (d, g) = runtime.block_on(async {
+        for round in 0..STATUS_ROUNDS {
+            let (d, g, bad) = runtime.block_on(async {
                 let started = Instant::now();
                 let nodes = client
                     .discover(&Target::All)
                     .await
                     .expect("discover the fleet");
                 let d = started.elapsed();
-                assert_eq!(nodes, all, "discovery lost nodes");
+                let mut bad: Vec<String> = all
+                    .difference(&nodes)
+                    .map(|n| format!("{n}: not discovered"))
+                    .collect();
                 let gathered = client
                     .gather(
                         &Target::All,
@@ -189,16 +196,19 @@ fn main() {
                     .await
                     .expect("status --all");
                 let g = started.elapsed() - d;
-                let bad = bad_replies(&all, &gathered.replies);
-                assert!(bad.is_empty(), "status --all: {bad:#?}");
-                (d, g)
+                bad.extend(bad_replies(&nodes, &gathered.replies));
+                (d, g, bad)
             });
+            if !bad.is_empty() {
+                inproc_short += 1;
+                eprintln!("{size} agents, in-process status --all, round {round}: {bad:?}");
+            }
             discover.push(d);
             gather.push(g);
             total.push(d + g);
         }
         status_rows.push(format!(
-            "| {size} | {:.1} s | {STATUS_ROUNDS} | {} | {} | {} | {} |",
+            "| {size} | {:.1} s | {STATUS_ROUNDS} | {} | {} | {} | {} | {cli_short} / {inproc_short} |",
             start_time.as_secs_f64(),
             p50_p99(&mut cli),
             p50_p99(&mut total),
@@ -259,9 +269,10 @@ fn main() {
     println!("status --all:\n");
     println!(
         "| agents | start (all serving and known) | rounds | CLI p50 | CLI p99 | in-process p50 | \
-         in-process p99 | discover p50 | discover p99 | gather p50 | gather p99 |"
+         in-process p99 | discover p50 | discover p99 | gather p50 | gather p99 | rounds short of \
+         every node (CLI / in-process) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &status_rows {
         println!("{row}");
     }
