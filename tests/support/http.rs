@@ -446,6 +446,8 @@ pub enum FailureKind {
     /// the keep-alive close race (the server closed an idle connection as the request went out).
     ReuseRace,
     BadStatus(u16),
+    /// A 200 whose body was not the one [`LoadGenBuilder::expect_body`] asked for.
+    WrongBody,
     Timeout,
     Protocol,
     Io,
@@ -545,6 +547,7 @@ pub struct LoadGenBuilder {
     path: String,
     max_duration: Duration,
     request_timeout: Duration,
+    expect_body: Option<String>,
 }
 
 impl LoadGenBuilder {
@@ -573,6 +576,14 @@ impl LoadGenBuilder {
     /// Per-request timeout (default [`REQUEST_TIMEOUT`]).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Counts a 200 as ok only when its body is exactly `body` (else [`FailureKind::WrongBody`]):
+    /// a response cut short but framed, or one from the wrong server, is a failure too. Off by
+    /// default: any 200 counts.
+    pub fn expect_body(mut self, body: &str) -> Self {
+        self.expect_body = Some(body.to_owned());
         self
     }
 
@@ -619,6 +630,7 @@ impl LoadGen {
             path: "/".to_owned(),
             max_duration: Duration::from_secs(300),
             request_timeout: REQUEST_TIMEOUT,
+            expect_body: None,
         }
     }
 
@@ -748,7 +760,14 @@ async fn worker(
                     if config.mode == LoadMode::Close || response.connection_close() {
                         conn = None;
                     }
-                    if response.status == 200 {
+                    let wrong_body = config
+                        .expect_body
+                        .as_ref()
+                        .filter(|body| **body != response.body);
+                    if let (200, Some(expected)) = (response.status, wrong_body) {
+                        let detail = format!("body {:?}, expected {expected:?}", response.body);
+                        report.record(FailureKind::WrongBody, detail);
+                    } else if response.status == 200 {
                         report.ok += 1;
                     } else {
                         let detail = format!("status {}: {:?}", response.status, response.body);

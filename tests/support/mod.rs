@@ -60,8 +60,8 @@ pub use node::{
 pub use notify::{Notification, NotifySocket};
 pub use plugin::{cdylib, plugin_toml};
 pub use process::{
-    cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, ChildGuard,
-    HaproxyReaper,
+    cmdline_mentions, is_alive, kill_processes_mentioning, pids_mentioning, proc_status_kib,
+    rss_kib, ChildGuard, HaproxyReaper,
 };
 pub use rustix::process::Signal;
 

@@ -633,6 +633,56 @@ impl Fleet {
         }
     }
 
+    /// Like [`Fleet::start`], but returns once every node serves, and never has more than
+    /// `max_starting` agents starting at once: each one starts haproxy, connects to NATS and
+    /// creates its stream and bucket, and a hundred of those at once on a small machine can push
+    /// a start past its timeouts. A slot frees as soon as its node serves, so the fleet starts
+    /// about as fast as the machine allows. Nodes keep the order of `ids`.
+    pub async fn start_serving<'a, S: AsRef<str>>(
+        ids: &[S],
+        max_starting: usize,
+        mut configure: impl FnMut(&str, NodeFixtureBuilder<'a>) -> NodeFixtureBuilder<'a>,
+    ) -> Fleet {
+        use futures::StreamExt;
+        let dir = TestDir::new();
+        let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
+        let backend = Backend::start().expect("start the demo backend");
+        let nc = super::nats_client(&nats.url(), NODE_TIMEOUT).await;
+        let builders: Vec<NodeFixtureBuilder<'a>> = ids
+            .iter()
+            .map(|id| {
+                let id = id.as_ref();
+                let builder = NodeFixture::builder()
+                    .node_id(id)
+                    .dir(dir.join(id))
+                    .nats_url(&nats.url())
+                    .client(nc.clone())
+                    .backend(Some(backend.addr()));
+                configure(id, builder)
+            })
+            .collect();
+        // A panic drops the stream, and with it every node started so far: their agents are
+        // killed and the dir reaped on the way out, like every other fixture's.
+        // Unordered: a slow start must not hold back the next ones.
+        let mut nodes: Vec<NodeFixture> = futures::stream::iter(builders)
+            .map(|builder| async move {
+                let node = builder.spawn().await;
+                node.wait_serving().await;
+                node
+            })
+            .buffer_unordered(max_starting.max(1))
+            .collect()
+            .await;
+        nodes.sort_by_key(|n| ids.iter().position(|id| id.as_ref() == n.id()));
+        Fleet {
+            nodes,
+            nc,
+            backend,
+            nats,
+            dir,
+        }
+    }
+
     /// Waits until every node serves, all at once.
     pub async fn wait_serving(&self) {
         futures::future::join_all(self.nodes.iter().map(NodeFixture::wait_serving)).await;

@@ -199,3 +199,23 @@ pub fn is_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`), or `None` when
+/// the process is gone or the line is missing (a kernel thread has none).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A `kB` line of `/proc/PID/status` (`VmRSS`, `RssAnon`, `RssFile`, `VmHWM`, …) in KiB, or `None`
+/// when the process is gone or has no such line. `RssAnon` is the heap and stacks; `RssFile`
+/// counts the pages of the binary and libraries that were touched, which grows as more code runs.
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
