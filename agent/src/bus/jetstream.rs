@@ -30,13 +30,39 @@ pub enum Resolved<T> {
     Ready(T),
     /// JetStream is off, disabled in config, or we may not use it: fall back, and say why once.
     Unavailable(String),
-    /// Connected, yet the JetStream API did not answer (no responders, or a timeout): JetStream
-    /// is not enabled on this server, or its cluster is between leaders. The caller decides by
-    /// whether it had the stream before.
+    /// Connected, yet nobody answers the JetStream API (no responders): JetStream is not enabled
+    /// on this server. The caller decides by whether it had the stream before (then it may be
+    /// back soon: a server restarted without it, a reconnect to the wrong one).
     Unanswered(String),
-    /// NATS could not be asked (not connected yet), or the JetStream cluster said it is busy
-    /// (electing, a server gone): ask again later.
+    /// JetStream is there, but its cluster cannot serve now: the API timed out (a stream or meta
+    /// leader being elected) or said so (`503`, a cluster error). Wait and ask again.
+    Busy(String),
+    /// NATS could not be asked (not connected yet): ask again later.
     Retry(String),
+}
+
+/// How a JetStream API request that got no answer is to be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// No responders: no JetStream on this server.
+    Unanswered,
+    /// Timed out: JetStream listens, its cluster is between leaders.
+    Busy,
+    /// Not connected, or something local: ask again.
+    Retry,
+}
+
+/// Sorts a JetStream API request's failure by its kind and whether the client is connected.
+/// Pure. (A request denied for permissions also times out: callers rule that out first, from the
+/// server's `-ERR` in [`Refusals`].)
+pub fn silence(kind: Option<jetstream::context::RequestErrorKind>, connected: bool) -> Silence {
+    use jetstream::context::RequestErrorKind;
+    match kind {
+        _ if !connected => Silence::Retry,
+        Some(RequestErrorKind::NoResponders) => Silence::Unanswered,
+        Some(RequestErrorKind::TimedOut) => Silence::Busy,
+        _ => Silence::Retry,
+    }
 }
 
 /// The events stream, found or created.
@@ -105,6 +131,7 @@ pub async fn events_stream(
         }),
         Resolved::Unavailable(why) => Resolved::Unavailable(why),
         Resolved::Unanswered(why) => Resolved::Unanswered(why),
+        Resolved::Busy(why) => Resolved::Busy(why),
         Resolved::Retry(why) => Resolved::Retry(why),
     }
 }
@@ -258,6 +285,7 @@ pub async fn node_bucket(
         },
         Resolved::Unavailable(why) => Resolved::Unavailable(why),
         Resolved::Unanswered(why) => Resolved::Unanswered(why),
+        Resolved::Busy(why) => Resolved::Busy(why),
         Resolved::Retry(why) => Resolved::Retry(why),
     }
 }
@@ -303,6 +331,7 @@ async fn ensure_stream(
 ) -> Resolved<stream::Info> {
     let name = config.name.clone();
     let connected = || js.client().connection_state() == async_nats::connection::State::Connected;
+    let started = Instant::now();
     match js.get_stream(&name).await {
         Ok(stream) => Resolved::Ready(stream.cached_info().clone()),
         Err(e) => match e.kind() {
@@ -312,13 +341,31 @@ async fn ensure_stream(
                 create_stream(js, config, refusals).await
             }
             GetStreamErrorKind::JetStream(err) => match api_error(err.code(), err.error_code()) {
-                ApiError::Transient => Resolved::Retry(format!("stream {name}: {err}")),
+                ApiError::Transient => Resolved::Busy(format!("stream {name}: {err}")),
                 _ => Resolved::Unavailable(format!("stream {name}: {err}")),
             },
-            // Connected, yet the JetStream API does not answer: it is not enabled on this
-            // server or account, or the cluster is between leaders.
-            GetStreamErrorKind::Request if connected() => {
-                Resolved::Unanswered(format!("JetStream does not answer ({e})"))
+            GetStreamErrorKind::Request
+                if refusals.refused_since(&api_subject("STREAM.INFO", &name), started) =>
+            {
+                Resolved::Unavailable(format!(
+                    "cannot look up stream {name}: the agent's NATS user may not publish to {}; \
+                     grant it",
+                    api_subject("STREAM.INFO", &name)
+                ))
+            }
+            GetStreamErrorKind::Request => {
+                let kind = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<jetstream::context::RequestError>())
+                    .map(|r| r.kind());
+                match silence(kind, connected()) {
+                    Silence::Unanswered => {
+                        Resolved::Unanswered(format!("JetStream does not answer ({e})"))
+                    }
+                    Silence::Busy => Resolved::Busy(format!(
+                        "stream {name}: JetStream did not answer in time ({e})"
+                    )),
+                    Silence::Retry => Resolved::Retry(format!("stream {name}: {e}")),
+                }
             }
             _ => Resolved::Retry(format!("stream {name}: {e}")),
         },
@@ -369,7 +416,7 @@ async fn create_stream(
         if let Ok(stream) = js.get_stream(&name).await {
             return Resolved::Ready(stream.cached_info().clone());
         }
-        let create = format!("{}.STREAM.CREATE.{name}", js_api_prefix());
+        let create = api_subject("STREAM.CREATE", &name);
         return match e.kind() {
             _ if refusals.refused_since(&create, started) => Resolved::Unavailable(format!(
                 "cannot create stream {name}: the agent's NATS user may not publish to {create}; \
@@ -378,22 +425,26 @@ async fn create_stream(
             CreateStreamErrorKind::JetStream(err) => {
                 match api_error(err.code(), err.error_code()) {
                     ApiError::Transient => {
-                        Resolved::Retry(format!("cannot create stream {name} yet: {err}"))
+                        Resolved::Busy(format!("cannot create stream {name} yet: {err}"))
                     }
                     _ => Resolved::Unavailable(format!("cannot create stream {name}: {e}")),
                 }
             }
-            CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => {
+            CreateStreamErrorKind::JetStreamUnavailable => {
                 Resolved::Unanswered(format!("cannot create stream {name}: {e}"))
+            }
+            CreateStreamErrorKind::TimedOut => {
+                Resolved::Busy(format!("cannot create stream {name} yet: {e}"))
             }
             _ => Resolved::Unavailable(format!("cannot create stream {name}: {e}")),
         };
     }
 }
 
-/// The JetStream API's subject prefix (the agent uses the account's own JetStream).
-fn js_api_prefix() -> &'static str {
-    "$JS.API"
+/// The subject of JetStream API request `verb` on stream `name` (the account's own JetStream,
+/// default prefix `$JS.API`), as a permissions violation names it.
+fn api_subject(verb: &str, name: &str) -> String {
+    format!("$JS.API.{verb}.{name}")
 }
 
 #[cfg(test)]
@@ -439,6 +490,18 @@ mod tests {
         // No permission for the account, a stream limit, a bad config: said for good.
         for code in [10039, 10076, 10053, 10052, 10054, 10058] {
             assert_eq!(api_error(400, ErrorCode(code)), ApiError::Refused, "{code}");
+        }
+    }
+
+    #[test]
+    fn an_api_that_does_not_answer_is_absent_or_busy() {
+        use jetstream::context::RequestErrorKind as K;
+        assert_eq!(silence(Some(K::NoResponders), true), Silence::Unanswered);
+        assert_eq!(silence(Some(K::TimedOut), true), Silence::Busy);
+        assert_eq!(silence(Some(K::Other), true), Silence::Retry);
+        assert_eq!(silence(None, true), Silence::Retry);
+        for kind in [K::NoResponders, K::TimedOut] {
+            assert_eq!(silence(Some(kind), false), Silence::Retry, "{kind:?}");
         }
     }
 

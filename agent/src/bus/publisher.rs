@@ -459,20 +459,11 @@ impl Sender {
     async fn resolve(&mut self) {
         let found = events_stream(&self.client, &self.cfg, &self.refusals).await;
         let found = match found {
-            // Had before: JetStream is there, its cluster is between leaders. Wait for it.
-            Resolved::Unanswered(why) if self.stream_seen => {
-                self.shared.note(|n| {
-                    if n.stream_waiting.is_none() {
-                        tracing::warn!(
-                            "the events stream does not answer ({why}); events wait in the \
-                             outbox and are retried with the same Msg-Ids"
-                        );
-                    }
-                    n.stream_waiting = Some(why);
-                });
-                self.sink = Sink::Unresolved;
-                return;
-            }
+            // JetStream is there and its cluster busy; or it was had before and may well be back
+            // soon (a server restarted, a reconnect): the events wait for it, with their Msg-Ids.
+            Resolved::Busy(why) => return self.wait_for_stream(why),
+            Resolved::Unanswered(why) if self.stream_seen => return self.wait_for_stream(why),
+            // Never had, and no JetStream to answer: core NATS, as without a stream at all.
             Resolved::Unanswered(why) => Resolved::Unavailable(why),
             other => other,
         };
@@ -519,8 +510,25 @@ impl Sender {
                 tracing::debug!("cannot reach JetStream yet: {why}");
                 Sink::Unresolved
             }
-            Resolved::Unanswered(_) => unreachable!("sorted above"),
+            Resolved::Unanswered(why) | Resolved::Busy(why) => {
+                tracing::debug!("JetStream does not answer: {why}");
+                Sink::Unresolved
+            }
         };
+    }
+
+    /// Keeps the events in the outbox until the stream answers, and says so (logged once).
+    fn wait_for_stream(&mut self, why: String) {
+        self.shared.note(|n| {
+            if n.stream_waiting.is_none() {
+                tracing::warn!(
+                    "the events stream does not answer ({why}); events wait in the outbox and \
+                     are retried with the same Msg-Ids"
+                );
+            }
+            n.stream_waiting = Some(why);
+        });
+        self.sink = Sink::Unresolved;
     }
 
     /// Removes an event NATS will never take, after one last try as a core message, so that
@@ -796,7 +804,12 @@ impl Heartbeat {
                         .note_replicas(&bucket_stream(&self.cfg.state_bucket), found.replicas);
                     Bucket::Ready(Box::new(found.store))
                 }
-                // Had before: its cluster is between leaders; the next heartbeat asks again.
+                // Its cluster is between leaders, or it was had before: the next heartbeat asks
+                // again.
+                Resolved::Busy(why) => {
+                    tracing::debug!("the KV bucket does not answer now: {why}");
+                    Bucket::Off
+                }
                 Resolved::Unanswered(why) if self.bucket_seen => {
                     tracing::debug!("the KV bucket does not answer now: {why}");
                     Bucket::Off
