@@ -365,3 +365,42 @@ async fn events_reach_the_stream_exactly_once_while_servers_are_killed() {
         "never fell back to core NATS: {status}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// (d) The agent's server killed: the replicas it held are said to be missing, by name
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_gone_is_named_in_the_replica_warning() {
+    let mut fleet = ClusterFleet::start(&["node-1"], 3, |_, b| b).await;
+    assert_eq!(stream_replicas(&fleet.nc, "EBB_EVENTS").await, 3);
+    assert_eq!(stream_replicas(&fleet.nc, "KV_ebb_nodes").await, 3);
+    let (gone, _) = wait_for_async(T, "the agent's server", || {
+        let found = tokio::task::block_in_place(|| fleet.cluster.agent_server());
+        async move { found }
+    })
+    .await;
+    fleet.kill(gone);
+    let name = fleet.cluster.name(gone).to_owned();
+    // The agent reconnects, and asks for the replicas once the cluster has settled.
+    let missing = format!("has 2 of 3 replicas current (not: {name})");
+    let status = fleet
+        .node("node-1")
+        .wait_status(&format!("warnings that {name} is missing"), |s| {
+            warnings(s).iter().filter(|w| w.contains(&missing)).count() == 2
+        })
+        .await;
+    let w = warnings(&status);
+    for stream in ["EBB_EVENTS", "KV_ebb_nodes"] {
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with(&format!("stream {stream} ")) && w.contains(&missing)),
+            "{stream}: {w:?}"
+        );
+    }
+    assert!(
+        fleet.node("node-1").agent.log_text().contains(&missing),
+        "said in the log too"
+    );
+    fleet.start_again(gone).await;
+}

@@ -20,10 +20,10 @@ use async_nats::Client;
 use super::refusals::Refusals;
 use crate::config::NatsConfig;
 
-/// How long a stream peer may go unseen before it counts as missing. A peer that is merely
-/// catching up (right after the stream was created, or after it came back) is not current for a
-/// moment, yet seen all the time: that is no shortfall.
-const PEER_SILENT: Duration = Duration::from_secs(5);
+/// How long after its creation a stream's peers may still be catching up: a peer that is not
+/// current then is no shortfall. (A peer's `active` cannot tell a dead peer from a slow one: a
+/// leader elected after the loss reports it as 0.)
+const FRESH_STREAM: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub enum Resolved<T> {
@@ -127,7 +127,7 @@ pub async fn events_stream(
         Resolved::Ready(found) => Resolved::Ready(EventsStream {
             js,
             differences: differences(&wanted, &found.config),
-            replicas: replica_shortfall(&found, cfg.stream_replicas),
+            replicas: replica_shortfall(&found, cfg.stream_replicas, unix_now()),
         }),
         Resolved::Unavailable(why) => Resolved::Unavailable(why),
         Resolved::Unanswered(why) => Resolved::Unanswered(why),
@@ -136,13 +136,20 @@ pub async fn events_stream(
     }
 }
 
+/// Seconds since the Unix epoch, for [`replica_shortfall`].
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The replica shortfall of stream `name` as the server reports it now; `None` when it cannot be
 /// asked (the caller keeps what it knew). One `STREAM.INFO`, answered by the stream's leader.
 pub async fn replicas_now(client: &Client, name: &str, wanted: usize) -> Option<Option<String>> {
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(2));
     match js.get_stream(name).await {
-        Ok(stream) => Some(replica_shortfall(stream.cached_info(), wanted)),
+        Ok(stream) => Some(replica_shortfall(stream.cached_info(), wanted, unix_now())),
         Err(e) => {
             tracing::debug!("cannot ask stream {name} for its replicas: {e}");
             None
@@ -152,8 +159,8 @@ pub async fn replicas_now(client: &Client, name: &str, wanted: usize) -> Option<
 
 /// Why stream `info` has fewer replicas, or fewer current ones, than `wanted`
 /// (`nats.stream_replicas`); `None` when it has them all. Pure, from the stream info's config
-/// and cluster section.
-pub fn replica_shortfall(info: &stream::Info, wanted: usize) -> Option<String> {
+/// and cluster section, `now` in seconds since the Unix epoch.
+pub fn replica_shortfall(info: &stream::Info, wanted: usize, now: i64) -> Option<String> {
     let name = &info.config.name;
     let configured = info.config.num_replicas.max(1);
     if configured < wanted {
@@ -183,10 +190,11 @@ pub fn replica_shortfall(info: &stream::Info, wanted: usize) -> Option<String> {
              lost its majority; events wait in the outbox meanwhile; check the NATS servers"
         ));
     }
+    let fresh = now - info.created.unix_timestamp() < FRESH_STREAM.as_secs() as i64;
     let missing: Vec<&str> = cluster
         .replicas
         .iter()
-        .filter(|p| p.offline || (!p.current && p.active >= PEER_SILENT))
+        .filter(|p| p.offline || (!p.current && !fresh))
         .map(|p| p.name.as_str())
         .collect();
     // The leader is not in `replicas`; a peer the group dropped is in neither.
@@ -279,7 +287,7 @@ pub async fn node_bucket(
         Resolved::Ready(found) => match js.get_key_value(bucket.as_str()).await {
             Ok(store) => Resolved::Ready(NodeBucket {
                 store,
-                replicas: replica_shortfall(&found, cfg.stream_replicas),
+                replicas: replica_shortfall(&found, cfg.stream_replicas, unix_now()),
             }),
             Err(e) => Resolved::Unavailable(format!("KV bucket {bucket}: {e}")),
         },
@@ -452,6 +460,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `created` of [`info`]'s streams (2026-01-01T00:00:00Z), and a minute later.
+    const CREATED: i64 = 1_767_225_600;
+    const LATER: i64 = CREATED + 60;
+
     /// A stream info as nats-server sends it: `replicas` configured, `cluster` as given.
     fn info(replicas: usize, cluster: serde_json::Value) -> stream::Info {
         let mut info = json!({
@@ -508,47 +520,49 @@ mod tests {
     #[test]
     fn replicas_are_short_when_fewer_configured_or_fewer_current() {
         // A single server: no cluster section at all.
-        let w = replica_shortfall(&info(1, serde_json::Value::Null), 3).expect("short");
+        let w = replica_shortfall(&info(1, serde_json::Value::Null), 3, LATER).expect("short");
         assert!(
             w.contains("stream EBB_EVENTS has 1 replica(s) where nats.stream_replicas is 3")
                 && w.contains("not clustered"),
             "{w}"
         );
         assert_eq!(
-            replica_shortfall(&info(1, serde_json::Value::Null), 1),
+            replica_shortfall(&info(1, serde_json::Value::Null), 1, LATER),
             None
         );
         // A cluster, the stream made with fewer: kept, and said so with the fix.
         let c = json!({"name": "c", "leader": "n0", "replicas": [peer("n1", true, 0, false)]});
-        let w = replica_shortfall(&info(2, c.clone()), 3).expect("short");
+        let w = replica_shortfall(&info(2, c.clone()), 3, LATER).expect("short");
         assert!(
             w.contains("has 2 replica(s)") && w.contains("--replicas 3"),
             "{w}"
         );
-        assert_eq!(replica_shortfall(&info(2, c), 2), None);
-        // All three current; one catching up right after creation (seen, not yet current).
+        assert_eq!(replica_shortfall(&info(2, c), 2, LATER), None);
+        // All three current; one catching up right after creation: no shortfall yet.
         let c = json!({"name": "c", "leader": "n0",
                        "replicas": [peer("n1", true, 0, false), peer("n2", false, 2, false)]});
-        assert_eq!(replica_shortfall(&info(3, c), 3), None);
-        // A peer unseen for long, or offline: named.
+        assert_eq!(replica_shortfall(&info(3, c.clone()), 3, CREATED + 2), None);
+        let w = replica_shortfall(&info(3, c), 3, LATER).expect("short later");
+        assert!(w.contains("has 2 of 3 replicas current (not: n2)"), "{w}");
+        // A peer not current (its `active` says nothing: 0 after a new leader), or offline.
         let c = json!({"name": "c", "leader": "n0",
-                       "replicas": [peer("n1", false, 9_000, false), peer("n2", true, 0, false)]});
-        let w = replica_shortfall(&info(3, c), 3).expect("short");
+                       "replicas": [peer("n1", false, 0, false), peer("n2", true, 0, false)]});
+        let w = replica_shortfall(&info(3, c), 3, LATER).expect("short");
         assert!(w.contains("has 2 of 3 replicas current (not: n1)"), "{w}");
         let c = json!({"name": "c", "leader": "n0",
                        "replicas": [peer("n1", true, 0, true), peer("n2", false, 6_000, false)]});
-        let w = replica_shortfall(&info(3, c), 3).expect("short");
+        let w = replica_shortfall(&info(3, c), 3, LATER).expect("short");
         assert!(
             w.contains("has 1 of 3 replicas current (not: n1, n2)"),
             "{w}"
         );
         // A peer the group no longer lists.
         let c = json!({"name": "c", "leader": "n0", "replicas": [peer("n1", true, 0, false)]});
-        let w = replica_shortfall(&info(3, c), 3).expect("short");
+        let w = replica_shortfall(&info(3, c), 3, LATER).expect("short");
         assert!(w.contains("2 of 3") && w.contains("1 unlisted"), "{w}");
         // No leader.
         let c = json!({"name": "c", "replicas": [peer("n1", true, 0, false)]});
-        let w = replica_shortfall(&info(3, c), 3).expect("short");
+        let w = replica_shortfall(&info(3, c), 3, LATER).expect("short");
         assert!(w.contains("has no leader"), "{w}");
     }
 

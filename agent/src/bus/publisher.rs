@@ -69,6 +69,10 @@ const INTAKE_BATCH: usize = 256;
 /// matters, at once by the agents it served (they reconnect, and a reconnect is checked).
 const REPLICAS_RECHECK: Duration = Duration::from_secs(300);
 const REPLICAS_RECHECK_SHORT: Duration = Duration::from_secs(120);
+/// How long after a reconnect the replicas are asked for (and again after a stream did not
+/// answer): by then the cluster has mostly elected new leaders (a check at once would find
+/// streams without one).
+const REPLICAS_SETTLE: Duration = Duration::from_secs(15);
 
 /// What the publisher tells `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -713,7 +717,8 @@ impl Heartbeat {
         let mut bucket = Bucket::Unresolved;
         let mut summary_open = true;
         // Looking the streams up (start, errors) checks their replicas already; then this slow
-        // schedule, and every reconnect (the server the agent was on may be the one gone).
+        // schedule, and a while after every reconnect (the server the agent was on may be the
+        // one gone).
         let mut next_check = Instant::now() + jittered(REPLICAS_RECHECK);
         let mut connects = self.client.statistics().connects.load(Ordering::Relaxed);
         loop {
@@ -725,12 +730,17 @@ impl Heartbeat {
                     }
                     self.put_record(&mut bucket).await;
                     let now_connects = self.client.statistics().connects.load(Ordering::Relaxed);
-                    if self.client.connection_state() == State::Connected
-                        && (Instant::now() >= next_check || now_connects != connects)
-                    {
+                    if now_connects != connects {
                         connects = now_connects;
-                        self.check_replicas().await;
-                        let every = if self.shared.replicas_short() {
+                        next_check = next_check.min(Instant::now() + jittered(REPLICAS_SETTLE));
+                    }
+                    if self.client.connection_state() == State::Connected
+                        && Instant::now() >= next_check
+                    {
+                        let answered = self.check_replicas().await;
+                        let every = if !answered {
+                            REPLICAS_SETTLE
+                        } else if self.shared.replicas_short() {
                             REPLICAS_RECHECK_SHORT
                         } else {
                             REPLICAS_RECHECK
@@ -747,8 +757,9 @@ impl Heartbeat {
     }
 
     /// Asks both streams for their replicas (one `STREAM.INFO` each); a stream that cannot be
-    /// asked keeps what was known of it.
-    async fn check_replicas(&self) {
+    /// asked (still electing a leader) keeps what was known of it. Whether both answered.
+    async fn check_replicas(&self) -> bool {
+        let mut answered = true;
         let wanted = self.cfg.stream_replicas;
         let mut names = Vec::new();
         if !self.cfg.events_stream.is_empty() {
@@ -758,10 +769,12 @@ impl Heartbeat {
             names.push(bucket_stream(&self.cfg.state_bucket));
         }
         for name in names {
-            if let Some(shortfall) = replicas_now(&self.client, &name, wanted).await {
-                self.shared.note_replicas(&name, shortfall);
+            match replicas_now(&self.client, &name, wanted).await {
+                Some(shortfall) => self.shared.note_replicas(&name, shortfall),
+                None => answered = false,
             }
         }
+        answered
     }
 
     async fn beat(&self) {
