@@ -77,6 +77,9 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// One server or several: a comma-separated string or a TOML array of URLs, kept as the
+    /// comma-separated list (`bus::connect::servers` splits it).
+    #[serde(deserialize_with = "url_list")]
     pub url: String,
     pub prefix: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +110,40 @@ pub struct NatsConfig {
     /// twice. It bounds how late a retried event (from the outbox) is still deduplicated, and
     /// the server keeps every Msg-Id for that long.
     pub events_duplicate_window: Dur,
+    /// `num_replicas` of the stream and bucket ebb creates (1 to 5). ebb never changes one that
+    /// exists; it says so in the log and in `status` when either has fewer, or fewer current.
+    pub stream_replicas: usize,
+}
+
+/// `nats.url` as a string (`"nats://a:4222,nats://b:4222"`) or an array of strings, normalised to
+/// the comma-separated list.
+fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    match Urls::deserialize(d) {
+        Ok(Urls::One(url)) => Ok(url),
+        Ok(Urls::Many(urls)) => {
+            if let Some(bad) = urls.iter().find(|u| u.contains(',')) {
+                return Err(serde::de::Error::custom(format!(
+                    "nats.url entry {bad:?} holds a comma; give one URL per array entry"
+                )));
+            }
+            Ok(urls
+                .iter()
+                .map(|u| u.trim())
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>()
+                .join(","))
+        }
+        Err(_) => Err(serde::de::Error::custom(
+            "nats.url must be a string (\"nats://a:4222\", commas between servers) or an array \
+             of such strings ([\"nats://a:4222\", \"nats://b:4222\"])",
+        )),
+    }
 }
 
 fn redact<S: Serializer>(_: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -133,6 +170,7 @@ impl Default for NatsConfig {
             outbox_limit: 10_000,
             events_max_age: Dur::secs(7 * 24 * 3600),
             events_duplicate_window: Dur::secs(24 * 3600),
+            stream_replicas: 1,
         }
     }
 }
@@ -572,6 +610,17 @@ fn validate(mut config: Config, path: &Path) -> Result<Settings, ConfigError> {
             config.nats.events_duplicate_window, config.nats.events_max_age
         ));
     }
+    if !(1..=5).contains(&config.nats.stream_replicas) {
+        problems.push(format!(
+            "{file}: nats.stream_replicas is {}, JetStream allows 1 to 5; set it to the replicas the events stream and KV bucket should have (3 on a 3-server cluster, 1 on a single server)",
+            config.nats.stream_replicas
+        ));
+    }
+    if config.nats.url.split(',').all(|u| u.trim().is_empty()) {
+        problems.push(format!(
+            "{file}: nats.url names no server; set it to a URL like \"nats://127.0.0.1:4222\", or several"
+        ));
+    }
     for name in &config.haproxy.env {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             problems.push(format!(
@@ -836,6 +885,46 @@ mod tests {
         assert_eq!(s.config.drain.min_period, Dur::secs(5));
         assert!(s.config.drain.stop_when_drained);
         assert_eq!(s.node_id(), "web-2");
+    }
+
+    #[test]
+    fn nats_url_may_be_an_array_and_stream_replicas_is_checked() {
+        let fx = Fixture::new(HAPROXY_CFG);
+        let s = load_with(&fx.agent(""), &[]).expect("valid");
+        assert_eq!(s.config.nats.stream_replicas, 1);
+        let s = load_with(
+            &fx.agent(
+                "[nats]\nurl = [\"nats://a:4222\", \" nats://b:4222\"]\nstream_replicas = 3\n",
+            ),
+            &[],
+        )
+        .expect("an array of URLs");
+        assert_eq!(s.config.nats.url, "nats://a:4222,nats://b:4222");
+        assert_eq!(s.config.nats.stream_replicas, 3);
+        let s = load_with(&fx.agent(""), &[("EBB_NATS__STREAM_REPLICAS", "5")]).expect("env");
+        assert_eq!(s.config.nats.stream_replicas, 5);
+        for bad in ["0", "6"] {
+            let msg = problems(
+                &format!("[nats]\nstream_replicas = {bad}\n"),
+                HAPROXY_CFG,
+                &[],
+            );
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            assert!(
+                msg.contains("nats.stream_replicas is") && msg.contains("1 to 5"),
+                "{msg}"
+            );
+        }
+        let msg = problems("[nats]\nurl = []\n", HAPROXY_CFG, &[]);
+        assert!(msg.contains("nats.url names no server"), "{msg}");
+        let msg = problems(
+            "[nats]\nurl = [\"nats://a:1,nats://b:2\"]\n",
+            HAPROXY_CFG,
+            &[],
+        );
+        assert!(msg.contains("one URL per array entry"), "{msg}");
+        let msg = problems("[nats]\nurl = 4222\n", HAPROXY_CFG, &[]);
+        assert!(msg.contains("nats.url must be a string"), "{msg}");
     }
 
     #[test]

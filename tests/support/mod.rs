@@ -51,8 +51,8 @@ pub use http::{
     Response, REQUEST_TIMEOUT,
 };
 pub use nats::{
-    client as nats_client, node_command, stream_messages, write_config as write_nats_config,
-    NatsServer,
+    client as nats_client, monitor_get, node_command, stream_messages,
+    write_config as write_nats_config, NatsCluster, NatsServer,
 };
 pub use node::{
     ebb_bin, Fleet, HiddenAdminSocket, NodeFixture, NodeFixtureBuilder, NODE_ID, NODE_TIMEOUT,

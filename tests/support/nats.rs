@@ -232,11 +232,20 @@ pub async fn node_command(
     })
 }
 
-/// A client of `url` whose requests time out after `request_timeout`.
+/// A client of `url` (one URL, or a comma-separated list of a cluster's) whose requests time out
+/// after `request_timeout`.
 pub async fn client(url: &str, request_timeout: Duration) -> async_nats::Client {
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| {
+            u.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("NATS URL {u:?} in {url:?}: {e}"))
+        })
+        .collect();
     async_nats::ConnectOptions::new()
         .request_timeout(Some(request_timeout))
-        .connect(url)
+        .connect(servers)
         .await
         .unwrap_or_else(|e| panic!("connect to nats at {url}: {e}"))
 }
@@ -273,4 +282,357 @@ pub async fn stream_messages(
         out.push((msg.subject.to_string(), msg_id, body));
     }
     out
+}
+
+/// The name of the cluster [`NatsCluster`] runs; its servers are `n0`, `n1`, `n2`.
+pub const CLUSTER_NAME: &str = "ebb-test";
+/// How long a cluster may take to elect its JetStream meta leader (2.9 takes a few seconds).
+const META_LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Three nats-servers on 127.0.0.1, routed into one cluster ([`CLUSTER_NAME`], servers `n0`,
+/// `n1`, `n2`), JetStream on each with its own store (`DIR/nI/js`), a monitoring port each. Every
+/// server is killed on drop (through its [`ChildGuard`]).
+pub struct NatsCluster {
+    servers: Vec<ClusterServer>,
+}
+
+/// One server of a [`NatsCluster`]: its ports are fixed for the cluster's life, so that a server
+/// started again takes its old place in the routes.
+struct ClusterServer {
+    name: String,
+    dir: PathBuf,
+    port: u16,
+    monitor_port: u16,
+    child: Option<ChildGuard>,
+}
+
+impl ClusterServer {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("nats-server.log")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = self.log_path();
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(NatsServer::bin());
+        cmd.arg("-c")
+            .arg(self.dir.join("nats.conf"))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        self.child = Some(ChildGuard::spawn(
+            &format!("nats-server {}", self.name),
+            &mut cmd,
+        )?);
+        Ok(())
+    }
+
+    /// Waits until the server greets clients; fails early when it exits.
+    fn wait_greets(&mut self, deadline: Instant) -> Result<()> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                bail!("nats-server {} is not running", self.name);
+            };
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!(
+                    "nats-server {} (port {}) exited with {status} before accepting; log tail:\n{}",
+                    self.name,
+                    self.port,
+                    tail(&self.log_path(), 20)
+                );
+            }
+            if greets(addr) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nats-server {} (port {}) did not greet within {START_TIMEOUT:?}; log tail:\n{}",
+                    self.name,
+                    self.port,
+                    tail(&self.log_path(), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(ChildGuard::is_running)
+    }
+
+    /// `GET path` on the monitoring port, parsed as JSON.
+    fn monitor(&self, path: &str) -> Result<serde_json::Value> {
+        monitor_get(self.monitor_port, path)
+    }
+}
+
+impl NatsCluster {
+    /// Starts the three servers under `dir` and waits until the cluster has a JetStream meta
+    /// leader that every server knows.
+    pub fn start(dir: &Path) -> Result<NatsCluster> {
+        // A free port may be taken by someone else before its server binds it: every server names
+        // every other's route port, so a clash starts the whole cluster over on new ports.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::try_start(dir) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    fn try_start(dir: &Path) -> Result<NatsCluster> {
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))
+            .collect();
+        let mut servers = Vec::with_capacity(3);
+        for (i, (port, route, monitor_port)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let server_dir = dir.join(&name);
+            fs::create_dir_all(&server_dir)
+                .with_context(|| format!("create {}", server_dir.display()))?;
+            let store = server_dir.join("js");
+            let conf = format!(
+                "server_name: {name}\n\
+                 listen: \"127.0.0.1:{port}\"\n\
+                 http: \"127.0.0.1:{monitor_port}\"\n\
+                 jetstream {{ store_dir: {store:?} }}\n\
+                 cluster {{\n  name: {CLUSTER_NAME}\n  listen: \"127.0.0.1:{route}\"\n  \
+                 routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            write_config(&server_dir, "nats.conf", &conf)?;
+            servers.push(ClusterServer {
+                name,
+                dir: server_dir,
+                port: *port,
+                monitor_port: *monitor_port,
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster { servers };
+        for server in &mut cluster.servers {
+            server.spawn()?;
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for server in &mut cluster.servers {
+            server.wait_greets(deadline)?;
+        }
+        cluster.wait_meta_leader()?;
+        Ok(cluster)
+    }
+
+    /// Waits until every running server names the same JetStream meta leader, itself running.
+    pub fn wait_meta_leader(&mut self) -> Result<String> {
+        let deadline = Instant::now() + META_LEADER_TIMEOUT;
+        loop {
+            if let Some(leader) = self.meta_leader() {
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                let views: Vec<String> = self
+                    .servers
+                    .iter()
+                    .map(|s| match s.monitor("/jsz") {
+                        Ok(jsz) => format!("{}: {}", s.name, jsz["meta_cluster"]),
+                        Err(e) => format!("{}: {e:#}", s.name),
+                    })
+                    .collect();
+                bail!(
+                    "the cluster elected no JetStream meta leader within {META_LEADER_TIMEOUT:?}; \
+                     what each server says: {}",
+                    views.join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The meta leader every running server agrees on, if any.
+    fn meta_leader(&mut self) -> Option<String> {
+        let mut leader: Option<String> = None;
+        let running: Vec<usize> = (0..self.servers.len())
+            .filter(|&i| self.servers[i].is_running())
+            .collect();
+        for &i in &running {
+            let jsz = self.servers[i].monitor("/jsz").ok()?;
+            let named = jsz["meta_cluster"]["leader"].as_str()?.to_owned();
+            if named.is_empty() || leader.as_ref().is_some_and(|l| *l != named) {
+                return None;
+            }
+            leader = Some(named);
+        }
+        let leader = leader?;
+        running
+            .iter()
+            .any(|&i| self.servers[i].name == leader)
+            .then_some(leader)
+    }
+
+    /// The client URLs, `n0` first.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    /// The client URLs, comma-joined, as `nats.url` takes them.
+    pub fn url_list(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// Server `i`'s name (`n<i>`).
+    pub fn name(&self, i: usize) -> &str {
+        &self.servers[i].name
+    }
+
+    /// The index of the server named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|s| s.name == name)
+    }
+
+    pub fn monitor_port(&self, i: usize) -> u16 {
+        self.servers[i].monitor_port
+    }
+
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.servers[i].log_path()
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.servers[i].is_running()
+    }
+
+    /// Kills server `i` at once (SIGKILL), like a crash. No-op when it is not running.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.servers[i].child.take() {
+            child.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts server `i` again on its ports and store, and waits until it greets clients and
+    /// agrees with the others on a meta leader.
+    pub fn start_again(&mut self, i: usize) -> Result<()> {
+        if self.servers[i].is_running() {
+            bail!("nats-server {} is still running", self.servers[i].name);
+        }
+        self.servers[i].spawn()?;
+        self.servers[i].wait_greets(Instant::now() + START_TIMEOUT)?;
+        self.wait_meta_leader()?;
+        Ok(())
+    }
+
+    /// The running server that holds the most client connections whose name starts with
+    /// `ebb-agent` (monitoring `/connz`), with that count; `None` when no server holds one.
+    pub fn agent_server(&mut self) -> Option<(usize, usize)> {
+        let mut best: Option<(usize, usize)> = None;
+        for i in 0..self.servers.len() {
+            if !self.servers[i].is_running() {
+                continue;
+            }
+            let Ok(connz) = self.servers[i].monitor("/connz?limit=4096") else {
+                continue;
+            };
+            let count = connz["connections"].as_array().map_or(0, |conns| {
+                conns
+                    .iter()
+                    .filter(|c| {
+                        c["name"]
+                            .as_str()
+                            .is_some_and(|n| n.starts_with("ebb-agent"))
+                    })
+                    .count()
+            });
+            if count > 0 && best.is_none_or(|(_, most)| count > most) {
+                best = Some((i, count));
+            }
+        }
+        best
+    }
+
+    /// The index of the server that leads stream `stream` (of the global account), as a running
+    /// server reports it (monitoring `/jsz`); `None` while it has no leader.
+    pub fn stream_leader(&mut self, stream: &str) -> Option<usize> {
+        for i in 0..self.servers.len() {
+            if !self.servers[i].is_running() {
+                continue;
+            }
+            let Ok(jsz) = self.servers[i].monitor("/jsz?accounts=true&streams=true") else {
+                continue;
+            };
+            let accounts = jsz["account_details"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for account in &accounts {
+                let streams = account["stream_detail"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for s in streams.iter().filter(|s| s["name"] == stream) {
+                    if let Some(leader) = s["cluster"]["leader"].as_str() {
+                        if let Some(index) = self.index_of(leader) {
+                            return Some(index);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until stream `stream` has a leader on a running server; returns its index.
+    pub fn wait_stream_leader(&mut self, stream: &str, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.stream_leader(stream) {
+                if self.servers[i].is_running() {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("stream {stream} had no leader on a running server within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `GET path` on a nats-server's monitoring port at 127.0.0.1, parsed as JSON. Plain HTTP/1.0 on
+/// a std socket: the fixture's waits are synchronous, like [`NatsServer::start`]'s.
+pub fn monitor_get(port: u16, path: &str) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .with_context(|| format!("connect to the monitoring port {port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read GET {path} from the monitoring port {port}"))?;
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        bail!("GET {path} on port {port}: no HTTP body in {response:?}");
+    };
+    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
+        bail!(
+            "GET {path} on port {port}: {}",
+            head.lines().next().unwrap_or(head)
+        );
+    }
+    serde_json::from_str(body).with_context(|| format!("GET {path} on port {port}: not JSON"))
 }

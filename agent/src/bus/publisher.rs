@@ -16,7 +16,23 @@
 //! `max_payload`; refused by the stream again and again) must not stall the events behind it: it
 //! is tried once more as a core message, then set aside (removed from the outbox), logged once at
 //! error level with its subject and Msg-Id, and counted in the status `warnings`.
+//!
+//! A JetStream cluster losing a server is none of that. Killing the server the agent is connected
+//! to loses the ack in flight (a timeout; the client reconnects to another server of the list);
+//! killing the stream leader's server leaves the stream without a leader for a few seconds, when
+//! a publish gets no responders (or times out) and `STREAM.INFO` times out or answers `503`
+//! ("JetStream system temporarily unavailable"). Once the stream has been had in this agent's
+//! life, all of these keep the event at the front of the outbox and retry it with the same Msg-Id
+//! (the stream's duplicate window drops a copy an unseen ack already stored): never a fall back to
+//! core NATS, which would leave a gap in the stream, and never a refusal counted towards setting
+//! it aside. A JetStream that never answered (a server without it) still means core NATS.
+//!
+//! The stream and bucket are checked for their replicas (`nats.stream_replicas`) when they are
+//! looked up (start, after errors and reconnects) and on a slow, jittered schedule: a shortfall is
+//! logged once per change and listed in the status `warnings`.
 
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -28,7 +44,9 @@ use ebb_sdk::event::{Event, EventBody};
 use ebb_sdk::status::NodeRecord;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::jetstream::{events_stream, node_bucket, Resolved};
+use super::jetstream::{
+    api_error, bucket_stream, events_stream, node_bucket, replicas_now, ApiError, Resolved,
+};
 use super::outbox::Outbox;
 use super::refusals::Refusals;
 use crate::config::NatsConfig;
@@ -43,6 +61,18 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Events taken into the outbox with one fsync.
 const INTAKE_BATCH: usize = 256;
+/// How often the replicas of the stream and bucket are asked for while all is well, and while
+/// one is short, each jittered by ±25%. Each check is a `STREAM.INFO` per stream, answered by its
+/// leader (the meta leader while it has none): 10,000 agents asking at every heartbeat would be
+/// 2,000 requests a second; every 5 minutes it is about 67, spread out by the jitter so that a
+/// fleet started together does not ask together. A lost server is noticed sooner where it
+/// matters, at once by the agents it served (they reconnect, and a reconnect is checked).
+const REPLICAS_RECHECK: Duration = Duration::from_secs(300);
+const REPLICAS_RECHECK_SHORT: Duration = Duration::from_secs(120);
+/// How long after a reconnect the replicas are asked for (and again after a stream did not
+/// answer): by then the cluster has mostly elected new leaders (a check at once would find
+/// streams without one).
+const REPLICAS_SETTLE: Duration = Duration::from_secs(15);
 
 /// What the publisher tells `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,6 +121,11 @@ struct Notes {
     stream_differs: Vec<String>,
     /// Why the node record is not in KV, while it is not.
     kv_off: Option<String>,
+    /// Why events wait in the outbox although the stream was had before (its cluster does not
+    /// answer), while they do.
+    stream_waiting: Option<String>,
+    /// Per stream (events, bucket), why it has fewer (current) replicas than configured.
+    replicas: BTreeMap<String, String>,
 }
 
 impl Notes {
@@ -122,9 +157,16 @@ impl Notes {
                 "events go out as core NATS messages, not to the events stream: {why}"
             ));
         }
+        if let Some(why) = &self.stream_waiting {
+            out.push(format!(
+                "events wait in the outbox for the events stream, which does not answer now: \
+                 {why}; they go to it with the same Msg-Ids once it does"
+            ));
+        }
         if let Some(why) = &self.kv_off {
             out.push(format!("the node record is not kept in KV: {why}"));
         }
+        out.extend(self.replicas.values().cloned());
         out
     }
 }
@@ -144,6 +186,32 @@ impl Shared {
             *r = warnings;
             changed
         });
+    }
+
+    /// Records the replica shortfall of `stream` (`None`: none), logging it once per change.
+    fn note_replicas(&self, stream: &str, shortfall: Option<String>) {
+        self.note(|n| match shortfall {
+            Some(why) => {
+                if n.replicas.get(stream) != Some(&why) {
+                    tracing::warn!("{why}");
+                    n.replicas.insert(stream.to_string(), why);
+                }
+            }
+            None => {
+                if n.replicas.remove(stream).is_some() {
+                    tracing::info!("stream {stream} has all its replicas again");
+                }
+            }
+        });
+    }
+
+    fn replicas_short(&self) -> bool {
+        !self
+            .notes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replicas
+            .is_empty()
     }
 
     /// Runs `f` on the outbox off the async runtime: it syncs files. `None` only when the
@@ -177,7 +245,7 @@ enum Sent {
     Confirmed,
     /// Refused for good: set it aside.
     Refused(String),
-    /// The stream answered with an error (not a timeout).
+    /// The stream answered with an error (not a timeout, not a busy cluster).
     StreamRefused(String),
     /// The stream is gone: look it up again at once.
     StreamMissing,
@@ -211,7 +279,9 @@ impl Publisher {
                 boot_id: self.boot_id,
                 summary: self.summary,
                 shared: shared.clone(),
+                refusals: self.refusals.clone(),
                 kv_off: None,
+                bucket_seen: false,
             }
             .run(),
         );
@@ -222,6 +292,7 @@ impl Publisher {
             shared,
             sink: Sink::Unresolved,
             stream_refusals: 0,
+            stream_seen: false,
         }
         .run()
         .await;
@@ -276,6 +347,9 @@ struct Sender {
     sink: Sink,
     /// Consecutive times the stream refused the front event.
     stream_refusals: u32,
+    /// The events stream was had in this agent's life: a JetStream that does not answer is then
+    /// a cluster between leaders, and events wait for it rather than go out as core messages.
+    stream_seen: bool,
 }
 
 impl Sender {
@@ -362,7 +436,11 @@ impl Sender {
         match &self.sink {
             Sink::Unresolved => Sent::Failed("NATS is not reachable".into()),
             Sink::Stream(js) => {
-                let sent = publish_stream(js, &subject, event).await;
+                let sent = judge_ack(publish_stream(js, &subject, event).await, &subject);
+                // Looked up again after no answer too, not only after no responders: a core
+                // subscriber of the events (`ebb ctl watch`) makes a missing stream look like a
+                // lost ack. During a failover that is one STREAM.INFO per retry, and the retries
+                // back off to one every RETRY_MAX.
                 if matches!(sent, Sent::Failed(_) | Sent::StreamMissing) {
                     self.sink = Sink::Unresolved;
                 }
@@ -383,12 +461,28 @@ impl Sender {
     }
 
     async fn resolve(&mut self) {
-        self.sink = match events_stream(&self.client, &self.cfg).await {
+        let found = events_stream(&self.client, &self.cfg, &self.refusals).await;
+        let found = match found {
+            // JetStream is there and its cluster busy; or it was had before and may well be back
+            // soon (a server restarted, a reconnect): the events wait for it, with their Msg-Ids.
+            Resolved::Busy(why) => return self.wait_for_stream(why),
+            Resolved::Unanswered(why) if self.stream_seen => return self.wait_for_stream(why),
+            // Never had, and no JetStream to answer: core NATS, as without a stream at all.
+            Resolved::Unanswered(why) => Resolved::Unavailable(why),
+            other => other,
+        };
+        self.sink = match found {
             Resolved::Ready(stream) => {
+                self.stream_seen = true;
                 let differs = stream.differences;
+                self.shared
+                    .note_replicas(&self.cfg.events_stream, stream.replicas);
                 self.shared.note(|n| {
                     if n.stream_off.is_some() {
                         tracing::info!("events go to the events stream again");
+                    }
+                    if n.stream_waiting.take().is_some() {
+                        tracing::info!("the events stream answers again");
                     }
                     if n.stream_differs != differs {
                         for d in &differs {
@@ -420,7 +514,25 @@ impl Sender {
                 tracing::debug!("cannot reach JetStream yet: {why}");
                 Sink::Unresolved
             }
+            Resolved::Unanswered(why) | Resolved::Busy(why) => {
+                tracing::debug!("JetStream does not answer: {why}");
+                Sink::Unresolved
+            }
         };
+    }
+
+    /// Keeps the events in the outbox until the stream answers, and says so (logged once).
+    fn wait_for_stream(&mut self, why: String) {
+        self.shared.note(|n| {
+            if n.stream_waiting.is_none() {
+                tracing::warn!(
+                    "the events stream does not answer ({why}); events wait in the outbox and \
+                     are retried with the same Msg-Ids"
+                );
+            }
+            n.stream_waiting = Some(why);
+        });
+        self.sink = Sink::Unresolved;
     }
 
     /// Removes an event NATS will never take, after one last try as a core message, so that
@@ -467,28 +579,85 @@ fn too_large(subject: &str, e: impl std::fmt::Display) -> Sent {
     ))
 }
 
-async fn publish_stream(js: &jetstream::Context, subject: &str, event: &Event) -> Sent {
+/// What a JetStream publish came back with, before it is judged ([`judge_ack`]).
+#[derive(Debug)]
+enum Ack {
+    Stored,
+    /// Nobody listens on the subject: the stream is gone, or has no leader right now.
+    NoResponders,
+    TooLarge(String),
+    /// The stream answered with an error.
+    Api {
+        code: usize,
+        err_code: jetstream::ErrorCode,
+        text: String,
+    },
+    /// An answer that is not one (it does not parse).
+    Unreadable(String),
+    /// No answer: a timeout, a lost connection.
+    Lost(String),
+    /// The event cannot be encoded.
+    Unencodable,
+}
+
+/// How a publish of an event on `subject` went, from what came back. Pure.
+fn judge_ack(ack: Ack, subject: &str) -> Sent {
+    match ack {
+        Ack::Stored => Sent::Confirmed,
+        Ack::NoResponders => Sent::StreamMissing,
+        Ack::TooLarge(e) => too_large(subject, e),
+        Ack::Unencodable => Sent::Refused("it cannot be encoded as JSON".into()),
+        // A cluster electing a leader or short of a server says so with a 503 or a cluster
+        // error: the event waits, and such answers never count towards setting it aside.
+        Ack::Api {
+            code,
+            err_code,
+            text,
+        } => match api_error(code, err_code) {
+            ApiError::Transient => Sent::Failed(text),
+            ApiError::TooManyReplicas | ApiError::Refused => Sent::StreamRefused(text),
+        },
+        Ack::Unreadable(e) => Sent::StreamRefused(e),
+        Ack::Lost(e) => Sent::Failed(e),
+    }
+}
+
+async fn publish_stream(js: &jetstream::Context, subject: &str, event: &Event) -> Ack {
     let Ok(payload) = serde_json::to_vec(event) else {
-        return Sent::Refused("it cannot be encoded as JSON".into());
+        return Ack::Unencodable;
     };
     let ack = match js
         .publish_with_headers(subject.to_string(), headers(event), payload.into())
         .await
     {
         Ok(ack) => ack,
-        Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => return too_large(subject, e),
-        Err(e) => return Sent::Failed(e.to_string()),
+        Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+            return Ack::TooLarge(e.to_string())
+        }
+        Err(e) => return Ack::Lost(e.to_string()),
     };
     match ack.await {
-        Ok(_) => Sent::Confirmed,
+        Ok(_) => Ack::Stored,
         Err(e) => match e.kind() {
-            PublishErrorKind::StreamNotFound => Sent::StreamMissing,
-            PublishErrorKind::MaxPayloadExceeded => too_large(subject, e),
-            // The server answered, and said no (a stream limit, a message size, ...).
-            PublishErrorKind::Other if std::error::Error::source(&e).is_some() => {
-                Sent::StreamRefused(e.to_string())
+            PublishErrorKind::StreamNotFound => Ack::NoResponders,
+            PublishErrorKind::MaxPayloadExceeded => Ack::TooLarge(e.to_string()),
+            // The server answered, and said no (a stream limit, a busy cluster, ...).
+            PublishErrorKind::Other => {
+                match std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                {
+                    Some(api) => Ack::Api {
+                        code: api.code(),
+                        err_code: api.error_code(),
+                        text: e.to_string(),
+                    },
+                    None if std::error::Error::source(&e).is_some() => {
+                        Ack::Unreadable(e.to_string())
+                    }
+                    None => Ack::Lost(e.to_string()),
+                }
             }
-            _ => Sent::Failed(e.to_string()),
+            _ => Ack::Lost(e.to_string()),
         },
     }
 }
@@ -533,7 +702,11 @@ struct Heartbeat {
     boot_id: String,
     summary: watch::Receiver<Summary>,
     shared: Arc<Shared>,
+    refusals: Refusals,
     kv_off: Option<String>,
+    /// The bucket was had in this agent's life: a JetStream that does not answer is then a
+    /// cluster between leaders, not a reason to say the record is not kept.
+    bucket_seen: bool,
 }
 
 impl Heartbeat {
@@ -543,6 +716,11 @@ impl Heartbeat {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut bucket = Bucket::Unresolved;
         let mut summary_open = true;
+        // Looking the streams up (start, errors) checks their replicas already; then this slow
+        // schedule, and a while after every reconnect (the server the agent was on may be the
+        // one gone).
+        let mut next_check = Instant::now() + jittered(REPLICAS_RECHECK);
+        let mut connects = self.client.statistics().connects.load(Ordering::Relaxed);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -551,6 +729,24 @@ impl Heartbeat {
                         bucket = Bucket::Unresolved;
                     }
                     self.put_record(&mut bucket).await;
+                    let now_connects = self.client.statistics().connects.load(Ordering::Relaxed);
+                    if now_connects != connects {
+                        connects = now_connects;
+                        next_check = next_check.min(Instant::now() + jittered(REPLICAS_SETTLE));
+                    }
+                    if self.client.connection_state() == State::Connected
+                        && Instant::now() >= next_check
+                    {
+                        let answered = self.check_replicas().await;
+                        let every = if !answered {
+                            REPLICAS_SETTLE
+                        } else if self.shared.replicas_short() {
+                            REPLICAS_RECHECK_SHORT
+                        } else {
+                            REPLICAS_RECHECK
+                        };
+                        next_check = Instant::now() + jittered(every);
+                    }
                 }
                 changed = self.summary.changed(), if summary_open => match changed {
                     Ok(()) => self.put_record(&mut bucket).await,
@@ -558,6 +754,27 @@ impl Heartbeat {
                 },
             }
         }
+    }
+
+    /// Asks both streams for their replicas (one `STREAM.INFO` each); a stream that cannot be
+    /// asked (still electing a leader) keeps what was known of it. Whether both answered.
+    async fn check_replicas(&self) -> bool {
+        let mut answered = true;
+        let wanted = self.cfg.stream_replicas;
+        let mut names = Vec::new();
+        if !self.cfg.events_stream.is_empty() {
+            names.push(self.cfg.events_stream.clone());
+        }
+        if !self.cfg.state_bucket.is_empty() {
+            names.push(bucket_stream(&self.cfg.state_bucket));
+        }
+        for name in names {
+            match replicas_now(&self.client, &name, wanted).await {
+                Some(shortfall) => self.shared.note_replicas(&name, shortfall),
+                None => answered = false,
+            }
+        }
+        answered
     }
 
     async fn beat(&self) {
@@ -589,15 +806,28 @@ impl Heartbeat {
             return;
         }
         if matches!(bucket, Bucket::Unresolved) {
-            *bucket = match node_bucket(&self.client, &self.cfg).await {
-                Resolved::Ready(store) => {
+            *bucket = match node_bucket(&self.client, &self.cfg, &self.refusals).await {
+                Resolved::Ready(found) => {
+                    self.bucket_seen = true;
                     if self.kv_off.take().is_some() {
                         tracing::info!("the node record is kept in KV again");
                         self.shared.note(|n| n.kv_off = None);
                     }
-                    Bucket::Ready(Box::new(store))
+                    self.shared
+                        .note_replicas(&bucket_stream(&self.cfg.state_bucket), found.replicas);
+                    Bucket::Ready(Box::new(found.store))
                 }
-                Resolved::Unavailable(why) => {
+                // Its cluster is between leaders, or it was had before: the next heartbeat asks
+                // again.
+                Resolved::Busy(why) => {
+                    tracing::debug!("the KV bucket does not answer now: {why}");
+                    Bucket::Off
+                }
+                Resolved::Unanswered(why) if self.bucket_seen => {
+                    tracing::debug!("the KV bucket does not answer now: {why}");
+                    Bucket::Off
+                }
+                Resolved::Unavailable(why) | Resolved::Unanswered(why) => {
                     if self.kv_off.as_ref() != Some(&why) {
                         tracing::warn!(
                             "the node record is not kept in KV: {why}; asking again at every \
@@ -634,9 +864,68 @@ impl Heartbeat {
     }
 }
 
+/// `base` give or take 25%, different in every agent (and at every call), so that agents started
+/// together do not ask together.
+fn jittered(base: Duration) -> Duration {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    base * (75 + (random % 51) as u32) / 100
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_cluster_or_a_lost_ack_waits_and_only_a_refusal_counts() {
+        let subject = "ebb.event.n.reloaded";
+        let api = |code, err_code| Ack::Api {
+            code,
+            err_code: jetstream::ErrorCode(err_code),
+            text: "x".into(),
+        };
+        assert!(matches!(judge_ack(Ack::Stored, subject), Sent::Confirmed));
+        // Leader election: nobody listens on the subject for a moment, or the cluster says so.
+        assert!(matches!(
+            judge_ack(Ack::NoResponders, subject),
+            Sent::StreamMissing
+        ));
+        for (code, err_code) in [(503, 10008), (500, 10118), (500, 10009), (503, 1)] {
+            assert!(
+                matches!(judge_ack(api(code, err_code), subject), Sent::Failed(_)),
+                "{code} {err_code}"
+            );
+        }
+        assert!(matches!(
+            judge_ack(Ack::Lost("timed out".into()), subject),
+            Sent::Failed(_)
+        ));
+        // The stream said no (a limit, a message too large for it): counted, then set aside.
+        assert!(matches!(
+            judge_ack(api(400, 10054), subject),
+            Sent::StreamRefused(_)
+        ));
+        assert!(matches!(
+            judge_ack(Ack::Unreadable("garbage".into()), subject),
+            Sent::StreamRefused(_)
+        ));
+        assert!(matches!(
+            judge_ack(Ack::TooLarge("big".into()), subject),
+            Sent::Refused(w) if w.contains("max_payload") && w.contains(subject)
+        ));
+    }
+
+    #[test]
+    fn the_replica_recheck_is_jittered_within_a_quarter() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(100));
+            assert!(
+                d >= Duration::from_secs(75) && d <= Duration::from_secs(125),
+                "{d:?}"
+            );
+        }
+    }
 
     #[test]
     fn warnings_say_what_went_wrong_and_nothing_when_all_is_well() {
@@ -651,13 +940,21 @@ mod tests {
             stream_off: Some("JetStream does not answer".into()),
             stream_differs: vec!["stream EBB_EVENTS has max_age 1h".into()],
             kv_off: Some("no bucket".into()),
+            stream_waiting: Some("JetStream does not answer (timed out)".into()),
+            replicas: [(
+                "KV_ebb_nodes".to_string(),
+                "stream KV_ebb_nodes has 1 replica(s) where nats.stream_replicas is 3".to_string(),
+            )]
+            .into(),
         };
         let w = notes.warnings();
-        assert_eq!(w.len(), 5, "{w:?}");
+        assert_eq!(w.len(), 7, "{w:?}");
+        assert!(w[4].starts_with("events wait in the outbox") && w[4].contains("timed out"));
+        assert!(w[6].contains("where nats.stream_replicas is 3"));
         assert!(w[0].starts_with("1 event(s) refused") && w[0].contains("n.b.4"));
         assert!(w[1].starts_with("2 unreadable line(s)"));
         assert!(w[2].contains("nats.outbox_limit = 10"));
         assert!(w[3].contains("JetStream does not answer"));
-        assert!(w[4].contains("no bucket"));
+        assert!(w[5].contains("no bucket"));
     }
 }

@@ -1,0 +1,406 @@
+//! ebb on a 3-server NATS cluster: replicated stream and bucket (`nats.stream_replicas`), the
+//! shortfall said when a single server cannot replicate, and every event of a boot in the stream
+//! exactly once while the stream leader's server, then the agent's own server, is killed.
+//!
+//! Run it against both servers ebb supports: `EBB_TEST_NATS_SERVER=/usr/sbin/nats-server` (2.9)
+//! and a current one (2.10+).
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::Client;
+use serde_json::{json, Value};
+use support::*;
+
+/// Default timeout of every wait. Generous: the tests share a 2-core machine, and a cluster that
+/// lost a server takes a few seconds to elect new leaders.
+const T: Duration = Duration::from_secs(60);
+/// One command's wait for its reply before it is sent again (same `request_id`).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A 3-server cluster, one demo backend, and nodes whose agents are given the cluster's whole URL
+/// list, in one test dir (each node in `DIR/<id>`, the servers in `DIR/cluster/nI`); stopped on
+/// drop, agents first.
+struct ClusterFleet {
+    // Field order is drop order.
+    nodes: Vec<NodeFixture>,
+    /// A client of the cluster (any server), which every node's fixture shares.
+    nc: Client,
+    /// Held for its drop, like `dir`; the nodes' haproxy send to it.
+    #[allow(dead_code)]
+    backend: Backend,
+    cluster: NatsCluster,
+    #[allow(dead_code)]
+    dir: TestDir,
+}
+
+impl ClusterFleet {
+    /// Starts the cluster and one agent per id with `nats.stream_replicas = replicas` and 1 s
+    /// heartbeats, each further built by `configure` (a builder with its id, dir, the cluster's
+    /// URLs, the shared client and backend); waits until every node serves.
+    async fn start<'a, S: AsRef<str>>(
+        ids: &[S],
+        replicas: usize,
+        mut configure: impl FnMut(&str, NodeFixtureBuilder<'a>) -> NodeFixtureBuilder<'a>,
+    ) -> ClusterFleet {
+        let dir = TestDir::new();
+        let cluster = blocking({
+            let at = dir.join("cluster");
+            move || NatsCluster::start(&at)
+        })
+        .await
+        .expect("start the 3-server nats cluster");
+        let backend = Backend::start().expect("start the demo backend");
+        let nc = nats_client(&cluster.url_list(), T).await;
+        let mut nodes = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = id.as_ref();
+            let builder = NodeFixture::builder()
+                .node_id(id)
+                .timeout(T)
+                .dir(dir.join(id))
+                .nats_url(&cluster.url_list())
+                .client(nc.clone())
+                .backend(Some(backend.addr()))
+                .agent(move |c| {
+                    c.set("nats", "stream_replicas", &replicas.to_string());
+                    c.set_str("nats", "heartbeat", "1s");
+                });
+            nodes.push(configure(id, builder).spawn().await);
+        }
+        let fleet = ClusterFleet {
+            nodes,
+            nc,
+            backend,
+            cluster,
+            dir,
+        };
+        futures::future::join_all(fleet.nodes.iter().map(NodeFixture::wait_serving)).await;
+        fleet
+    }
+
+    fn node(&self, id: &str) -> &NodeFixture {
+        self.nodes
+            .iter()
+            .find(|n| n.id() == id)
+            .unwrap_or_else(|| panic!("no node {id} in the fleet"))
+    }
+
+    /// Kills server `i` of the cluster (SIGKILL).
+    fn kill(&mut self, i: usize) {
+        self.cluster
+            .kill(i)
+            .unwrap_or_else(|e| panic!("kill nats-server n{i}: {e:#}"));
+    }
+
+    /// Starts server `i` again and waits until the cluster agrees on a meta leader.
+    async fn start_again(&mut self, i: usize) {
+        // The cluster's waits are blocking; the agents' clients keep running meanwhile.
+        tokio::task::block_in_place(|| self.cluster.start_again(i))
+            .unwrap_or_else(|e| panic!("start nats-server n{i} again: {e:#}"));
+    }
+
+    /// The server that leads `stream` now.
+    async fn stream_leader(&mut self, stream: &str) -> usize {
+        tokio::task::block_in_place(|| self.cluster.wait_stream_leader(stream, T))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+fn warnings(status: &Value) -> Vec<String> {
+    status["warnings"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The replicas `stream` was made with, once it exists.
+async fn stream_replicas(nc: &Client, stream: &str) -> usize {
+    // A stream being created answers no STREAM.INFO until it has a leader: ask again soon.
+    let mut js = jetstream::new(nc.clone());
+    js.set_timeout(Duration::from_secs(2));
+    wait_for_async(T, &format!("stream {stream}"), || {
+        let js = js.clone();
+        async move {
+            let s = js.get_stream(stream).await.ok()?;
+            Some(s.cached_info().config.num_replicas)
+        }
+    })
+    .await
+}
+
+/// Sends `reload` with `request_id` to `node`; sent once more, with the same id, when no reply
+/// came in time (the server that carried it was killed): the node acts once and replays its
+/// reply. Returns the reply's result.
+async fn reload(nc: &Client, node: &str, request_id: &str) -> Value {
+    let subject = format!("ebb.node.{node}.reload");
+    let body = json!({"request_id": request_id}).to_string();
+    for attempt in 1..=2 {
+        match tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            nc.request(subject.clone(), body.clone().into()),
+        )
+        .await
+        {
+            Ok(Ok(msg)) => {
+                let reply: Value = serde_json::from_slice(&msg.payload)
+                    .unwrap_or_else(|e| panic!("reply to {request_id} is not JSON: {e}"));
+                assert_eq!(reply["ok"], true, "reload {request_id} failed: {reply}");
+                return reply["result"].clone();
+            }
+            Ok(Err(e)) if attempt == 1 => eprintln!("reload {request_id}: {e}; sending again"),
+            Err(_) if attempt == 1 => eprintln!("reload {request_id}: no reply; sending again"),
+            Ok(Err(e)) => panic!("reload {request_id}, sent twice: {e}"),
+            Err(_) => panic!("reload {request_id}, sent twice: no reply in {COMMAND_TIMEOUT:?}"),
+        }
+    }
+    unreachable!("the second attempt returns or panics")
+}
+
+/// The `(seq, Msg-Id)` of every message in the events stream from boot `boot_id`, in stream
+/// order.
+async fn boot_in_stream(nc: &Client, boot_id: &str) -> Vec<(u64, String)> {
+    stream_messages(nc, "EBB_EVENTS")
+        .await
+        .into_iter()
+        .filter(|(_, _, body)| body["boot_id"] == boot_id)
+        .map(|(_, id, body)| (body["seq"].as_u64().unwrap_or(0), id.unwrap_or_default()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) A cluster: the stream and bucket get their 3 replicas, and nothing is said
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_stream_and_bucket_have_three_replicas_and_no_warning() {
+    let fleet = ClusterFleet::start(&["node-1"], 3, |_, b| {
+        // The array form of nats.url, which the agent joins into the same list.
+        b.agent(|c| {
+            let urls: Vec<String> = c
+                .get("nats", "url")
+                .and_then(|v| serde_json::from_str::<String>(v).ok())
+                .expect("nats.url")
+                .split(',')
+                .map(toml_string)
+                .collect();
+            c.set("nats", "url", &format!("[{}]", urls.join(", ")));
+        })
+    })
+    .await;
+    let node = fleet.node("node-1");
+    assert_eq!(stream_replicas(&fleet.nc, "EBB_EVENTS").await, 3);
+    assert_eq!(stream_replicas(&fleet.nc, "KV_ebb_nodes").await, 3);
+    let started = node.events.wait_kind("agent_started", |_| true).await;
+    let id = started.msg_id.clone().expect("Msg-Id");
+    wait_until_async(T, "agent_started in EBB_EVENTS", || async {
+        stream_messages(&fleet.nc, "EBB_EVENTS")
+            .await
+            .iter()
+            .any(|(_, m, _)| m.as_deref() == Some(id.as_str()))
+    })
+    .await;
+    let status = node.status().await;
+    let w = warnings(&status);
+    assert!(
+        !w.iter().any(|w| w.contains("replica")),
+        "no replica warning: {w:?}"
+    );
+    let log = node.agent.log_text();
+    assert!(
+        log.contains("created JetStream stream EBB_EVENTS with 3 replica(s)"),
+        "{log}"
+    );
+    assert!(!log.contains("nats.stream_replicas is 3"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) One plain server: events flow through a 1-replica stream, and the shortfall is said
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_server_gets_one_replica_and_the_shortfall_is_said() {
+    let node = NodeFixture::builder()
+        .timeout(T)
+        .agent(|c| {
+            c.set("nats", "stream_replicas", "3");
+            c.set_str("nats", "heartbeat", "1s");
+        })
+        .start()
+        .await;
+    let started = node.events.wait_kind("agent_started", |_| true).await;
+    let id = started.msg_id.clone().expect("Msg-Id");
+    wait_until_async(T, "agent_started in EBB_EVENTS", || async {
+        stream_messages(&node.nc, "EBB_EVENTS")
+            .await
+            .iter()
+            .any(|(_, m, _)| m.as_deref() == Some(id.as_str()))
+    })
+    .await;
+    assert_eq!(stream_replicas(&node.nc, "EBB_EVENTS").await, 1);
+    assert_eq!(stream_replicas(&node.nc, "KV_ebb_nodes").await, 1);
+    let short = "has 1 replica(s) where nats.stream_replicas is 3";
+    let status = node
+        .wait_status("both shortfalls in the warnings", |s| {
+            warnings(s).iter().filter(|w| w.contains(short)).count() == 2
+        })
+        .await;
+    let w = warnings(&status);
+    for stream in ["EBB_EVENTS", "KV_ebb_nodes"] {
+        assert!(
+            w.iter()
+                .any(|w| w.contains(&format!("stream {stream} {short}"))
+                    && w.contains("not clustered")
+                    && w.contains("nats.stream_replicas = 1")),
+            "{stream}: {w:?}"
+        );
+    }
+    // Said once each in the log, at warn level.
+    let said: Vec<Value> = node
+        .agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| log_message(l).is_some_and(|m| m.contains(short)))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(said.iter().all(|l| l["level"] == "WARN"), "{said:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) Servers killed while the node emits events: every event of the boot in the stream, once
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_the_stream_exactly_once_while_servers_are_killed() {
+    let mut fleet = ClusterFleet::start(&["node-1"], 3, |_, b| b).await;
+    let nc = fleet.nc.clone();
+    let boot_id = fleet.node("node-1").status().await["boot_id"]
+        .as_str()
+        .expect("boot_id")
+        .to_owned();
+    assert_eq!(stream_replicas(&nc, "EBB_EVENTS").await, 3);
+    let mut n = 0;
+    let mut reloads = |count: usize| {
+        let nc = nc.clone();
+        let first = n;
+        n += count;
+        tokio::spawn(async move {
+            for i in first..first + count {
+                reload(&nc, "node-1", &format!("r-{i}")).await;
+            }
+        })
+    };
+    reloads(3).await.expect("reloads before");
+
+    // The stream leader's server goes while reloads run.
+    let leader = fleet.stream_leader("EBB_EVENTS").await;
+    let running = reloads(6);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fleet.kill(leader);
+    running.await.expect("reloads while the leader is gone");
+    fleet.start_again(leader).await;
+
+    // Then the server the agent is connected to.
+    let (agent_server, _) = wait_for_async(T, "the agent's server", || {
+        let found = tokio::task::block_in_place(|| fleet.cluster.agent_server());
+        async move { found }
+    })
+    .await;
+    let running = reloads(6);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fleet.kill(agent_server);
+    running
+        .await
+        .expect("reloads while the agent's server is gone");
+    fleet.start_again(agent_server).await;
+    let last = reload(&nc, "node-1", "r-last").await;
+    let last_id = last["reload_id"].clone();
+
+    // The node's events reach the stream: every seq of the boot once, from 1, in order, at
+    // least up to the last reload's.
+    let node = fleet.node("node-1");
+    let last_seq = node
+        .events
+        .wait_kind("reloaded", |b| b["reload_id"] == last_id)
+        .await
+        .seq();
+    let stored = wait_for_async(T, "the boot's events in EBB_EVENTS", || {
+        let nc = nc.clone();
+        let boot_id = boot_id.clone();
+        async move {
+            // A stream between leaders answers nothing: ask again soon.
+            let stored =
+                tokio::time::timeout(Duration::from_secs(5), boot_in_stream(&nc, &boot_id))
+                    .await
+                    .ok()?;
+            stored
+                .iter()
+                .any(|(seq, _)| *seq >= last_seq)
+                .then_some(stored)
+        }
+    })
+    .await;
+    let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "seq 1..N, no gap, no duplicate");
+    let mut ids: Vec<&String> = stored.iter().map(|(_, id)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), stored.len(), "each Msg-Id once");
+    assert!(
+        node.agent.log_text().contains("nats: connected"),
+        "the agent reconnected"
+    );
+    let status = node
+        .wait_status("an empty outbox", |s| s["outbox_depth"] == 0)
+        .await;
+    assert!(
+        !warnings(&status).iter().any(|w| w.contains("core NATS")),
+        "never fell back to core NATS: {status}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) The agent's server killed: the replicas it held are said to be missing, by name
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_gone_is_named_in_the_replica_warning() {
+    let mut fleet = ClusterFleet::start(&["node-1"], 3, |_, b| b).await;
+    assert_eq!(stream_replicas(&fleet.nc, "EBB_EVENTS").await, 3);
+    assert_eq!(stream_replicas(&fleet.nc, "KV_ebb_nodes").await, 3);
+    let (gone, _) = wait_for_async(T, "the agent's server", || {
+        let found = tokio::task::block_in_place(|| fleet.cluster.agent_server());
+        async move { found }
+    })
+    .await;
+    fleet.kill(gone);
+    let name = fleet.cluster.name(gone).to_owned();
+    // The agent reconnects, and asks for the replicas once the cluster has settled.
+    let missing = format!("has 2 of 3 replicas current (not: {name})");
+    let status = fleet
+        .node("node-1")
+        .wait_status(&format!("warnings that {name} is missing"), |s| {
+            warnings(s).iter().filter(|w| w.contains(&missing)).count() == 2
+        })
+        .await;
+    let w = warnings(&status);
+    for stream in ["EBB_EVENTS", "KV_ebb_nodes"] {
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with(&format!("stream {stream} ")) && w.contains(&missing)),
+            "{stream}: {w:?}"
+        );
+    }
+    assert!(
+        fleet.node("node-1").agent.log_text().contains(&missing),
+        "said in the log too"
+    );
+    fleet.start_again(gone).await;
+}
