@@ -404,3 +404,101 @@ async fn a_server_gone_is_named_in_the_replica_warning() {
     );
     fleet.start_again(gone).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// (e) A rolling reload through `ebb ctl` loses the server most agents use: it completes, and each
+//     node's events are in the stream once
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_losing_the_server_most_agents_use_and_every_event_is_stored_once() {
+    let ids: Vec<String> = (1..=6).map(|i| format!("node-{i}")).collect();
+    let mut fleet = ClusterFleet::start(&ids, 3, |_, b| b).await;
+    let nc = fleet.nc.clone();
+    let mut boots = Vec::new();
+    for node in &fleet.nodes {
+        let status = node.status().await;
+        boots.push((
+            node.id().to_string(),
+            status["boot_id"].as_str().unwrap_or("").to_string(),
+        ));
+    }
+    // ctl knows the fleet from KV: wait until every record is there (each agent writes its own
+    // once the replicated bucket answers it).
+    let client = ebb_sdk::client::Client::new(nc.clone(), "ebb");
+    wait_until_async(T, "every node's record in KV", || {
+        let client = client.clone();
+        async move { client.node_records().await.len() == 6 }
+    })
+    .await;
+    let url = fleet.cluster.url_list();
+    let (victim, agents) = wait_for_async(T, "the server most agents use", || {
+        let found = tokio::task::block_in_place(|| fleet.cluster.agent_server());
+        async move { found }
+    })
+    .await;
+
+    let reloaded = EventTap::subscribe(&nc, "ebb.event.*.reloaded").await;
+    let rollout = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let args = [
+                "--nats",
+                url.as_str(),
+                "reload",
+                "--all",
+                "--max-parallel",
+                "2",
+                "--json",
+                "--timeout",
+                "10s",
+            ];
+            run_ctl(&args, &[], Duration::from_secs(300)).await
+        }
+    });
+    // Mid-rollout: once the first node reloaded, the others are still to come.
+    reloaded.wait("the first node reloaded", |_| true).await;
+    fleet.kill(victim);
+    let run = rollout.await.expect("the rollout's task");
+    assert_eq!(
+        run.code, 0,
+        "the rollout completes although server n{victim} ({agents} agents on it) died: {run:?}"
+    );
+    let results: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("ebb ctl printed no JSON ({e}): {run:?}"));
+    let results = results.as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 6, "{run:?}");
+    for r in &results {
+        assert_eq!(r["outcome"], "reloaded", "{r}");
+    }
+
+    fleet.start_again(victim).await;
+    for (node, boot_id) in &boots {
+        let fixture = fleet.node(node);
+        fixture
+            .wait_status("an empty outbox", |s| s["outbox_depth"] == 0)
+            .await;
+        // Every event of the boot, once, seq 1..N; the rollout's reload among them.
+        let stored = wait_for_async(T, &format!("{node}'s reloaded event in the stream"), || {
+            let nc = nc.clone();
+            let boot_id = boot_id.clone();
+            async move {
+                let stored =
+                    tokio::time::timeout(Duration::from_secs(5), boot_in_stream(&nc, &boot_id))
+                        .await
+                        .ok()?;
+                (stored.len() >= 2).then_some(stored)
+            }
+        })
+        .await;
+        let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{node}: seq 1..N, no gap, no duplicate");
+        let reloads = stream_messages(&nc, "EBB_EVENTS")
+            .await
+            .into_iter()
+            .filter(|(_, _, b)| b["boot_id"] == boot_id.as_str() && b["kind"] == "reloaded")
+            .count();
+        assert!(reloads >= 1, "{node}: its reloaded event is in the stream");
+    }
+}

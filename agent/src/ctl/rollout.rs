@@ -31,6 +31,10 @@ use super::reply_wait::{self, Work};
 /// How often a node waiting for its event looks for it in the events stream, in case the client
 /// missed it while reconnecting.
 const LOOK_UP_EVERY: Duration = Duration::from_secs(2);
+/// How long a reloaded node's `reloaded` event is waited for, at least: after a NATS server is
+/// lost, events wait in the agents' outboxes until the events stream has a leader again, which
+/// takes seconds. A node whose event comes at once never waits.
+const EVENT_WAIT: Duration = Duration::from_secs(30);
 /// How long a rolling drain waits for each node without --wait.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(3600);
 /// Events queued for one node in flight; a node gets a handful per command.
