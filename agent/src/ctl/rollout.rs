@@ -256,7 +256,7 @@ async fn reload_one(
         node,
         "reloaded",
         events,
-        margin,
+        margin.max(EVENT_WAIT),
         |body| matches!(body, EventBody::Reloaded { reload_id, .. } if *reload_id == id),
     )
     .await;
