@@ -109,17 +109,6 @@ impl ClusterFleet {
     }
 }
 
-fn warnings(status: &Value) -> Vec<String> {
-    status["warnings"]
-        .as_array()
-        .map(|w| {
-            w.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The replicas `stream` was made with, once it exists.
 async fn stream_replicas(nc: &Client, stream: &str) -> usize {
     // A stream being created answers no STREAM.INFO until it has a leader: ask again soon.

@@ -54,17 +54,6 @@ async fn kv_record(nc: &Client, node: &str) -> Option<Value> {
     serde_json::from_slice(&value).ok()
 }
 
-fn warnings(status: &Value) -> Vec<String> {
-    status["warnings"]
-        .as_array()
-        .map(|w| {
-            w.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn reload(node: &NodeFixture) -> Value {
     let r = node.ok("reload", json!({})).await;
     let id = r["reload_id"].clone();

@@ -40,7 +40,7 @@ use ebb_sdk::subject::Verb;
 pub use args::{CtlArgs, CtlVerb};
 
 use crate::bus::connect;
-use args::ConnArgs;
+use args::{ConnArgs, Parallel};
 use exit::Failure;
 use reply_wait::{Limits, Work};
 
@@ -84,49 +84,18 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
     };
     let target = target.to_target();
     let (mut command, work) = command_of(&verb, &files);
+    if let Some((rolling, parallel, continue_on_error)) = rolling_of(&verb, &command) {
+        return Ok(rollout::run(
+            &client,
+            &conn,
+            &target,
+            rolling,
+            parallel,
+            continue_on_error,
+        )
+        .await?);
+    }
     match (&verb, &mut command) {
-        (
-            CtlVerb::Reload {
-                max_parallel: Some(parallel),
-                continue_on_error,
-                ..
-            },
-            Command::Reload(req),
-        ) => {
-            let rolling = rollout::Rolling::Reload(req.clone());
-            return Ok(rollout::run(
-                &client,
-                &conn,
-                &target,
-                rolling,
-                *parallel,
-                *continue_on_error,
-            )
-            .await?);
-        }
-        (
-            CtlVerb::Drain {
-                max_parallel: Some(parallel),
-                continue_on_error,
-                wait,
-                ..
-            },
-            Command::Drain(req),
-        ) => {
-            let rolling = rollout::Rolling::Drain {
-                req: req.clone(),
-                wait: wait.map_or(rollout::DRAIN_WAIT, |w| w.0),
-            };
-            return Ok(rollout::run(
-                &client,
-                &conn,
-                &target,
-                rolling,
-                *parallel,
-                *continue_on_error,
-            )
-            .await?);
-        }
         (
             CtlVerb::Drain {
                 wait: Some(wait_for),
@@ -142,6 +111,42 @@ async fn run_inner(args: CtlArgs) -> Result<u8, Failure> {
         _ => {}
     }
     fan_out(&client, &conn, &target, &command, work).await
+}
+
+/// What `--max-parallel` rolls through the nodes, with its parallelism and whether it goes on
+/// after a failure; `None` for a command sent to the target at once.
+fn rolling_of(verb: &CtlVerb, command: &Command) -> Option<(rollout::Rolling, Parallel, bool)> {
+    match (verb, command) {
+        (
+            CtlVerb::Reload {
+                max_parallel: Some(parallel),
+                continue_on_error,
+                ..
+            },
+            Command::Reload(req),
+        ) => Some((
+            rollout::Rolling::Reload(req.clone()),
+            *parallel,
+            *continue_on_error,
+        )),
+        (
+            CtlVerb::Drain {
+                max_parallel: Some(parallel),
+                continue_on_error,
+                wait,
+                ..
+            },
+            Command::Drain(req),
+        ) => Some((
+            rollout::Rolling::Drain {
+                req: req.clone(),
+                wait: wait.map_or(rollout::DRAIN_WAIT, |w| w.0),
+            },
+            *parallel,
+            *continue_on_error,
+        )),
+        _ => None,
+    }
 }
 
 /// The command a verb sends, and the work its reply waits for. Watch sends none (it gets
