@@ -109,6 +109,26 @@ impl ClusterFleet {
     }
 }
 
+/// Waits until one more of `node`'s reloads is done than when called: the server is killed with
+/// that batch's first reload behind it and the rest still to come.
+async fn first_of_the_batch_reloaded(node: &NodeFixture) {
+    let before = node.events.count(|e| e.kind() == "reloaded");
+    node.events.wait_n("reloaded", before + 1, |_| true).await;
+}
+
+/// Waits until `node`'s `agent_started` event is in EBB_EVENTS.
+async fn agent_started_in_stream(node: &NodeFixture, nc: &Client) {
+    let started = node.events.wait_kind("agent_started", |_| true).await;
+    let id = started.msg_id.clone().expect("Msg-Id");
+    wait_until_async(T, "agent_started in EBB_EVENTS", || async {
+        stream_messages(nc, "EBB_EVENTS")
+            .await
+            .iter()
+            .any(|(_, m, _)| m.as_deref() == Some(id.as_str()))
+    })
+    .await;
+}
+
 /// The replicas `stream` was made with, once it exists.
 async fn stream_replicas(nc: &Client, stream: &str) -> usize {
     // A stream being created answers no STREAM.INFO until it has a leader: ask again soon.
@@ -186,15 +206,7 @@ async fn on_a_cluster_the_stream_and_bucket_have_three_replicas_and_no_warning()
     let node = fleet.node("node-1");
     assert_eq!(stream_replicas(&fleet.nc, "EBB_EVENTS").await, 3);
     assert_eq!(stream_replicas(&fleet.nc, "KV_ebb_nodes").await, 3);
-    let started = node.events.wait_kind("agent_started", |_| true).await;
-    let id = started.msg_id.clone().expect("Msg-Id");
-    wait_until_async(T, "agent_started in EBB_EVENTS", || async {
-        stream_messages(&fleet.nc, "EBB_EVENTS")
-            .await
-            .iter()
-            .any(|(_, m, _)| m.as_deref() == Some(id.as_str()))
-    })
-    .await;
+    agent_started_in_stream(node, &fleet.nc).await;
     let status = node.status().await;
     let w = warnings(&status);
     assert!(
@@ -223,15 +235,7 @@ async fn a_single_server_gets_one_replica_and_the_shortfall_is_said() {
         })
         .start()
         .await;
-    let started = node.events.wait_kind("agent_started", |_| true).await;
-    let id = started.msg_id.clone().expect("Msg-Id");
-    wait_until_async(T, "agent_started in EBB_EVENTS", || async {
-        stream_messages(&node.nc, "EBB_EVENTS")
-            .await
-            .iter()
-            .any(|(_, m, _)| m.as_deref() == Some(id.as_str()))
-    })
-    .await;
+    agent_started_in_stream(&node, &node.nc).await;
     assert_eq!(stream_replicas(&node.nc, "EBB_EVENTS").await, 1);
     assert_eq!(stream_replicas(&node.nc, "KV_ebb_nodes").await, 1);
     let short = "has 1 replica(s) where nats.stream_replicas is 3";
@@ -290,7 +294,7 @@ async fn events_reach_the_stream_exactly_once_while_servers_are_killed() {
     // The stream leader's server goes while reloads run.
     let leader = fleet.stream_leader("EBB_EVENTS").await;
     let running = reloads(6);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    first_of_the_batch_reloaded(fleet.node("node-1")).await;
     fleet.kill(leader);
     running.await.expect("reloads while the leader is gone");
     fleet.start_again(leader).await;
@@ -302,7 +306,7 @@ async fn events_reach_the_stream_exactly_once_while_servers_are_killed() {
     })
     .await;
     let running = reloads(6);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    first_of_the_batch_reloaded(fleet.node("node-1")).await;
     fleet.kill(agent_server);
     running
         .await

@@ -136,12 +136,7 @@ impl NatsServer {
 
     fn spawn_and_wait(&mut self) -> Result<()> {
         let log = self.log_path();
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("open {}", log.display()))?;
-        let err = out.try_clone()?;
+        let (out, err) = log_files(&log)?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-a")
             .arg("127.0.0.1")
@@ -313,12 +308,7 @@ impl ClusterServer {
 
     fn spawn(&mut self) -> Result<()> {
         let log = self.log_path();
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("open {}", log.display()))?;
-        let err = out.try_clone()?;
+        let (out, err) = log_files(&log)?;
         let mut cmd = Command::new(NatsServer::bin());
         cmd.arg("-c")
             .arg(self.dir.join("nats.conf"))
@@ -635,4 +625,15 @@ pub fn monitor_get(port: u16, path: &str) -> Result<serde_json::Value> {
         );
     }
     serde_json::from_str(body).with_context(|| format!("GET {path} on port {port}: not JSON"))
+}
+
+/// A server's log, opened for appending, once for its stdout and once for its stderr.
+fn log_files(log: &Path) -> Result<(std::fs::File, std::fs::File)> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let err = out.try_clone()?;
+    Ok((out, err))
 }

@@ -602,6 +602,31 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// What every node of a fleet shares: its dir, nats-server, demo backend and a client.
+    async fn shared() -> (TestDir, NatsServer, Backend, Client) {
+        let dir = TestDir::new();
+        let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
+        let backend = Backend::start().expect("start the demo backend");
+        let nc = super::nats_client(&nats.url(), NODE_TIMEOUT).await;
+        (dir, nats, backend, nc)
+    }
+
+    /// A node's builder with its id, dir, and the fleet's nats-server, client and backend.
+    fn member<'a>(
+        id: &str,
+        dir: &TestDir,
+        nats: &NatsServer,
+        nc: &Client,
+        backend: &Backend,
+    ) -> NodeFixtureBuilder<'a> {
+        NodeFixture::builder()
+            .node_id(id)
+            .dir(dir.join(id))
+            .nats_url(&nats.url())
+            .client(nc.clone())
+            .backend(Some(backend.addr()))
+    }
+
     /// Starts the servers and one agent per id, each built by `configure` from a builder that
     /// already has its id, dir, nats-server, client and backend; does not wait for them to serve
     /// ([`Fleet::wait_serving`] does).
@@ -609,19 +634,11 @@ impl Fleet {
         ids: &[S],
         mut configure: impl FnMut(&str, NodeFixtureBuilder<'a>) -> NodeFixtureBuilder<'a>,
     ) -> Fleet {
-        let dir = TestDir::new();
-        let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-        let backend = Backend::start().expect("start the demo backend");
-        let nc = super::nats_client(&nats.url(), NODE_TIMEOUT).await;
+        let (dir, nats, backend, nc) = Fleet::shared().await;
         let mut nodes = Vec::with_capacity(ids.len());
         for id in ids {
             let id = id.as_ref();
-            let builder = NodeFixture::builder()
-                .node_id(id)
-                .dir(dir.join(id))
-                .nats_url(&nats.url())
-                .client(nc.clone())
-                .backend(Some(backend.addr()));
+            let builder = Fleet::member(id, &dir, &nats, &nc, &backend);
             nodes.push(configure(id, builder).spawn().await);
         }
         Fleet {
@@ -644,21 +661,12 @@ impl Fleet {
         mut configure: impl FnMut(&str, NodeFixtureBuilder<'a>) -> NodeFixtureBuilder<'a>,
     ) -> Fleet {
         use futures::StreamExt;
-        let dir = TestDir::new();
-        let nats = NatsServer::start(&dir.join("nats")).expect("start nats-server");
-        let backend = Backend::start().expect("start the demo backend");
-        let nc = super::nats_client(&nats.url(), NODE_TIMEOUT).await;
+        let (dir, nats, backend, nc) = Fleet::shared().await;
         let builders: Vec<NodeFixtureBuilder<'a>> = ids
             .iter()
             .map(|id| {
                 let id = id.as_ref();
-                let builder = NodeFixture::builder()
-                    .node_id(id)
-                    .dir(dir.join(id))
-                    .nats_url(&nats.url())
-                    .client(nc.clone())
-                    .backend(Some(backend.addr()));
-                configure(id, builder)
+                configure(id, Fleet::member(id, &dir, &nats, &nc, &backend))
             })
             .collect();
         // A panic drops the stream, and with it every node started so far: their agents are

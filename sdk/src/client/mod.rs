@@ -178,11 +178,9 @@ impl Client {
         let Ok(store) = js.get_key_value(self.bucket.as_str()).await else {
             return Vec::new();
         };
-        let Ok(stream) = js.get_stream(format!("KV_{}", self.bucket)).await else {
-            return Vec::new();
-        };
-        // An empty bucket delivers nothing to a watch: know that before waiting on it.
-        if stream.cached_info().state.messages == 0 {
+        // An empty bucket delivers nothing to a watch: know that before waiting on it, from the
+        // stream info the lookup of the bucket already fetched.
+        if store.stream.cached_info().state.messages == 0 {
             return Vec::new();
         }
         let Ok(mut watch) = store.watch_with_history(">").await else {
