@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ebb_sdk::subject::DEFAULT_PREFIX,
     );
     let nodes: Vec<String> = client
-        .discover(&Target::Group(group.clone()))
+        .roll_call(&Target::Group(group.clone()))
         .await?
         .into_iter()
         .collect();

@@ -324,3 +324,63 @@ async fn a_hundred_agents_are_listed_and_drained_ten_at_a_time() {
         assert_eq!(node.status().await["state"], "drained", "{}", node.id());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_drain_reaches_the_node_whose_kv_record_is_missing() {
+    // n01 keeps no record (as a node whose record expired in a stall): only the ping finds it.
+    let ids = ["n00", "n01", "n02"];
+    let fleet = Fleet::start(&ids, |id, node| {
+        let keeps_no_record = id == "n01";
+        node.agent(move |cfg| {
+            cfg.groups(&["g"]);
+            if keeps_no_record {
+                cfg.set_str("nats", "state_bucket", "");
+            }
+        })
+    })
+    .await;
+    fleet.wait_serving().await;
+    let client = ebb_sdk::client::Client::new(fleet.nc.clone(), "ebb");
+    wait_until_async(
+        Duration::from_secs(30),
+        "the others' records in KV",
+        || async {
+            let mut kept: Vec<String> = client
+                .node_records()
+                .await
+                .into_iter()
+                .map(|r| r.node)
+                .collect();
+            kept.sort();
+            kept == ["n00", "n02"]
+        },
+    )
+    .await;
+
+    let (code, out) = ctl(
+        &fleet,
+        &[
+            "drain",
+            "--group",
+            "g",
+            "--yes",
+            "--max-parallel",
+            "1",
+            "--wait",
+            "1m",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "rolling drain:\n{out}");
+    let results = json(&out);
+    let drained: Vec<&str> = results
+        .as_array()
+        .expect("array of node results")
+        .iter()
+        .filter(|r| r["outcome"] == "drained")
+        .filter_map(|r| r["node"].as_str())
+        .collect();
+    assert_eq!(drained, ids, "{out}");
+    assert_eq!(fleet.node("n01").status().await["state"], "drained");
+}

@@ -111,7 +111,7 @@ pub async fn run(
 ) -> anyhow::Result<u8> {
     let nodes: Vec<String> = match target {
         Target::Node(n) => vec![n.clone()],
-        other => client.discover(other).await?.into_iter().collect(),
+        other => client.roll_call(other).await?.into_iter().collect(),
     };
     if nodes.is_empty() {
         eprintln!(

@@ -59,6 +59,30 @@ impl Target {
             Target::All => subject::all_subject(prefix, verb),
         }
     }
+
+    /// Whether a node with these groups is one of the target's.
+    pub fn covers(&self, node: &str, groups: &[String]) -> bool {
+        match self {
+            Target::Node(n) => n == node,
+            Target::Group(g) => groups.iter().any(|x| x == g),
+            Target::All => true,
+        }
+    }
+}
+
+/// The nodes of `target` among `records`.
+fn covered(target: &Target, records: Vec<NodeRecord>) -> BTreeSet<String> {
+    records
+        .into_iter()
+        .filter(|r| target.covers(&r.node, &r.groups))
+        .map(|r| r.node)
+        .collect()
+}
+
+/// What one read of the KV bucket found, and whether it got to the end of the bucket.
+struct KvRead {
+    records: Vec<NodeRecord>,
+    complete: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,31 +138,47 @@ impl Client {
 
     /// The nodes a target covers: the fresh records of the KV bucket (they expire after three
     /// missed heartbeats), or else whoever answers `$SRV.PING.ebb` within half a second. A node
-    /// target is looked up by its own key; a group or the fleet reads the bucket in one pass.
+    /// target is looked up by its own key; a group or the fleet reads the bucket in one pass. A
+    /// read of the bucket that ends early (a dropped watch, a slow server) is completed by the
+    /// ping rather than taken for the whole fleet.
     pub async fn discover(&self, target: &Target) -> Result<BTreeSet<String>, ClientError> {
-        let wanted = |node: &str, groups: &[String]| match target {
-            Target::Node(n) => n == node,
-            Target::Group(g) => groups.iter().any(|x| x == g),
-            Target::All => true,
-        };
-        let mut nodes = BTreeSet::new();
-        let records = match target {
-            Target::Node(n) => self.node_record(n).await.into_iter().collect(),
-            _ => self.node_records().await,
-        };
-        for record in records {
-            if wanted(&record.node, &record.groups) {
-                nodes.insert(record.node);
+        let (mut nodes, complete) = match target {
+            Target::Node(n) => {
+                let found = self.node_record(n).await.is_some();
+                (found.then(|| n.clone()).into_iter().collect(), true)
             }
+            _ => {
+                let read = self.read_node_records().await;
+                (covered(target, read.records), read.complete)
+            }
+        };
+        if nodes.is_empty() || !complete {
+            nodes.extend(self.pinged(target).await?);
         }
-        if !nodes.is_empty() {
-            return Ok(nodes);
+        Ok(nodes)
+    }
+
+    /// Every node of a group or the fleet that either has a record in the KV bucket or answers
+    /// `$SRV.PING.ebb` within half a second: for work that must reach each node (a rollout),
+    /// where leaving out a live node whose record expired during a stall costs more than the
+    /// half second. A node target is looked up as [`discover`](Self::discover) does.
+    pub async fn roll_call(&self, target: &Target) -> Result<BTreeSet<String>, ClientError> {
+        if matches!(target, Target::Node(_)) {
+            return self.discover(target).await;
         }
+        let mut nodes = covered(target, self.read_node_records().await.records);
+        nodes.extend(self.pinged(target).await?);
+        Ok(nodes)
+    }
+
+    /// The nodes of `target` that answer `$SRV.PING.ebb` within half a second.
+    async fn pinged(&self, target: &Target) -> Result<BTreeSet<String>, ClientError> {
         let inbox = self.nats.new_inbox();
         let mut sub = self.nats.subscribe(inbox.clone()).await?;
         let ping = format!("$SRV.PING.{}", subject::SERVICE_NAME);
         self.nats.publish_with_reply(ping, inbox, "".into()).await?;
         let until = Instant::now() + Duration::from_millis(500);
+        let mut nodes = BTreeSet::new();
         while let Ok(Some(msg)) =
             tokio::time::timeout(until.saturating_duration_since(Instant::now()), sub.next()).await
         {
@@ -154,7 +194,7 @@ impl Client {
                 .map(str::to_string)
                 .collect();
             if let Some(node) = meta["node"].as_str() {
-                if wanted(node, &groups) {
+                if target.covers(node, &groups) {
                     nodes.insert(node.to_string());
                 }
             }
@@ -172,21 +212,35 @@ impl Client {
 
     /// Every node record in the KV bucket; empty when there is no bucket. One watch over the
     /// bucket delivers the latest record of each node, so a fleet of thousands is read in one
-    /// pass rather than one request per node.
+    /// pass rather than one request per node. A read that ends early returns what it got.
     pub async fn node_records(&self) -> Vec<NodeRecord> {
+        self.read_node_records().await.records
+    }
+
+    async fn read_node_records(&self) -> KvRead {
+        let unread = KvRead {
+            records: Vec::new(),
+            complete: false,
+        };
         let js = async_nats::jetstream::new(self.nats.clone());
         let Ok(store) = js.get_key_value(self.bucket.as_str()).await else {
-            return Vec::new();
+            return unread;
         };
         // An empty bucket delivers nothing to a watch: know that before waiting on it, from the
-        // stream info the lookup of the bucket already fetched.
-        if store.stream.cached_info().state.messages == 0 {
-            return Vec::new();
+        // stream info the lookup of the bucket already fetched. One message per key (the bucket
+        // keeps one per subject and denies deletes): the keys the read must find.
+        let held = store.stream.cached_info().state.messages;
+        if held == 0 {
+            return KvRead {
+                complete: true,
+                ..unread
+            };
         }
         let Ok(mut watch) = store.watch_with_history(">").await else {
-            return Vec::new();
+            return unread;
         };
-        let mut out = Vec::new();
+        let mut read = unread;
+        let mut keys = BTreeSet::new();
         let until = Instant::now() + KV_READ;
         while let Ok(Some(Ok(entry))) = tokio::time::timeout(
             until.saturating_duration_since(Instant::now()),
@@ -196,15 +250,19 @@ impl Client {
         {
             if entry.operation == async_nats::jetstream::kv::Operation::Put {
                 if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
-                    out.push(record);
+                    read.records.push(record);
                 }
             }
-            // `delta` counts the entries still to come of what the bucket held at the start.
+            keys.insert(entry.key);
+            // `delta` counts the entries still to come of what the bucket held at the start. A
+            // key rewritten while the watch runs can be counted out of it: a read that found fewer
+            // keys than the bucket held is not the whole fleet.
             if entry.delta == 0 {
+                read.complete = keys.len() as u64 >= held;
                 break;
             }
         }
-        out
+        read
     }
 
     /// Sends `command` to `target` and gathers replies until `timeout`, or until every node of
