@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 /// When the retry goes out, at the latest (half the wait when that is shorter).
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
-/// How long a known node may be unreachable (between NATS servers) before it counts as gone.
-pub const MOVE_GRACE: Duration = Duration::from_secs(5);
+/// How long a known node may be unreachable (between NATS servers) before it counts as gone:
+/// longer than an agent takes to notice a server that went silent (three of its 2 s pings) and
+/// to subscribe on another.
+pub const MOVE_GRACE: Duration = Duration::from_secs(8);
 const RESEND_FIRST: Duration = Duration::from_millis(100);
 const RESEND_MAX: Duration = Duration::from_secs(1);
 
