@@ -1,6 +1,8 @@
 //! ebb on a 3-server NATS cluster: replicated stream and bucket (`nats.stream_replicas`), the
 //! shortfall said when a single server cannot replicate, and every event of a boot in the stream
-//! exactly once while the stream leader's server, then the agent's own server, is killed.
+//! exactly once while the stream leader's server, then the agent's own server, is killed; the
+//! node records kept and written while the bucket's leader is gone; a rollout through a server
+//! loss.
 //!
 //! Run it against both servers ebb supports: `EBB_TEST_NATS_SERVER=/usr/sbin/nats-server` (2.9)
 //! and a current one (2.10+).
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::Client;
+use ebb_sdk::status::NodeState;
 use serde_json::{json, Value};
 use support::*;
 
@@ -494,4 +497,84 @@ async fn a_rollout_survives_losing_the_server_most_agents_use_and_every_event_is
             .count();
         assert!(reloads >= 1, "{node}: its reloaded event is in the stream");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (f) The bucket's leader is lost: no record goes, a node's new state is written, ctl lists all
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_records_outlive_the_bucket_leader_and_a_drain_is_recorded_without_it() {
+    let ids = ["node-1", "node-2", "node-3"];
+    let mut fleet = ClusterFleet::start(&ids, 3, |_, b| b).await;
+    let client = ebb_sdk::client::Client::new(fleet.nc.clone(), "ebb");
+    let states = || {
+        let client = client.clone();
+        async move {
+            let mut records: Vec<(String, NodeState)> = client
+                .node_records()
+                .await
+                .into_iter()
+                .map(|r| (r.node, r.state))
+                .collect();
+            records.sort_by(|a, b| a.0.cmp(&b.0));
+            records
+        }
+    };
+    let serving = |ids: &[&str]| -> Vec<(String, NodeState)> {
+        ids.iter()
+            .map(|n| (n.to_string(), NodeState::Serving))
+            .collect()
+    };
+    wait_until_async(T, "every node's record in KV", || async {
+        states().await == serving(&ids)
+    })
+    .await;
+    assert_eq!(stream_replicas(&fleet.nc, "KV_ebb_nodes").await, 3);
+
+    let leader = fleet.stream_leader("KV_ebb_nodes").await;
+    fleet.kill(leader);
+    let url = fleet.cluster.url_list();
+    let run = run_ctl(
+        &[
+            "--nats",
+            url.as_str(),
+            "drain",
+            "--node",
+            "node-2",
+            "--wait",
+            "1m",
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(run.code, 0, "drain node-2 while n{leader} is gone: {run:?}");
+    // A new leader takes node-2's new state; no record of the others is lost. Records of nodes
+    // whose server died expire after three heartbeats unless their agents write them again.
+    wait_until_async(T, "node-2 drained in KV, the others serving", || async {
+        let want = [
+            ("node-1".to_string(), NodeState::Serving),
+            ("node-2".to_string(), NodeState::Drained),
+            ("node-3".to_string(), NodeState::Serving),
+        ];
+        states().await == want
+    })
+    .await;
+    let run = run_ctl(
+        &["--nats", url.as_str(), "status", "--all", "--json"],
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(run.code, 0, "status --all while n{leader} is gone: {run:?}");
+    let out: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("ebb ctl printed no JSON ({e}): {run:?}"));
+    let listed: Vec<&str> = out["replies"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["node"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(listed, ids, "{out}");
+    fleet.start_again(leader).await;
 }

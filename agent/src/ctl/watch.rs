@@ -45,7 +45,7 @@ pub async fn run(client: &Client, conn: &ConnArgs, args: &WatchArgs) -> anyhow::
         })
     };
 
-    let js = async_nats::jetstream::new(client.nats().clone());
+    let js = client.jetstream();
     let stream_name = conn.nats_config().events_stream;
     if let Ok(stream) = js.get_stream(&stream_name).await {
         let start = SystemTime::now() - args.since.0;

@@ -41,6 +41,10 @@ pub use gathering::{MOVE_GRACE, RETRY_AFTER};
 const CONNECTION_CHECK: Duration = Duration::from_millis(100);
 /// How long discovery reads the KV bucket at most.
 const KV_READ: Duration = Duration::from_secs(5);
+/// How long one JetStream API request waits for its answer. A stream between leaders never
+/// answers a request sent before the election; the connection's own request timeout (10 s by
+/// default) would hold a discovery that long, where the ping answers in half a second.
+const JS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who a command is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +140,14 @@ impl Client {
         &self.prefix
     }
 
+    /// A JetStream context on this client's connection whose API requests wait 2 s at most (a
+    /// stream electing a leader answers again within a few seconds; ask again then).
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        let mut js = async_nats::jetstream::new(self.nats.clone());
+        js.set_timeout(JS_TIMEOUT);
+        js
+    }
+
     /// The nodes a target covers: the fresh records of the KV bucket (they expire after three
     /// missed heartbeats), or else whoever answers `$SRV.PING.ebb` within half a second. A node
     /// target is looked up by its own key; a group or the fleet reads the bucket in one pass. A
@@ -204,7 +216,7 @@ impl Client {
 
     /// One node's record in the KV bucket; `None` when it has none (or there is no bucket).
     pub async fn node_record(&self, node: &str) -> Option<NodeRecord> {
-        let js = async_nats::jetstream::new(self.nats.clone());
+        let js = self.jetstream();
         let store = js.get_key_value(self.bucket.as_str()).await.ok()?;
         let value = store.get(node).await.ok()??;
         serde_json::from_slice(&value).ok()
@@ -222,7 +234,7 @@ impl Client {
             records: Vec::new(),
             complete: false,
         };
-        let js = async_nats::jetstream::new(self.nats.clone());
+        let js = self.jetstream();
         let Ok(store) = js.get_key_value(self.bucket.as_str()).await else {
             return unread;
         };
@@ -410,7 +422,7 @@ impl Client {
     /// The last event of `kind` that `node` published, from the events stream; `None` when there
     /// is none or no stream. For a client that may have missed it while reconnecting.
     pub async fn last_event(&self, node: &str, kind: &str) -> Option<Event> {
-        let js = async_nats::jetstream::new(self.nats.clone());
+        let js = self.jetstream();
         let stream = js.get_stream_no_info(self.stream.as_str()).await.ok()?;
         let subject = subject::event_subject(&self.prefix, node, kind);
         let message = stream
