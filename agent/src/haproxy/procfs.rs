@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -326,6 +326,8 @@ pub fn stderr_path(pid: u32) -> Option<PathBuf> {
 }
 
 const TCP_LISTEN: u8 = 0x0A;
+/// The read buffer for a TCP table: a few hundred lines per read call.
+const TABLE_READ: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TcpEntry {
@@ -334,22 +336,45 @@ struct TcpEntry {
     inode: u64,
 }
 
-fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local = f.get(1)?;
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
-            let inode = f.get(9)?.parse().ok()?;
-            Some(TcpEntry {
-                local_port: port,
-                state,
-                inode,
-            })
-        })
-        .collect()
+/// The entries of a TCP table (`/proc/<pid>/net/tcp` or `tcp6`, header line first) that `keep`
+/// wants, read a line at a time: on a busy host the table lists every socket of the namespace,
+/// TIME_WAIT included (tens of thousands, megabytes of text), of which a worker's are a few. A
+/// line that is not one (not UTF-8, fields missing) is skipped.
+fn parse_tcp_table(
+    mut table: impl BufRead,
+    mut keep: impl FnMut(&TcpEntry) -> bool,
+) -> Vec<TcpEntry> {
+    let mut kept = Vec::new();
+    let mut line = Vec::new();
+    let mut header = true;
+    loop {
+        line.clear();
+        match table.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if std::mem::take(&mut header) {
+            continue;
+        }
+        let entry = std::str::from_utf8(&line).ok().and_then(parse_tcp_line);
+        if let Some(entry) = entry.filter(|e| keep(e)) {
+            kept.push(entry);
+        }
+    }
+    kept
+}
+
+fn parse_tcp_line(line: &str) -> Option<TcpEntry> {
+    let mut f = line.split_whitespace();
+    let local = f.nth(1)?;
+    let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+    let state = u8::from_str_radix(f.nth(1)?, 16).ok()?;
+    let inode = f.nth(5)?.parse().ok()?;
+    Some(TcpEntry {
+        local_port: port,
+        state,
+        inode,
+    })
 }
 
 fn socket_inodes(pid: u32) -> HashSet<u64> {
@@ -369,25 +394,25 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// The TCP tables of `pid`'s network namespace; `None` when they cannot be read (it exited).
-fn tcp_tables(pid: u32) -> Option<Vec<TcpEntry>> {
-    let v4 = std::fs::read_to_string(proc_path(pid, "net/tcp")).ok()?;
-    let v6 = std::fs::read_to_string(proc_path(pid, "net/tcp6")).unwrap_or_default();
-    Some(
-        parse_tcp_table(&v4)
-            .into_iter()
-            .chain(parse_tcp_table(&v6))
-            .collect(),
-    )
+/// The entries of the TCP tables of `pid`'s network namespace that `keep` wants; `None` when they
+/// cannot be read (it exited).
+fn tcp_tables(pid: u32, mut keep: impl FnMut(&TcpEntry) -> bool) -> Option<Vec<TcpEntry>> {
+    let read = |table: &str| {
+        std::fs::File::open(proc_path(pid, table)).map(|f| BufReader::with_capacity(TABLE_READ, f))
+    };
+    let mut entries = parse_tcp_table(read("net/tcp").ok()?, &mut keep);
+    if let Ok(v6) = read("net/tcp6") {
+        entries.extend(parse_tcp_table(v6, &mut keep));
+    }
+    Some(entries)
 }
 
 /// The TCP ports worker `pid` listens on.
 pub fn listening_ports(pid: u32) -> HashSet<u16> {
     let inodes = socket_inodes(pid);
-    tcp_tables(pid)
+    tcp_tables(pid, |e| e.state == TCP_LISTEN && inodes.contains(&e.inode))
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| e.state == TCP_LISTEN && inodes.contains(&e.inode))
         .map(|e| e.local_port)
         .collect()
 }
@@ -411,20 +436,21 @@ pub fn client_connections_of(
 ) -> std::collections::HashMap<u32, u64> {
     let sockets: Vec<(u32, HashSet<u64>)> =
         pids.iter().map(|&pid| (pid, socket_inodes(pid))).collect();
+    let wanted = |e: &TcpEntry| {
+        e.state != TCP_LISTEN
+            && (client_ports.is_empty() || client_ports.contains(&e.local_port))
+            && sockets.iter().any(|(_, inodes)| inodes.contains(&e.inode))
+    };
     // Read through a worker that is still there (and has sockets, so it is not a zombie).
     let entries = sockets
         .iter()
         .filter(|(_, inodes)| !inodes.is_empty())
-        .find_map(|&(pid, _)| tcp_tables(pid))
+        .find_map(|&(pid, _)| tcp_tables(pid, wanted))
         .unwrap_or_default();
     sockets
         .into_iter()
         .map(|(pid, inodes)| {
-            let count = entries
-                .iter()
-                .filter(|e| e.state != TCP_LISTEN && inodes.contains(&e.inode))
-                .filter(|e| client_ports.is_empty() || client_ports.contains(&e.local_port))
-                .count();
+            let count = entries.iter().filter(|e| inodes.contains(&e.inode)).count();
             (pid, count as u64)
         })
         .collect()
@@ -650,7 +676,7 @@ pub(crate) mod tests {
     fn tcp_table_parsing() {
         let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 6569 1 0 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0 100 0 0 10 0\n";
         assert_eq!(
-            parse_tcp_table(t),
+            parse_tcp_table(t.as_bytes(), |_| true),
             vec![
                 TcpEntry {
                     local_port: 8080,
@@ -714,7 +740,7 @@ pub(crate) mod tests {
                 let _ = parse_stat(&text);
                 let _ = parse_real_uid(&text);
                 let _ = socket_inode(&text);
-                prop_assert!(parse_tcp_table(&text).len() <= text.lines().count());
+                prop_assert!(parse_tcp_table(text.as_bytes(), |_| true).len() <= text.lines().count());
             }
 
             #[test]
