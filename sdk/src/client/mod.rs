@@ -23,7 +23,7 @@
 
 mod gathering;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -224,7 +224,8 @@ impl Client {
 
     /// Every node record in the KV bucket; empty when there is no bucket. One watch over the
     /// bucket delivers the latest record of each node, so a fleet of thousands is read in one
-    /// pass rather than one request per node. A read that ends early returns what it got.
+    /// pass rather than one request per node. Each node once, in node order; a read that ends
+    /// early returns what it got.
     pub async fn node_records(&self) -> Vec<NodeRecord> {
         self.read_node_records().await.records
     }
@@ -251,8 +252,9 @@ impl Client {
         let Ok(mut watch) = store.watch_with_history(">").await else {
             return unread;
         };
-        let mut read = unread;
-        let mut keys = BTreeSet::new();
+        // Each key's latest entry: one rewritten while the watch runs comes again, newer.
+        let mut latest: BTreeMap<String, Option<NodeRecord>> = BTreeMap::new();
+        let mut complete = false;
         let until = Instant::now() + KV_READ;
         while let Ok(Some(Ok(entry))) = tokio::time::timeout(
             until.saturating_duration_since(Instant::now()),
@@ -260,21 +262,22 @@ impl Client {
         )
         .await
         {
-            if entry.operation == async_nats::jetstream::kv::Operation::Put {
-                if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
-                    read.records.push(record);
-                }
-            }
-            keys.insert(entry.key);
+            let record = (entry.operation == async_nats::jetstream::kv::Operation::Put)
+                .then(|| serde_json::from_slice::<NodeRecord>(&entry.value).ok())
+                .flatten();
+            latest.insert(entry.key, record);
             // `delta` counts the entries still to come of what the bucket held at the start. A
             // key rewritten while the watch runs can be counted out of it: a read that found fewer
             // keys than the bucket held is not the whole fleet.
             if entry.delta == 0 {
-                read.complete = keys.len() as u64 >= held;
+                complete = latest.len() as u64 >= held;
                 break;
             }
         }
-        read
+        KvRead {
+            records: latest.into_values().flatten().collect(),
+            complete,
+        }
     }
 
     /// Sends `command` to `target` and gathers replies until `timeout`, or until every node of
