@@ -186,6 +186,23 @@ async fn boot_in_stream(nc: &Client, boot_id: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// [`boot_in_stream`] once it satisfies `enough`, asking again while the stream is between
+/// leaders (it answers nothing then).
+async fn boot_stored_once(
+    nc: &Client,
+    boot_id: &str,
+    what: &str,
+    enough: impl Fn(&[(u64, String)]) -> bool,
+) -> Vec<(u64, String)> {
+    wait_for_async(T, what, || async {
+        let stored = tokio::time::timeout(Duration::from_secs(5), boot_in_stream(nc, boot_id))
+            .await
+            .ok()?;
+        enough(&stored).then_some(stored)
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // (a) A cluster: the stream and bucket get their 3 replicas, and nothing is said
 // ---------------------------------------------------------------------------------------------
@@ -326,20 +343,8 @@ async fn events_reach_the_stream_exactly_once_while_servers_are_killed() {
         .wait_kind("reloaded", |b| b["reload_id"] == last_id)
         .await
         .seq();
-    let stored = wait_for_async(T, "the boot's events in EBB_EVENTS", || {
-        let nc = nc.clone();
-        let boot_id = boot_id.clone();
-        async move {
-            // A stream between leaders answers nothing: ask again soon.
-            let stored =
-                tokio::time::timeout(Duration::from_secs(5), boot_in_stream(&nc, &boot_id))
-                    .await
-                    .ok()?;
-            stored
-                .iter()
-                .any(|(seq, _)| *seq >= last_seq)
-                .then_some(stored)
-        }
+    let stored = boot_stored_once(&nc, &boot_id, "the boot's events in EBB_EVENTS", |stored| {
+        stored.iter().any(|(seq, _)| *seq >= last_seq)
     })
     .await;
     let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
@@ -475,18 +480,8 @@ async fn a_rollout_survives_losing_the_server_most_agents_use_and_every_event_is
             .wait_status("an empty outbox", |s| s["outbox_depth"] == 0)
             .await;
         // Every event of the boot, once, seq 1..N; the rollout's reload among them.
-        let stored = wait_for_async(T, &format!("{node}'s reloaded event in the stream"), || {
-            let nc = nc.clone();
-            let boot_id = boot_id.clone();
-            async move {
-                let stored =
-                    tokio::time::timeout(Duration::from_secs(5), boot_in_stream(&nc, &boot_id))
-                        .await
-                        .ok()?;
-                (stored.len() >= 2).then_some(stored)
-            }
-        })
-        .await;
+        let what = format!("{node}'s reloaded event in the stream");
+        let stored = boot_stored_once(&nc, boot_id, &what, |stored| stored.len() >= 2).await;
         let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
         let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
         assert_eq!(seqs, expected, "{node}: seq 1..N, no gap, no duplicate");
